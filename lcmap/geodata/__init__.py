@@ -1,0 +1,1 @@
+"""Datasets, legends, AOI and sampling (TorchGeo)."""

@@ -1,0 +1,51 @@
+"""Networks: Paraformer (CNN + ViT, two heads) and the U-Net baseline.
+
+Every model maps ``(B, C, H, W)`` float imagery to a list of logits tensors ``(B, K, H, W)``:
+two for Paraformer (head 1: CNN branch, head 2: Transformer branch), one for the U-Net.
+:func:`predict_proba` averages the heads' softmax, as Paraformer does at inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+MODEL_NAMES = ("paraformer", "paraformer-tiny", "unet")
+
+
+def build_model(
+    name: str,
+    in_channels: int,
+    num_classes: int,
+    vit_weights: str | Path | None = None,
+) -> nn.Module:
+    """Build a network by name.
+
+    Args:
+        name: ``paraformer`` (the paper's size), ``paraformer-tiny`` (CPU-sized) or ``unet``.
+        in_channels: number of image bands.
+        num_classes: number of output classes (the LR legend's classes).
+        vit_weights: optional local file with pretrained ViT weights (Paraformer only).
+    """
+    if name in ("paraformer", "paraformer-tiny"):
+        from lcmap.models.paraformer import build_paraformer
+
+        return build_paraformer(name, in_channels, num_classes, vit_weights=vit_weights)
+    if name == "unet":
+        if vit_weights is not None:
+            raise ValueError("--vit-weights applies to Paraformer models only, not to the U-Net")
+        from lcmap.models.unet import UNet
+
+        return UNet(in_channels, num_classes)
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+
+
+def predict_proba(model: nn.Module, x: Tensor) -> Tensor:
+    """Class probabilities ``(B, K, H, W)``: the mean of the heads' softmax."""
+    outputs = model(x)
+    probs = torch.softmax(outputs[0].float(), dim=1)
+    for out in outputs[1:]:
+        probs = probs + torch.softmax(out.float(), dim=1)
+    return probs / len(outputs)
