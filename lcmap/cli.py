@@ -1,0 +1,207 @@
+"""The ``lcmap`` command: train, predict, evaluate, demo.
+
+Heavy imports (torch, torchgeo, dask) happen inside each command so that ``--help`` is instant.
+Bad input (:class:`~lcmap.geodata.errors.LcmapInputError`) prints one clear message and exits 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lcmap import __version__
+from lcmap.geodata.errors import LcmapInputError
+
+app = typer.Typer(
+    name="lcmap",
+    help=(
+        "Update high-resolution (~1 m) land-cover maps from low-resolution (10-30 m) historical "
+        "labels with Paraformer (L2HNet v2, CVPR 2024) on TorchGeo. Distances are in the units "
+        "named by each option: px = pixels of the imagery grid, m = metres; bounding boxes are "
+        "in --bbox-crs (default EPSG:4326 longitude/latitude)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+BBox = Annotated[
+    Optional[tuple[float, float, float, float]],
+    typer.Option("--bbox", help="Area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM)."),
+]
+BBoxCRS = Annotated[str, typer.Option("--bbox-crs", help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917.")]
+AOIOpt = Annotated[
+    Optional[Path],
+    typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+
+
+def _run(fn, *args, **kwargs):
+    """Call ``fn``; turn bad input into a one-line message and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except LcmapInputError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"lcmap {__version__}")
+        raise typer.Exit()
+    _setup_logging(verbose)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.")],
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="HR imagery files or folders (GeoTIFF; any band count; imagery CRS and resolution define the grid).")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid.")] = None,
+    legend: Annotated[Optional[str], typer.Option("--legend", help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.")] = None,
+    aoi: AOIOpt = None,
+    bbox: BBox = None,
+    bbox_crs: BBoxCRS = "EPSG:4326",
+    model: Annotated[Optional[str], typer.Option("--model", help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same options as these flags (flags win).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs.")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="Optimizer steps (batches) per epoch.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Patches per batch (per device).")] = None,
+    patch_px: Annotated[Optional[int], typer.Option("--patch-px", help="Training patch side in pixels of the imagery grid (multiple of 32).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", help="Number of devices (GPUs: DDP when > 1).")] = None,
+    accelerator: Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu or gpu.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = None,
+    vit_weights: Annotated[Optional[Path], typer.Option("--vit-weights", help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). Without it the ViT trains from scratch.")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes).")] = None,
+    reference_legend: Annotated[Optional[str], typer.Option("--reference-legend", help="Legend of --reference.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = False,
+) -> None:
+    """Train Paraformer (or the U-Net baseline) on HR imagery with LR labels inside an AOI."""
+    from lcmap.pipeline.train import TrainConfig, run_train
+
+    flags = {
+        "out": out, "images": images, "labels": labels, "legend": legend, "aoi": aoi, "bbox": bbox,
+        "bbox_crs": bbox_crs, "model": model, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+        "batch_size": batch_size, "patch_px": patch_px, "lr": lr, "devices": devices,
+        "accelerator": accelerator, "precision": precision, "vit_weights": vit_weights,
+        "reference": reference, "reference_legend": reference_legend, "seed": seed,
+        "num_workers": num_workers, "resume": resume or None,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None and v != []}
+
+    def go():
+        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
+        cfg = cfg.merged(**flags)
+        run_dir = run_train(cfg)
+        console.print(f"[green]run written to[/] {run_dir}")
+
+    _run(go)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="RUN_DIR from 'lcmap train' or a .ckpt file.")],
+    images: Annotated[list[Path], typer.Option("--images", help="HR imagery files or folders (same bands as the model's training imagery).")],
+    out: Annotated[Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")],
+    bbox: BBox = None,
+    bbox_crs: BBoxCRS = "EPSG:4326",
+    aoi: AOIOpt = None,
+    tile_px: Annotated[int, typer.Option("--tile-px", help="Model window side, pixels (multiple of 32).")] = 512,
+    overlap_px: Annotated[int, typer.Option("--overlap-px", help="Overlap between neighbouring windows, pixels (blended).")] = 64,
+    block_px: Annotated[int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")] = 4096,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 4,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
+    confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
+    legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
+) -> None:
+    """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
+    from lcmap.pipeline.predict import predict_map
+
+    path = _run(
+        predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
+        overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
+        scheduler=scheduler, confidence=confidence, legend=legend,
+    )
+    console.print(f"[green]map written to[/] {path}")
+
+
+@app.command()
+def evaluate(
+    map_path: Annotated[Path, typer.Option("--map", help="Map GeoTIFF written by 'lcmap predict'.")],
+    reference: Annotated[list[Path], typer.Option("--reference", help="HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour).")],
+    reference_legend: Annotated[str, typer.Option("--reference-legend", help="Legend of --reference (e.g. chesapeake, or a YAML file).")],
+    out: Annotated[Path, typer.Option("--out", help="REPORT_DIR for metrics.json, report.md, confusion.png.")],
+    baseline: Annotated[Optional[list[Path]], typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training).")] = None,
+    baseline_legend: Annotated[Optional[str], typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
+    aoi: AOIOpt = None,
+) -> None:
+    """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
+    from lcmap.geodata.legends import get_legend
+    from lcmap.pipeline.evaluate import evaluate_map
+
+    def go():
+        if baseline and not baseline_legend:
+            raise LcmapInputError("--baseline needs --baseline-legend")
+        metrics = evaluate_map(
+            map_path, reference, get_legend(reference_legend), out,
+            baseline=baseline or None,
+            baseline_legend=get_legend(baseline_legend) if baseline_legend else None,
+            aoi=aoi,
+        )
+        line = f"OA {metrics['oa']:.3f}  mIoU {metrics['miou']:.3f}  kappa {metrics['kappa']:.3f}"
+        if "baseline" in metrics:
+            b = metrics["baseline"]
+            line += f"   (baseline OA {b['oa']:.3f}  mIoU {b['miou']:.3f})"
+        console.print(line)
+        console.print(f"[green]report written to[/] {out}")
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")] = Path("lcmap-demo"),
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")] = None,
+) -> None:
+    """Train paraformer-tiny on the embedded real sample (NAIP 1 m + NLCD 30 m), map it, score it."""
+    from lcmap.pipeline.demo import run_demo
+
+    _run(run_demo, out, epochs=epochs)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""TorchGeo datasets for HR imagery, LR labels and HR references, and their pairing.
+
+- :class:`HRImagery`: any band count, uint8/uint16/float, one or many files (a mosaic).
+- :class:`LabelRaster`: a land-cover raster (``is_image=False``, read by nearest neighbour).
+- :class:`LabelledImagery`: ``imagery & labels`` (TorchGeo's intersection: the imagery's CRS and
+  resolution win, so labels in any CRS/resolution land on the 1 m grid by nearest neighbour),
+  with the label codes encoded into legend indices, nodata and out-of-AOI pixels set to
+  :data:`~lcmap.geodata.legends.IGNORE_INDEX`.
+
+Files are checked before TorchGeo sees them (TorchGeo silently skips unreadable files): a missing,
+corrupt or truncated file, or one without a CRS, raises :class:`LcmapInputError` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import shapely
+import torch
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.warp import reproject
+from rasterio.windows import Window
+from torchgeo.datasets import IntersectionDataset, RasterDataset
+
+from lcmap.compat import query_bounds
+from lcmap.geodata.aoi import rasterize_aoi
+from lcmap.geodata.errors import LcmapInputError
+from lcmap.geodata.legends import IGNORE_INDEX, Legend
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+__all__ = [
+    "HRImagery",
+    "LabelRaster",
+    "LabelledImagery",
+    "find_raster_files",
+    "check_raster_file",
+    "open_imagery",
+    "open_labels",
+    "pair_imagery_labels",
+    "read_imagery",
+]
+
+
+def find_raster_files(paths: str | Path | Iterable[str | Path], what: str) -> list[str]:
+    """Expand files and folders (searched recursively for .tif/.tiff/.vrt/.jp2/.img) to files.
+
+    Raises:
+        LcmapInputError: if a path does not exist or nothing matches.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                raise LcmapInputError(
+                    f"no raster files ({', '.join(RASTER_SUFFIXES)}) found under {what} folder {p}"
+                )
+            files.extend(found)
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise LcmapInputError(f"{what} path {p} does not exist")
+    if not files:
+        raise LcmapInputError(f"no {what} files given")
+    return sorted(set(files))
+
+
+def check_raster_file(path: str, what: str) -> dict[str, Any]:
+    """Open a raster, check it has a CRS and that its last block reads; return its profile.
+
+    Reading the bottom-right block catches truncated files before training starts.
+    """
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise LcmapInputError(
+                    f"{what} file {path} has no CRS. Assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) "
+                    "or use a georeferenced GeoTIFF."
+                )
+            if src.transform.is_identity:
+                raise LcmapInputError(f"{what} file {path} has no geotransform (pixel grid unknown)")
+            h, w = src.height, src.width
+            src.read(window=Window(max(0, w - 16), max(0, h - 16), min(16, w), min(16, h)))
+            return {
+                "crs": src.crs,
+                "res": src.res,
+                "count": src.count,
+                "dtype": src.dtypes[0],
+                "nodata": src.nodata,
+                "bounds": tuple(src.bounds),
+            }
+    except LcmapInputError:
+        raise
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise LcmapInputError(
+            f"{what} file {path} cannot be read ({exc}). It may be corrupt or truncated: "
+            "re-download or re-export it."
+        ) from exc
+
+
+class _CheckedRaster(RasterDataset):
+    """RasterDataset over an explicit, pre-checked list of files."""
+
+    filename_glob = "*"
+    what = "raster"
+
+    def __init__(self, paths, crs: CRS | None = None, res: float | None = None, transforms=None) -> None:
+        files = find_raster_files(paths, self.what)
+        profiles = [check_raster_file(f, self.what) for f in files]
+        counts = {p["count"] for p in profiles}
+        if len(counts) > 1:
+            raise LcmapInputError(f"{self.what} files have different band counts {sorted(counts)}: {files}")
+        self.count = counts.pop()
+        self.file_nodata = sorted({p["nodata"] for p in profiles if p["nodata"] is not None})
+        self.file_dtype = profiles[0]["dtype"]
+        super().__init__(files, crs=crs, res=res, transforms=transforms, cache=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File handles (lru_cache) are per process; DataLoader workers reopen them.
+        return self.__dict__.copy()
+
+
+class HRImagery(_CheckedRaster):
+    """High-resolution imagery (any band count; uint8, uint16 or float), as float32 ``image``.
+
+    ``nodata``: the files' nodata value, else 0; a pixel is invalid where every band equals it.
+    """
+
+    is_image = True
+    what = "imagery"
+
+    @property
+    def nodata(self) -> float:
+        return float(self.file_nodata[0]) if self.file_nodata else 0.0
+
+
+class LabelRaster(_CheckedRaster):
+    """A land-cover raster (LR labels or HR reference): integer codes as a long ``mask``."""
+
+    is_image = False
+    what = "label"
+
+    def __init__(self, paths, legend: Legend, crs=None, res=None, what: str = "label") -> None:
+        self.what = what
+        self.legend = legend
+        super().__init__(paths, crs=crs, res=res)
+        self.fill_code = int(self.file_nodata[0]) if self.file_nodata else int(legend.nodata[0])
+
+    def __getitem__(self, query) -> dict[str, Any]:
+        """Codes on the query's grid, each file warped straight onto it by nearest neighbour.
+
+        TorchGeo's own path warps a file to an intermediate grid at the file's resolution (e.g.
+        30 m) and then resamples that to the query's (e.g. 1 m): the two steps can shift a class
+        edge by up to half a coarse pixel. One ``rasterio.warp.reproject`` per file onto the exact
+        output grid takes, for every 1 m pixel, the label pixel under its centre.
+        Returns ``{"mask": int64 (H, W)}``; uncovered pixels hold the nodata code.
+        """
+        xmin, ymin, xmax, ymax = query_bounds(query)
+        res_x, res_y = self.res
+        if isinstance(query, tuple) and query[0].step is not None:
+            res_x, res_y = query[0].step, query[1].step
+        w = int(round((xmax - xmin) / res_x))
+        h = int(round((ymax - ymin) / res_y))
+        hits = self.index.cx[xmin:xmax, ymin:ymax]
+        if hits.empty:
+            raise IndexError(f"query {query} not found in {self.what} index with bounds {self.bounds}")
+        dst = np.full((h, w), self.fill_code, dtype=np.int32)
+        dst_transform = from_origin(xmin, ymax, res_x, res_y)
+        for path in hits.filepath:
+            with rasterio.open(path) as src:
+                reproject(
+                    source=rasterio.band(src, 1),
+                    destination=dst,
+                    src_nodata=src.nodata,
+                    dst_transform=dst_transform,
+                    dst_crs=self.crs,
+                    dst_nodata=self.fill_code,
+                    init_dest_nodata=False,
+                    resampling=Resampling.nearest,
+                )
+        sample: dict[str, Any] = {"mask": torch.from_numpy(dst.astype(np.int64))}
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+
+def open_imagery(paths: str | Path | Sequence[str | Path]) -> HRImagery:
+    """Open imagery files/folders as one dataset in the CRS and resolution of the first file."""
+    return HRImagery(paths)
+
+
+def open_labels(paths, legend: Legend, what: str = "label") -> LabelRaster:
+    """Open a land-cover product (any CRS/resolution) with its legend."""
+    return LabelRaster(paths, legend=legend, what=what)
+
+
+def imagery_valid(image: np.ndarray | torch.Tensor, nodata: float) -> np.ndarray | torch.Tensor:
+    """Valid-pixel mask ``(H, W)`` of an image ``(C, H, W)``: not all bands equal to ``nodata``."""
+    if isinstance(image, torch.Tensor):
+        return ~(image == nodata).all(dim=0)
+    return ~np.all(image == nodata, axis=0)
+
+
+def encode_labels(codes: np.ndarray, labels: LabelRaster, source: str) -> np.ndarray:
+    """Raster codes -> legend indices; the files' own nodata values count as nodata too."""
+    codes = np.asarray(codes)
+    extra = [v for v in labels.file_nodata if v not in labels.legend.codes]
+    if extra:
+        codes = np.where(np.isin(codes, extra), labels.legend.nodata[0], codes)
+    return labels.legend.encode(codes, source=source)
+
+
+class LabelledImagery(IntersectionDataset):
+    """``imagery & labels``, yielding ``{"image": float32 (C, H, W), "mask": int64 (H, W)}``.
+
+    ``mask`` holds legend indices ``0..K-1``; IGNORE_INDEX where the label is nodata, the imagery
+    is nodata, or the pixel centre lies outside ``aoi`` (a shapely geometry in the imagery CRS).
+    ``image`` keeps the imagery's raw values (normalisation happens on the device).
+    """
+
+    def __init__(self, imagery: HRImagery, labels: LabelRaster, aoi: shapely.Geometry | None = None) -> None:
+        try:
+            super().__init__(imagery, labels)
+        except RuntimeError as exc:
+            raise LcmapInputError(
+                f"imagery and labels do not overlap: imagery bounds {_fmt_bounds(imagery)} vs labels "
+                f"in {imagery.crs.to_string()} {_fmt_bounds(labels)}. Check that both cover the same "
+                "area (and their CRS)."
+            ) from exc
+        self.imagery = imagery
+        self.labels = labels
+        self.aoi = aoi
+
+    def __getitem__(self, query) -> dict[str, Any]:
+        sample = super().__getitem__(query)
+        xmin, ymin, xmax, ymax = query_bounds(query)
+        image = sample["image"]
+        if image.ndim == 4:  # torchgeo >= 0.10 may add a time axis
+            image = image[0]
+        mask = sample["mask"]
+        if mask.ndim == 3:
+            mask = mask[0]
+        h, w = mask.shape[-2:]
+        idx = encode_labels(mask.numpy(), self.labels, source=", ".join(self.labels.files[:3]))
+        idx = idx.astype(np.int64)
+        res_x, res_y = (xmax - xmin) / w, (ymax - ymin) / h
+        inside = rasterize_aoi(self.aoi, from_origin(xmin, ymax, res_x, res_y), (h, w))
+        valid = imagery_valid(image, self.imagery.nodata).numpy()
+        idx[~(inside & valid)] = IGNORE_INDEX
+        return {"image": image, "mask": torch.from_numpy(idx)}
+
+
+def _fmt_bounds(ds: RasterDataset) -> str:
+    x, y, _ = ds.bounds
+    return f"({x.start:.1f}, {y.start:.1f}, {x.stop:.1f}, {y.stop:.1f})"
+
+
+def pair_imagery_labels(
+    imagery_paths, label_paths, legend: Legend, aoi: shapely.Geometry | None = None
+) -> LabelledImagery:
+    """Open and pair imagery with LR labels (imagery first: its CRS and 1 m grid win)."""
+    imagery = open_imagery(imagery_paths)
+    labels = open_labels(label_paths, legend)
+    return LabelledImagery(imagery, labels, aoi=aoi)
+
+
+def read_imagery(ds: HRImagery, xmin: float, ymin: float, xmax: float, ymax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window of imagery on the dataset's grid.
+
+    Args:
+        ds: the imagery dataset.
+        xmin, ymin, xmax, ymax: window bounds in ``ds.crs`` units; should be whole pixels.
+
+    Returns:
+        ``(image, valid)``: float32 ``(C, H, W)`` raw values, and bool ``(H, W)`` valid pixels
+        (False where no file covers the pixel or every band equals the nodata value).
+    """
+    res_x, res_y = ds.res
+    w = int(round((xmax - xmin) / res_x))
+    h = int(round((ymax - ymin) / res_y))
+    x, y, _ = ds.bounds
+    if xmax <= x.start or xmin >= x.stop or ymax <= y.start or ymin >= y.stop:
+        return np.full((ds.count, h, w), ds.nodata, np.float32), np.zeros((h, w), bool)
+    try:
+        sample = RasterDataset.__getitem__(ds, (slice(xmin, xmax, res_x), slice(ymin, ymax, res_y)))
+    except IndexError:
+        return np.full((ds.count, h, w), ds.nodata, np.float32), np.zeros((h, w), bool)
+    image = sample["image"]
+    if image.ndim == 4:
+        image = image[0]
+    image = image.numpy().astype(np.float32, copy=False)
+    return image, imagery_valid(image, ds.nodata)
+
+

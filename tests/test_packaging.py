@@ -1,0 +1,40 @@
+"""pyproject.toml and environment.yml name the same dependencies (conda names mapped)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# pip name -> conda-forge name, where they differ
+CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base", "dask[array]": "dask"}
+# conda-only packages (the GDAL stack and the installer)
+CONDA_ONLY = {"python", "gdal", "pip"}
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ ;]", req, maxsplit=1)[0].strip().lower()
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_deps = {CONDA_NAMES.get(_name(r), _name(r)) for r in project["dependencies"]}
+    pip_deps |= {_name(r) for r in project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_deps = {_name(d) for d in env["dependencies"] if isinstance(d, str)} - CONDA_ONLY
+    assert pip_deps == conda_deps, (
+        f"only in pyproject: {sorted(pip_deps - conda_deps)}; only in environment.yml: "
+        f"{sorted(conda_deps - pip_deps)}"
+    )
+
+
+def test_embedded_sample_is_packaged() -> None:
+    from lcmap.geodata.sample import sample_paths
+
+    paths = sample_paths()
+    for key in ("imagery", "labels", "reference"):
+        assert len(paths[key]) == 8 and all(p.is_file() for p in paths[key])
+    assert paths["aoi_train"].is_file() and paths["aoi_heldout"].is_file()
