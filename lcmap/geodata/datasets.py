@@ -17,10 +17,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import os
+
 import numpy as np
 import rasterio
 import rasterio.errors
 import shapely
+from shapely.prepared import prep
 import torch
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
@@ -126,10 +129,6 @@ class _CheckedRaster(RasterDataset):
         self.file_dtype = profiles[0]["dtype"]
         super().__init__(files, crs=crs, res=res, transforms=transforms, cache=True)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # File handles (lru_cache) are per process; DataLoader workers reopen them.
-        return self.__dict__.copy()
-
 
 class HRImagery(_CheckedRaster):
     """High-resolution imagery (any band count; uint8, uint16 or float), as float32 ``image``.
@@ -157,6 +156,30 @@ class LabelRaster(_CheckedRaster):
         super().__init__(paths, crs=crs, res=res)
         self.fill_code = int(self.file_nodata[0]) if self.file_nodata else int(legend.nodata[0])
 
+    def _files_in(self, xmin: float, ymin: float, xmax: float, ymax: float) -> list[str]:
+        """Files whose footprint (in the dataset CRS) meets the box; cheaper than GeoPandas' .cx."""
+        index = self.index
+        if getattr(self, "_bounds_key", None) is not id(index):  # the CRS may change the index
+            self._bounds_key = id(index)
+            self._file_bounds = index.geometry.bounds.to_numpy()
+            self._file_paths = list(index.filepath)
+        b = self._file_bounds
+        hit = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
+        return [p for p, h in zip(self._file_paths, hit) if h]
+
+    def _open(self, path: str):
+        """An open dataset per file and process (handles are not shared across workers)."""
+        handles = self.__dict__.setdefault("_handles", {})
+        key = (os.getpid(), path)
+        if key not in handles:
+            handles[key] = rasterio.open(path)
+        return handles[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_handles", None)
+        return state
+
     def __getitem__(self, query) -> dict[str, Any]:
         """Codes on the query's grid, each file warped straight onto it by nearest neighbour.
 
@@ -172,23 +195,23 @@ class LabelRaster(_CheckedRaster):
             res_x, res_y = query[0].step, query[1].step
         w = int(round((xmax - xmin) / res_x))
         h = int(round((ymax - ymin) / res_y))
-        hits = self.index.cx[xmin:xmax, ymin:ymax]
-        if hits.empty:
+        hits = self._files_in(xmin, ymin, xmax, ymax)
+        if not hits:
             raise IndexError(f"query {query} not found in {self.what} index with bounds {self.bounds}")
         dst = np.full((h, w), self.fill_code, dtype=np.int32)
         dst_transform = from_origin(xmin, ymax, res_x, res_y)
-        for path in hits.filepath:
-            with rasterio.open(path) as src:
-                reproject(
-                    source=rasterio.band(src, 1),
-                    destination=dst,
-                    src_nodata=src.nodata,
-                    dst_transform=dst_transform,
-                    dst_crs=self.crs,
-                    dst_nodata=self.fill_code,
-                    init_dest_nodata=False,
-                    resampling=Resampling.nearest,
-                )
+        for path in hits:
+            src = self._open(path)
+            reproject(
+                source=rasterio.band(src, 1),
+                destination=dst,
+                src_nodata=src.nodata,
+                dst_transform=dst_transform,
+                dst_crs=self.crs,
+                dst_nodata=self.fill_code,
+                init_dest_nodata=False,
+                resampling=Resampling.nearest,
+            )
         sample: dict[str, Any] = {"mask": torch.from_numpy(dst.astype(np.int64))}
         if self.transforms is not None:
             sample = self.transforms(sample)
@@ -242,6 +265,25 @@ class LabelledImagery(IntersectionDataset):
         self.labels = labels
         self.aoi = aoi
 
+    @property
+    def aoi(self) -> shapely.Geometry | None:
+        """AOI geometry in the imagery CRS (None: everywhere)."""
+        return self._aoi
+
+    @aoi.setter
+    def aoi(self, geometry: shapely.Geometry | None) -> None:
+        self._aoi = geometry
+        self._aoi_prepared = prep(geometry) if geometry is not None else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_aoi_prepared"] = None  # prepared geometries do not pickle
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.aoi = state["_aoi"]
+
     def __getitem__(self, query) -> dict[str, Any]:
         sample = super().__getitem__(query)
         xmin, ymin, xmax, ymax = query_bounds(query)
@@ -255,7 +297,10 @@ class LabelledImagery(IntersectionDataset):
         idx = encode_labels(mask.numpy(), self.labels, source=", ".join(self.labels.files[:3]))
         idx = idx.astype(np.int64)
         res_x, res_y = (xmax - xmin) / w, (ymax - ymin) / h
-        inside = rasterize_aoi(self.aoi, from_origin(xmin, ymax, res_x, res_y), (h, w))
+        if self._aoi_prepared is not None and self._aoi_prepared.contains(shapely.box(xmin, ymin, xmax, ymax)):
+            inside = np.ones((h, w), dtype=bool)
+        else:
+            inside = rasterize_aoi(self.aoi, from_origin(xmin, ymax, res_x, res_y), (h, w))
         valid = imagery_valid(image, self.imagery.nodata).numpy()
         idx[~(inside & valid)] = IGNORE_INDEX
         return {"image": image, "mask": torch.from_numpy(idx)}
