@@ -38,3 +38,28 @@ def test_embedded_sample_is_packaged() -> None:
     for key in ("imagery", "labels", "reference"):
         assert len(paths[key]) == 8 and all(p.is_file() for p in paths[key])
     assert paths["aoi_train"].is_file() and paths["aoi_heldout"].is_file()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2 and "lcmap demo" in commands[0] and "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci.splitlines()
+
+
+def test_cli_help_lists_subcommands_with_units() -> None:
+    from typer.testing import CliRunner
+
+    from lcmap.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("train", "predict", "evaluate", "demo"):
+        assert cmd in result.output
+    text = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
+    assert "pixels" in text and "CRS" in text
+    text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "pixels" in text and "--bbox-crs" in text
