@@ -1,0 +1,176 @@
+"""Train on the embedded real sample and score the 1 m maps against the Chesapeake reference.
+
+For each model and seed: ``run_train`` on the TRAIN split (aoi_train.geojson, NLCD 2011 labels,
+the TrainConfig defaults unless overridden), then every sample patch is predicted whole
+(``predict_proba`` of the 256 px patch, padded to a multiple of 32 px if needed), mapped to the 4
+target classes and compared with the Chesapeake 1 m reference. The NLCD label itself is scored on
+the same pixels. Scores are pooled per split: ``train`` (the 6 training patches: the area the
+model was trained on) and ``heldout`` (patches 3 and 6, never seen in training).
+
+    python benchmarks/train_sample.py [--models paraformer-tiny unet] [--seeds 1234 1 2]
+        [--checkpoints last best] [--no-reference-val] [--epochs N] [--steps-per-epoch N] ...
+
+Prints a table and one JSON line (``RESULT {...}``). Timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import Resampling
+from rasterio.warp import reproject
+
+from lcmap.geodata.legends import IGNORE_INDEX, get_legend
+from lcmap.models import predict_proba
+from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
+from lcmap.pipeline.runs import load_trained_model
+from lcmap.pipeline.train import TrainConfig, run_train
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
+
+
+def _patches() -> list[dict]:
+    return json.loads((SAMPLE / "sample.json").read_text())["patches"]
+
+
+def _reference_and_nlcd(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Target indices (IGNORE where nodata) of the reference and of NLCD on the patch's 1 m grid."""
+    ref_legend, nlcd_legend = get_legend("chesapeake"), get_legend("nlcd")
+    with rasterio.open(SAMPLE / "reference" / f"patch-{i}.tif") as r:
+        ref = ref_legend.code_to_target_lut()[r.read(1)]
+        transform, crs, shape = r.transform, r.crs, (r.height, r.width)
+    with rasterio.open(SAMPLE / "nlcd" / f"patch-{i}.tif") as n:
+        nlcd = np.zeros(shape, np.uint8)
+        reproject(n.read(1), nlcd, src_transform=n.transform, src_crs=n.crs, dst_transform=transform,
+                  dst_crs=crs, resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)
+    return ref, nlcd_legend.code_to_target_lut()[nlcd]
+
+
+def predict_patch(tm, i: int) -> np.ndarray:
+    """Target-class indices of the model's prediction for sample patch ``i`` (whole patch)."""
+    with rasterio.open(SAMPLE / "naip" / f"patch-{i}.tif") as src:
+        image = src.read().astype(np.float32)
+    x = (image - tm.mean[:, None, None]) / tm.std[:, None, None]
+    h, w = x.shape[1:]
+    ph, pw = (-h) % 32, (-w) % 32
+    xt = torch.from_numpy(x)[None]
+    if ph or pw:
+        xt = torch.nn.functional.pad(xt, (0, pw, 0, ph), mode="reflect")
+    with torch.no_grad():
+        probs = predict_proba(tm.model, xt)[0, :, :h, :w]
+    idx = probs.argmax(0).numpy().astype(np.uint8)
+    return tm.legend.index_to_target_lut()[idx]
+
+
+def score_run(ckpt: Path) -> dict:
+    tm = load_trained_model(ckpt)
+    names = tm.legend.target.names
+    k = len(names)
+    out = {}
+    cms = {"train": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
+           "heldout": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64))}
+    for p in _patches():
+        i, split = p["patch"], p["split"]
+        ref, nlcd = _reference_and_nlcd(i)
+        pred = predict_patch(tm, i)
+        keep = (ref != IGNORE_INDEX) & (nlcd != IGNORE_INDEX) & (pred != IGNORE_INDEX)
+        cms[split][0][...] += confusion_matrix(ref[keep], pred[keep], k)
+        cms[split][1][...] += confusion_matrix(ref[keep], nlcd[keep], k)
+    for split, (cm_model, cm_nlcd) in cms.items():
+        sm, sn = scores_from_confusion(cm_model, names), scores_from_confusion(cm_nlcd, names)
+        out[split] = {
+            "model": {"oa": sm["oa"], "miou": sm["miou"], "iou": {n: v["iou"] for n, v in sm["per_class"].items()}},
+            "nlcd": {"oa": sn["oa"], "miou": sn["miou"], "iou": {n: v["iou"] for n, v in sn["per_class"].items()}},
+            "gain_miou": sm["miou"] - sn["miou"],
+            "pixels": int(cm_model.sum()),
+        }
+    return out
+
+
+def _fmt(v) -> str:
+    return "  -  " if v is None else f"{v:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["paraformer-tiny", "unet"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1234])
+    ap.add_argument("--checkpoints", nargs="+", default=["last", "best"], choices=["last", "best"])
+    ap.add_argument("--no-reference-val", action="store_true",
+                    help="validate on the LR labels instead of the reference (best.ckpt then follows agreement)")
+    ap.add_argument("--out", default="/tmp/lcmap-bench")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--steps-per-epoch", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--patch-px", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--optimizer")
+    ap.add_argument("--class-weighting")
+    ap.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+    ap.add_argument("--progress-bar", action="store_true")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = []
+    for model in args.models:
+        for seed in args.seeds:
+            run_dir = Path(args.out) / f"{model}-s{seed}"
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            config = TrainConfig(
+                images=[str(SAMPLE / "naip")], labels=[str(SAMPLE / "nlcd")], legend="nlcd",
+                aoi=str(SAMPLE / "aoi_train.geojson"), model=model, seed=seed, out=str(run_dir),
+                progress_bar=args.progress_bar,
+            )
+            if not args.no_reference_val:
+                config = config.merged(reference=[str(SAMPLE / "reference")], reference_legend="chesapeake")
+            config = config.merged(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                                   batch_size=args.batch_size, patch_px=args.patch_px, lr=args.lr,
+                                   optimizer=args.optimizer, class_weighting=args.class_weighting,
+                                   augment=args.augment)
+            t0 = time.perf_counter()
+            run_train(config)
+            seconds = time.perf_counter() - t0
+            for which in args.checkpoints:
+                scores = score_run(run_dir / "checkpoints" / f"{which}.ckpt")
+                results.append({"model": model, "seed": seed, "checkpoint": which, "train_seconds": seconds,
+                                 "config": {k: v for k, v in config.to_dict().items()
+                                            if k in ("epochs", "steps_per_epoch", "batch_size", "patch_px", "lr",
+                                                     "optimizer", "class_weighting", "augment")},
+                                 **scores})
+                _print_row(results[-1])
+    print()
+    print("RESULT " + json.dumps(results))
+    return 0
+
+
+def _print_row(r: dict) -> None:
+    names = list(r["train"]["model"]["iou"])
+    short = {"water": "water", "tree canopy": "tree", "low vegetation": "lowveg", "built-up": "built"}
+    head = (f"{'model':16s} {'seed':>5s} {'ckpt':4s} {'split':7s} {'OA':>6s} {'mIoU':>6s} "
+            + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
+            + f" | {'NLCD OA':>7s} {'mIoU':>6s} " + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
+            + f" | {'gain':>6s} {'train s':>7s}")
+    if not getattr(_print_row, "_done", False):
+        print(head)
+        _print_row._done = True  # type: ignore[attr-defined]
+    for split in ("train", "heldout"):
+        m, n = r[split]["model"], r[split]["nlcd"]
+        print(f"{r['model']:16s} {r['seed']:5d} {r['checkpoint']:4s} {split:7s} {_fmt(m['oa']):>6s} {_fmt(m['miou']):>6s} "
+              + " ".join(f"{_fmt(m['iou'][k]):>6s}" for k in names)
+              + f" | {_fmt(n['oa']):>7s} {_fmt(n['miou']):>6s} " + " ".join(f"{_fmt(n['iou'][k]):>6s}" for k in names)
+              + f" | {r[split]['gain_miou']:+.3f} {r['train_seconds']:7.0f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""``lcmap predict``: COG output, styling, AOI masking, resume, block-size invariance, bad input.
+
+Small rasters written here (a two-file mosaic with a nodata hole) and tiny random U-Net
+checkpoints; most runs use ``scheduler="synchronous"`` (one test goes through a LocalCluster).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from rasterio.warp import transform_bounds
+
+import lcmap.pipeline.predict as P
+from lcmap.geodata.errors import LcmapInputError
+from lcmap.geodata.legends import get_legend, target_legend
+from lcmap.models import build_model
+from lcmap.pipeline.cog import read_category_names
+from lcmap.pipeline.runs import save_checkpoint
+
+CRS = "EPSG:32617"
+X0, Y0 = 500_000.0, 4_000_000.0
+H, W = 150, 170
+SPLIT = 90  # the mosaic's two files: columns [0, 90) and [90, 170)
+HOLE = (slice(10, 30), slice(120, 150))  # all bands 0 = imagery nodata
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
+
+
+def _imagery(folder: Path, bands: int = 4) -> list[Path]:
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    rng = np.random.default_rng(0)
+    layers = [128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 13), 128 + 80 * np.sin((xx + yy) / 7),
+              rng.integers(1, 255, (H, W))]
+    data = np.stack([layers[b % 4] for b in range(bands)]).clip(1, 255).astype(np.uint8)
+    data[:, HOLE[0], HOLE[1]] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, c0, c1 in (("left.tif", 0, SPLIT), ("right.tif", SPLIT, W)):
+        path = folder / name
+        with rasterio.open(path, "w", driver="GTiff", width=c1 - c0, height=H, count=bands, dtype="uint8",
+                           crs=CRS, transform=from_origin(X0 + c0, Y0, 1, 1)) as dst:
+            dst.write(data[:, :, c0:c1])
+        paths.append(path)
+    return paths
+
+
+def _checkpoint(path: Path, legend, bands: int = 4, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = build_model("unet", bands, len(legend))
+    with torch.no_grad():  # sharpen the random head so that several classes win somewhere
+        model.net.segmentation_head[0].weight.mul_(8.0)
+    return save_checkpoint(path, model, "unet", legend, [128.0] * bands, [60.0] * bands)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Intra-op threads that spin-wait on each other are very slow on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    images = _imagery(root / "images")
+    ckpt4 = _checkpoint(root / "target4.ckpt", target_legend())
+    ckpt_nlcd = _checkpoint(root / "nlcd.ckpt", get_legend("nlcd"), seed=1)
+    ref = P.predict_map(ckpt4, [root / "images"], root / "ref" / "map.tif", block_px=4096, confidence=True, **FAST)
+    return {"root": root, "images": images, "ckpt": ckpt4, "ckpt_nlcd": ckpt_nlcd, "ref": ref}
+
+
+def _read(path: Path, band: int = 1) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(band)
+
+
+# ----------------------------------------------------------------------------- grid rules
+def test_taper_partition_of_unity_floor_and_edges():
+    wg = P.WindowGrid(tile=64, overlap=16, height=200, width=200)
+    n = wg.n_rows
+    assert n == 4  # windows at 0, 48, 96, 144; 144 + 64 >= 200
+    first, mid, last = wg.taper(0, n), wg.taper(1, n), wg.taper(n - 1, n)
+    assert first[0] == 1 and last[-1] == 1  # no taper on the raster's own edges
+    assert mid.min() >= P.TAPER_FLOOR and mid.min() < 0.01  # tapers, never to 0
+    # neighbours' ramps add up to 1 over the overlap (up to the floor)
+    np.testing.assert_allclose(mid[-16:] + wg.taper(2, n)[:16], 1.0, atol=2 * P.TAPER_FLOOR)
+    assert np.all(mid[16:-16] == 1)
+
+
+def test_window_grid_covers_and_touching_rule():
+    wg = P.WindowGrid(tile=64, overlap=16, height=150, width=170)
+    assert wg.stride == 48
+    assert (wg.n_cols - 1) * wg.stride + wg.tile >= 170 > (wg.n_cols - 2) * wg.stride + wg.tile
+    for lo, hi in ((0, 48), (48, 96), (96, 170), (50, 51)):
+        got = list(wg.touching(lo, hi, wg.n_cols))
+        want = [j for j in range(wg.n_cols) if j * 48 < hi and j * 48 + 64 > lo]
+        assert got == want
+
+
+# ------------------------------------------------------------------------------ the map
+def test_cog_grid_styling_and_legend(data):
+    ref = data["ref"]
+    from rio_cogeo.cogeo import cog_validate
+
+    assert cog_validate(str(ref), quiet=True)[0]
+    conf_path = ref.with_name("map_confidence.tif")
+    assert cog_validate(str(conf_path), quiet=True)[0]
+    assert not Path(str(ref) + ".partial").exists()
+    with rasterio.open(data["images"][0]) as left:
+        crs, transform = left.crs, left.transform
+    with rasterio.open(ref) as src:
+        assert src.crs == crs and src.transform == transform and (src.height, src.width) == (H, W)
+        assert src.dtypes[0] == "uint8" and src.nodata == 0
+        assert src.profile["blockxsize"] == 512 and src.profile["compress"] == "zstd"
+        cmap = src.colormap(1)
+        legend = json.loads(src.tags()[P.LEGEND_TAG])
+        codes = src.read(1)
+    assert legend == target_legend().to_dict()
+    for c in target_legend().classes:
+        assert cmap[c.code] == (*c.color, 255)
+    assert cmap[0][3] == 0  # nodata transparent
+    assert read_category_names(ref) == ["nodata", "water", "tree canopy", "low vegetation", "built-up"]
+    palette = ET.parse(ref.with_suffix(".qml")).getroot().find("pipe/rasterrenderer")
+    assert palette.get("type") == "paletted"
+    entries = palette.findall("colorPalette/paletteEntry")
+    assert [(e.get("value"), e.get("label")) for e in entries] == [
+        ("1", "water"), ("2", "tree canopy"), ("3", "low vegetation"), ("4", "built-up")]
+    # every class of this legend has a target: only the imagery hole is nodata
+    assert set(np.unique(codes)) - {0} <= {1, 2, 3, 4} and len(np.unique(codes[codes > 0])) >= 2
+    assert np.all(codes[HOLE] == 0) and (codes == 0).sum() == codes[HOLE].size
+    conf = _read(conf_path)
+    assert np.all(conf[HOLE] == 255)
+    valid = conf[codes > 0]
+    assert valid.min() >= 25 and valid.max() <= 100  # max of 4 probabilities, in percent
+
+
+def test_block_size_and_mosaic_invariance(data):
+    out = P.predict_map(data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48,
+                        confidence=True, **FAST)
+    assert P.LAST_RUN["blocks"] == 4 * 4  # 150 x 170 px in 48 px blocks
+    assert np.array_equal(_read(out), _read(data["ref"]))
+    assert np.array_equal(_read(out.with_name("map_confidence.tif")),
+                          _read(data["ref"].with_name("map_confidence.tif")))
+
+
+def test_aoi_polygon_masks_and_crops(data, tmp_path):
+    # a triangle in lon/lat over the middle of the imagery
+    corners = [(X0 + 20, Y0 - 130), (X0 + 150, Y0 - 130), (X0 + 85, Y0 - 15)]
+    from rasterio.warp import transform as warp
+
+    lon, lat = warp(CRS, "EPSG:4326", [c[0] for c in corners], [c[1] for c in corners])
+    ring = [[a, b] for a, b in zip(lon, lat)] + [[lon[0], lat[0]]]
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "aoi" / "map.tif", aoi=aoi, block_px=48, **FAST)
+    with rasterio.open(out) as src:
+        codes, t = src.read(1), src.transform
+    # extent: the triangle's bounds snapped outwards to the 1 m grid
+    assert t.a == 1 and -t.e == 1
+    assert X0 + 19 <= t.c <= X0 + 20 and Y0 - 16 <= t.f <= Y0 - 14
+    rows, cols = np.indices(codes.shape)
+    cx, cy = t.c + cols + 0.5, t.f - rows - 0.5  # pixel centres
+    (ax, ay), (bx, by), (qx, qy) = corners
+
+    def side(px, py, x1, y1, x2, y2):
+        return (x2 - x1) * (py - y1) - (y2 - y1) * (px - x1)
+
+    s1, s2, s3 = side(cx, cy, ax, ay, bx, by), side(cx, cy, bx, by, qx, qy), side(cx, cy, qx, qy, ax, ay)
+    inside = ((s1 > 0) & (s2 > 0) & (s3 > 0)) | ((s1 < 0) & (s2 < 0) & (s3 < 0))
+    margin = np.minimum(np.minimum(abs(s1), abs(s2)), abs(s3)) > 200  # away from the edges (reprojection)
+    col_img, row_img = (cx - X0 - 0.5).astype(int), (Y0 - cy - 0.5).astype(int)
+    in_hole = (row_img >= 10) & (row_img < 30) & (col_img >= 120) & (col_img < 150)
+    assert np.all(codes[~inside & margin] == 0)
+    assert np.all(codes[inside & margin & ~in_hole] > 0)
+
+
+def test_bbox_in_utm_crops_exactly(data, tmp_path):
+    bbox = (X0 + 10.4, Y0 - 100, X0 + 120, Y0 - 20.5)
+    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "bbox" / "map.tif", bbox=bbox, bbox_crs=CRS,
+                        block_px=4096, **FAST)
+    with rasterio.open(out) as src:
+        assert src.transform.c == X0 + 10 and src.transform.f == Y0 - 20
+        assert (src.width, src.height) == (110, 80)
+        assert np.all(src.read(1) > 0)
+
+
+def test_native_legend_codes(data, tmp_path):
+    nlcd = get_legend("nlcd")
+    out = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "native" / "map.tif", legend="native",
+                        block_px=96, **FAST)
+    with rasterio.open(out) as src:
+        codes = src.read(1)
+        assert json.loads(src.tags()[P.LEGEND_TAG])["name"] == "nlcd"
+        cmap = src.colormap(1)
+    present = set(np.unique(codes).tolist()) - {0}
+    assert present and present <= set(nlcd.codes)
+    assert cmap[11] == (*nlcd.classes[0].color, 255)
+    names = read_category_names(out)
+    assert names[11] == "Open Water" and names[95] == "Emergent Herbaceous Wetlands"
+    entries = ET.parse(out.with_suffix(".qml")).getroot().findall("pipe/rasterrenderer/colorPalette/paletteEntry")
+    assert len(entries) == len(nlcd)
+    # the same model in target codes: the native map, mapped through the legend, is identical
+    tgt = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "tgt" / "map.tif", block_px=96, **FAST)
+    lut = np.zeros(256, np.uint8)
+    for c in nlcd.classes:
+        lut[c.code] = 0 if c.target is None else nlcd.target.index_of(c.target) + 1
+    assert np.array_equal(lut[codes], _read(tgt))
+
+
+def test_resume_after_interruption(data, tmp_path, monkeypatch):
+    out = tmp_path / "resume" / "map.tif"
+    real_write = P._write_block
+    written = []
+
+    def failing_write(job, block, codes, conf):
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed")
+        written.append(block.name)
+        return real_write(job, block, codes, conf)
+
+    monkeypatch.setattr(P, "_write_block", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
+    assert not out.exists() and not out.with_name("map_confidence.tif").exists()
+    partial = Path(str(out) + ".partial")
+    assert sorted(p.stem for p in (partial / "blocks").glob("*.tif")) == sorted(written)
+    assert (partial / "manifest.json").is_file()
+
+    monkeypatch.setattr(P, "_write_block", real_write)
+    ran = []
+    real_predict = P.predict_block
+
+    def counting(st, job, block):
+        ran.append(block.name)
+        return real_predict(st, job, block)
+
+    monkeypatch.setattr(P, "predict_block", counting)
+    P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
+    assert P.LAST_RUN["blocks_resumed"] == 3 and len(ran) == 16 - 3 and not set(ran) & set(written)
+    assert np.array_equal(_read(out), _read(data["ref"]))
+    assert np.array_equal(_read(out.with_name("map_confidence.tif")),
+                          _read(data["ref"].with_name("map_confidence.tif")))
+    assert not partial.exists()
+
+    # a leftover from other parameters is not reused
+    (partial / "blocks").mkdir(parents=True)
+    (partial / "manifest.json").write_text(json.dumps({"version": 1, "tile_px": 999}))
+    (partial / "blocks" / "r00000_c00000.tif").write_bytes(b"stale")
+    ran.clear()
+    P.predict_map(data["ckpt"], data["images"], out, block_px=48, **FAST)
+    assert P.LAST_RUN["blocks_resumed"] == 0 and len(ran) == 16
+    assert np.array_equal(_read(out), _read(data["ref"]))
+
+
+def test_local_cluster_matches_synchronous(data, tmp_path):
+    opts = {**FAST, "scheduler": None}
+    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts)
+    assert P.LAST_RUN["blocks_run"] == 4
+    assert np.array_equal(_read(out), _read(data["ref"]))
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad_cases(data, tmp_path):
+    three_band = _checkpoint(tmp_path / "rgb.ckpt", target_legend(), bands=3)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    far = transform_bounds(CRS, "EPSG:4326", X0 + 50_000, Y0 - 50_000, X0 + 50_100, Y0 - 49_900)
+    return {
+        "bbox outside": (dict(bbox=far), "does not overlap"),
+        "band count": (dict(model=three_band), "band"),
+        "corrupt checkpoint": (dict(model=corrupt), "not a readable checkpoint"),
+        "missing checkpoint": (dict(model=tmp_path / "nope.ckpt"), "does not exist"),
+        "tile not multiple of 32": (dict(tile_px=100), "multiple of 32"),
+        "overlap too large": (dict(overlap_px=40), "half of --tile-px"),
+        "unwritable folder": (dict(out=blocker / "sub" / "map.tif"), "cannot write to the output folder"),
+        "bad legend mode": (dict(legend="nlcd"), "--legend"),
+    }
+
+
+@pytest.mark.parametrize("case", ["bbox outside", "band count", "corrupt checkpoint", "missing checkpoint",
+                                  "tile not multiple of 32", "overlap too large", "unwritable folder",
+                                  "bad legend mode"])
+def test_bad_input_writes_nothing(data, tmp_path, case):
+    kwargs, message = _bad_cases(data, tmp_path)[case]
+    args = {"model": data["ckpt"], "images": data["images"], "out": tmp_path / "out" / "map.tif", **FAST}
+    args.update(kwargs)
+    with pytest.raises(LcmapInputError, match=message):
+        P.predict_map(**args)
+    out = Path(args["out"])
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_full_disk_says_how_much_space(data, tmp_path, monkeypatch):
+    def full(job, block, codes, conf):
+        raise P.DiskFullError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(P, "_write_block", full)
+    out = tmp_path / "full" / "map.tif"
+    with pytest.raises(LcmapInputError, match=r"disk is full.*needs at most about [\d.]+ [KMG]?B"):
+        P.predict_map(data["ckpt"], data["images"], out, block_px=4096, **FAST)
+    assert not out.exists()
+    assert P._is_enospc(rasterio.errors.RasterioIOError("write failed: No space left on device"))

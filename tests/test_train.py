@@ -1,0 +1,212 @@
+"""``lcmap train``: PLAT loss, class weights, options, and tiny runs on the embedded sample."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcmap.geodata.errors import LcmapInputError
+from lcmap.geodata.legends import IGNORE_INDEX
+from lcmap.pipeline.task import inverse_sqrt_frequency_weights, plat_loss, plat_mask, weighted_ce
+from lcmap.pipeline.train import TrainConfig, TrainingInterrupted, run_train
+
+SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
+I = IGNORE_INDEX
+
+
+def _logits_for(argmax: list[list[int]], k: int = 3) -> torch.Tensor:
+    """(1, k, H, W) logits whose argmax is ``argmax``."""
+    a = torch.tensor(argmax)
+    return F.one_hot(a, k).permute(2, 0, 1)[None].float() * 4.0
+
+
+# ------------------------------------------------------------------------------------ PLAT
+def test_plat_mask_keeps_label_only_where_head1_agrees():
+    head1 = _logits_for([[0, 1, 2], [2, 0, 1]])
+    target = torch.tensor([[[0, 2, 2], [I, 1, 1]]])
+    mask = plat_mask(head1, target)
+    assert mask.tolist() == [[[0, I, 2], [I, I, 1]]]
+    assert mask.dtype == torch.int64 and not mask.requires_grad
+
+
+def test_plat_loss_is_ce_on_labels_plus_ce_on_mask_without_gradient_through_mask():
+    torch.manual_seed(0)
+    head1 = torch.randn(2, 4, 5, 5, requires_grad=True)
+    head2 = torch.randn(2, 4, 5, 5, requires_grad=True)
+    target = torch.randint(0, 4, (2, 5, 5))
+    target[0, 0, :] = I
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.5])
+    total, ce, mce, kept = plat_loss(head1, head2, target, weights)
+    mask = plat_mask(head1, target)
+    exp_ce = F.cross_entropy(head1, target, weight=weights, ignore_index=I)
+    exp_mce = F.cross_entropy(head2, mask, weight=weights, ignore_index=I)
+    assert torch.allclose(ce, exp_ce) and torch.allclose(mce, exp_mce)
+    assert torch.allclose(total, exp_ce + exp_mce)
+    valid = (target != I).sum().item()
+    assert kept.item() == pytest.approx((mask != I).sum().item() / valid)
+    # head 1 receives gradient only from its own CE (the mask is a constant).
+    g1 = torch.autograd.grad(total, head1, retain_graph=True)[0]
+    g1_ce = torch.autograd.grad(exp_ce, head1)[0]
+    assert torch.allclose(g1, g1_ce)
+
+
+def test_losses_are_zero_not_nan_without_valid_pixels():
+    head = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.full((1, 4, 4), I)
+    loss = weighted_ce(head, target, torch.ones(3))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(head.grad).all()
+    # A head 1 that agrees nowhere: the masked CE is 0, the total is just the CE.
+    head1 = _logits_for([[1, 1], [1, 1]])
+    total, ce, mce, kept = plat_loss(head1, torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    assert mce.item() == 0.0 and kept.item() == 0.0 and torch.isfinite(total)
+
+
+# --------------------------------------------------------------------------- class weights
+def test_class_weights_inverse_sqrt_frequency():
+    counts = [900, 90, 10, 0, 0]
+    occurs = [True, True, True, True, False]
+    w = inverse_sqrt_frequency_weights(counts, occurs)
+    raw = 1 / np.sqrt(np.array([0.9, 0.09, 0.01]))
+    assert np.allclose(w[:3], raw / raw.mean())
+    assert w[:3].mean() == pytest.approx(1.0)
+    assert w[3] == pytest.approx(w[:3].max())  # in the files, missed by the sampled patches
+    assert w[4] == 0.0  # never occurs
+    # rare classes are floored at a frequency of 1e-3
+    w2 = inverse_sqrt_frequency_weights([10**6, 1])
+    assert w2[1] / w2[0] == pytest.approx(np.sqrt(1.0 / 1e-3), rel=1e-3)
+    with pytest.raises(ValueError):
+        inverse_sqrt_frequency_weights([0, 0])
+
+
+# ------------------------------------------------------------------------------- options
+def test_config_file_and_flags_are_the_same_options(tmp_path):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(
+        "images: a.tif\nlabels: [b.tif, c.tif]\nmodel: unet\npatch-px: 64\nepochs: 3\n"
+        "augment: false\nbbox: [1, 2, 3, 4]\nprecision: 32\n"
+    )
+    c = TrainConfig.from_yaml(cfg_file)
+    assert c.images == ["a.tif"] and c.labels == ["b.tif", "c.tif"]
+    assert (c.model, c.patch_px, c.epochs, c.augment, c.bbox, c.precision) == ("unet", 64, 3, False, [1, 2, 3, 4], "32")
+    m = c.merged(epochs=5, patch_px=None, steps_per_epoch="7", out="run")
+    assert (m.epochs, m.patch_px, m.steps_per_epoch, m.out) == (5, 64, 7, "run")
+    assert c.epochs == 3  # merged returns a copy
+    d = TrainConfig()
+    assert d.model == "paraformer-tiny" and d.resolved_patch_px == 128 and d.seed == 1234
+    assert d.optimizer == "adamw" and d.class_weighting == "inv_sqrt_freq" and d.augment
+
+
+def test_config_unknown_key_and_bad_values(tmp_path):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("images: a.tif\nbatchsize: 4\n")
+    with pytest.raises(LcmapInputError, match="batchsize"):
+        TrainConfig.from_yaml(cfg_file)
+    with pytest.raises(LcmapInputError, match="learning_rate"):
+        TrainConfig().merged(learning_rate=0.1)
+    with pytest.raises(LcmapInputError, match="epochs"):
+        TrainConfig().merged(epochs="many")
+    bad = TrainConfig(images=["a"], labels=["b"], out="o", patch_px=100, optimizer="adam")
+    with pytest.raises(LcmapInputError, match="multiple of 32") as err:
+        bad.check()
+    assert "adam" in str(err.value)
+
+
+# ---------------------------------------------------------------------- runs on the sample
+def _sample_config(out: Path, **kw) -> TrainConfig:
+    base = dict(
+        images=[str(SAMPLE / "naip")], labels=[str(SAMPLE / "nlcd")], legend="nlcd",
+        aoi=str(SAMPLE / "aoi_train.geojson"), epochs=1, steps_per_epoch=2, batch_size=2, patch_px=64,
+        val_patch_px=256, accelerator="cpu", progress_bar=False, out=str(out),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_legend_mismatch_is_reported_before_training(tmp_path):
+    with pytest.raises(LcmapInputError) as err:
+        run_train(_sample_config(tmp_path / "run", legend="worldcover"))
+    msg = str(err.value)
+    assert "worldcover" in msg and "41" in msg and "patch-" in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_aoi_too_small_or_missing(tmp_path):
+    # 40 m x 40 m inside patch 0 (EPSG:26917): smaller than one 64 px patch
+    small = _sample_config(tmp_path / "a", aoi=None, bbox=[535150, 4170600, 535190, 4170640], bbox_crs="EPSG:26917")
+    with pytest.raises(LcmapInputError, match="too small"):
+        run_train(small)
+    far = _sample_config(tmp_path / "b", aoi=None, bbox=[600000, 4100000, 601000, 4101000], bbox_crs="EPSG:26917")
+    with pytest.raises(LcmapInputError, match="does not overlap|misses"):
+        run_train(far)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    cfg = _sample_config(out, reference=[str(SAMPLE / "reference")], reference_legend="chesapeake",
+                         precision="bf16-mixed")
+    return run_train(cfg)
+
+
+def test_tiny_run_writes_run_dir_and_a_loadable_checkpoint(tiny_run):
+    from lcmap.models import predict_proba
+    from lcmap.pipeline.runs import load_trained_model, read_checkpoint
+
+    run = Path(tiny_run)
+    for name in ("config.yaml", "legend.yaml", "normalization.json", "class_weights.json", "metrics.csv",
+                 "loss.png", "train.log", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (run / name).is_file(), name
+    log_text = (run / "train.log").read_text()
+    assert "training ViT from scratch" in log_text and "GPUs only" in log_text
+    assert "val_miou" in (run / "metrics.csv").read_text()
+    tm = load_trained_model(run)
+    assert tm.model_name == "paraformer-tiny" and tm.in_channels == 4 and len(tm.legend) == 16
+    with torch.no_grad():
+        probs = predict_proba(tm.model, torch.zeros(1, 4, 64, 64))
+    assert probs.shape == (1, 16, 64, 64)
+    hp = read_checkpoint(run / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert len(hp["class_weights"]) == 16 and hp["val_source"] == "reference"
+    saved = TrainConfig.from_yaml(run / "config.yaml")
+    assert saved.precision == "bf16-mixed" and Path(saved.images[0]).is_absolute()
+
+
+def test_resume_continues_the_step_count(tiny_run):
+    run = Path(tiny_run)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    with pytest.raises(LcmapInputError, match="--resume"):
+        run_train(TrainConfig.from_yaml(run / "config.yaml").merged(resume=False))
+    # Only --out, --resume and the new epoch count: the rest comes from RUN_DIR/config.yaml.
+    run_train(TrainConfig(out=str(run), resume=True, epochs=2, progress_bar=False))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    rows = [line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert {e for e, _ in rows} == {"0", "1"} and max(int(s) for _, s in rows) == 3  # steps 0..3 logged
+
+
+def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path, monkeypatch):
+    from lcmap.pipeline.task import LandCoverTask
+
+    def interrupt(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LandCoverTask, "on_train_batch_end", interrupt, raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = _sample_config(tmp_path / "run", epochs=2, model="unet")
+    try:
+        with pytest.raises(TrainingInterrupted):
+            run_train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after an interrupt
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    monkeypatch.undo()
+    run_train(cfg.merged(resume=True))
+    assert torch.load(last, weights_only=False)["global_step"] == 4
