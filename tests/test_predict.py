@@ -28,7 +28,7 @@ from lcmap.pipeline.runs import save_checkpoint
 CRS = "EPSG:32617"
 X0, Y0 = 500_000.0, 4_000_000.0
 H, W = 150, 170
-SPLIT = 90  # the mosaic's two files: columns [0, 90) and [90, 170)
+SPLIT, GAP = 90, 6  # the mosaic's two files: columns [0, 90) and [96, 170); no file covers the gap
 HOLE = (slice(10, 30), slice(120, 150))  # all bands 0 = imagery nodata
 FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
 
@@ -42,7 +42,7 @@ def _imagery(folder: Path, bands: int = 4) -> list[Path]:
     data[:, HOLE[0], HOLE[1]] = 0
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, c0, c1 in (("left.tif", 0, SPLIT), ("right.tif", SPLIT, W)):
+    for name, c0, c1 in (("left.tif", 0, SPLIT), ("right.tif", SPLIT + GAP, W)):
         path = folder / name
         with rasterio.open(path, "w", driver="GTiff", width=c1 - c0, height=H, count=bands, dtype="uint8",
                            crs=CRS, transform=from_origin(X0 + c0, Y0, 1, 1)) as dst:
@@ -134,11 +134,14 @@ def test_cog_grid_styling_and_legend(data):
     entries = palette.findall("colorPalette/paletteEntry")
     assert [(e.get("value"), e.get("label")) for e in entries] == [
         ("1", "water"), ("2", "tree canopy"), ("3", "low vegetation"), ("4", "built-up")]
-    # every class of this legend has a target: only the imagery hole is nodata
+    # every class of this legend has a target: only the nodata hole and the gap between files are 0
     assert set(np.unique(codes)) - {0} <= {1, 2, 3, 4} and len(np.unique(codes[codes > 0])) >= 2
-    assert np.all(codes[HOLE] == 0) and (codes == 0).sum() == codes[HOLE].size
+    invalid = np.zeros((H, W), bool)
+    invalid[HOLE] = True
+    invalid[:, SPLIT:SPLIT + GAP] = True
+    assert np.array_equal(codes == 0, invalid)
     conf = _read(conf_path)
-    assert np.all(conf[HOLE] == 255)
+    assert np.array_equal(conf == 255, invalid)
     valid = conf[codes > 0]
     assert valid.min() >= 25 and valid.max() <= 100  # max of 4 probabilities, in percent
 
@@ -179,7 +182,8 @@ def test_aoi_polygon_masks_and_crops(data, tmp_path):
     inside = ((s1 > 0) & (s2 > 0) & (s3 > 0)) | ((s1 < 0) & (s2 < 0) & (s3 < 0))
     margin = np.minimum(np.minimum(abs(s1), abs(s2)), abs(s3)) > 200  # away from the edges (reprojection)
     col_img, row_img = (cx - X0 - 0.5).astype(int), (Y0 - cy - 0.5).astype(int)
-    in_hole = (row_img >= 10) & (row_img < 30) & (col_img >= 120) & (col_img < 150)
+    in_hole = ((row_img >= 10) & (row_img < 30) & (col_img >= 120) & (col_img < 150)) | (
+        (col_img >= SPLIT) & (col_img < SPLIT + GAP))
     assert np.all(codes[~inside & margin] == 0)
     assert np.all(codes[inside & margin & ~in_hole] > 0)
 
@@ -191,7 +195,9 @@ def test_bbox_in_utm_crops_exactly(data, tmp_path):
     with rasterio.open(out) as src:
         assert src.transform.c == X0 + 10 and src.transform.f == Y0 - 20
         assert (src.width, src.height) == (110, 80)
-        assert np.all(src.read(1) > 0)
+        codes = src.read(1)
+    assert np.all(np.delete(codes, np.s_[SPLIT - 10:SPLIT + GAP - 10], axis=1) > 0)
+    assert np.all(codes[:, SPLIT - 10:SPLIT + GAP - 10] == 0)
 
 
 def test_native_legend_codes(data, tmp_path):

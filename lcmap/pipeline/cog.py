@@ -187,6 +187,8 @@ def write_cog(
         OSError/rasterio errors from GDAL (e.g. a full disk); the temporary files are removed.
     """
     src, dst = Path(src), Path(dst)
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}.tif")
     tmp_aux = Path(str(tmp) + ".aux.xml")
     dst_aux = Path(str(dst) + ".aux.xml")

@@ -45,7 +45,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,7 +58,7 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 
-from lcmap.geodata.aoi import AOI, aoi_from_file, resolve_aoi
+from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
 from lcmap.geodata.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, target_legend
@@ -856,6 +856,7 @@ def _run_distributed(plan: Plan, todo: list[Block], progress: _Progress, stats: 
 
     job = plan.job
     gpu = job.device.startswith("cuda")
+    plan.model = plan.imagery = None  # the workers load their own; free this process's copy
     cluster = None
     if scheduler is None:
         n, threads = _local_cluster_shape(job.device, len(todo))
@@ -867,7 +868,7 @@ def _run_distributed(plan: Plan, todo: list[Block], progress: _Progress, stats: 
         client = Client(cluster)
     else:
         try:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as exc:
             raise LcmapInputError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({exc})") from exc
     try:
@@ -1011,7 +1012,8 @@ def predict_map(
         device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
         scheduler: ``None``: a local Dask cluster sized to this machine (one process per GPU; on
             CPU one per core up to 4 cores, else one per 4 cores; 1 task thread each, torch
-            threads = cores / processes);
+            threads = cores / processes; its workers are spawned processes, so a script that
+            calls this needs the usual ``if __name__ == "__main__":`` guard);
             ``"tcp://host:8786"``: an existing Dask cluster (with ``cuda``, tasks ask for the
             worker resource ``GPU=1``); ``"synchronous"``: in this process, no Dask.
         confidence: also write ``MAP_confidence.tif``: the blended probability of the chosen
