@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer")
     ap.add_argument("--class-weighting")
     ap.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="any other TrainConfig option, e.g. --set weight_decay=0.05 val_patch_px=128")
     ap.add_argument("--progress-bar", action="store_true")
     args = ap.parse_args(argv)
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                    batch_size=args.batch_size, patch_px=args.patch_px, lr=args.lr,
                                    optimizer=args.optimizer, class_weighting=args.class_weighting,
                                    augment=args.augment)
+            config = config.merged(**dict(kv.split("=", 1) for kv in args.set))
             t0 = time.perf_counter()
             run_train(config)
             seconds = time.perf_counter() - t0

@@ -118,6 +118,7 @@ def inverse_sqrt_frequency_weights(
     counts: Sequence[int] | np.ndarray,
     occurs: Sequence[bool] | np.ndarray | None = None,
     min_frequency: float = MIN_FREQUENCY,
+    power: float = 0.5,
 ) -> np.ndarray:
     """Class weights ``~ 1/sqrt(frequency)``, normalised to mean 1 over the classes present.
 
@@ -128,6 +129,7 @@ def inverse_sqrt_frequency_weights(
             gets the largest weight of the present classes; a class that never occurs gets 0 (it is
             never a target, so its weight has no effect). None: ``counts > 0``.
         min_frequency: frequencies are floored at this value before the square root.
+        power: the exponent: 0.5 for ``1/sqrt(frequency)``, 1 for ``1/frequency``.
 
     Returns:
         float64 ``(K,)`` weights.
@@ -142,7 +144,7 @@ def inverse_sqrt_frequency_weights(
     occurs_arr = present if occurs is None else (np.asarray(occurs, dtype=bool) | present)
     freq = counts / counts.sum()
     weights = np.zeros_like(counts)
-    weights[present] = 1.0 / np.sqrt(np.maximum(freq[present], min_frequency))
+    weights[present] = np.maximum(freq[present], min_frequency) ** -power
     weights[present] /= weights[present].mean()
     weights[occurs_arr & ~present] = weights[present].max()
     return weights
@@ -233,14 +235,16 @@ class LandCoverTask(pl.LightningModule):
         image, target = batch["image"], batch["mask"]
         losses = self.compute_loss(self(image), target)
         bs = image.shape[0]
+        sync = self.trainer.world_size > 1
         for name, value in losses.items():
             self.log(name, value, on_step=True, on_epoch=True, prog_bar=name in ("loss", "loss_ce", "loss_mce"),
-                     batch_size=bs)
+                     batch_size=bs, sync_dist=sync)
         now = time.perf_counter()
         if self._last_batch_time is not None:
             rate = bs * self.trainer.world_size / max(now - self._last_batch_time, 1e-6)
             self._rate_ema = rate if self._rate_ema is None else 0.8 * self._rate_ema + 0.2 * rate
-            self.log("patches_per_s", self._rate_ema, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+            self.log("patches_per_s", self._rate_ema, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
+                     sync_dist=sync)
         self._last_batch_time = now
         return losses["loss"]
 
@@ -269,11 +273,12 @@ class LandCoverTask(pl.LightningModule):
         self.last_val_scores = scores
         miou = scores["miou"] if scores["miou"] is not None else 0.0
         oa = scores["oa"] if scores["oa"] is not None else 0.0
-        self.log("val_miou", miou, prog_bar=True, sync_dist=False)
-        self.log("val_oa", oa, sync_dist=False)
+        # Every rank holds the same (summed) confusion matrix: syncing averages identical values.
+        self.log("val_miou", miou, prog_bar=True, sync_dist=True)
+        self.log("val_oa", oa, sync_dist=True)
         for name, pc in scores["per_class"].items():
             if pc["iou"] is not None:
-                self.log(f"val_iou_{name.replace(' ', '_')}", pc["iou"], sync_dist=False)
+                self.log(f"val_iou_{name.replace(' ', '_')}", pc["iou"], sync_dist=True)
 
     # -------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> dict[str, Any]:

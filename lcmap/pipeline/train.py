@@ -44,7 +44,7 @@ MODEL_CHOICES = ("paraformer", "paraformer-tiny", "unet")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd")
-CLASS_WEIGHTINGS = ("inv_sqrt_freq", "none")
+CLASS_WEIGHTINGS = ("inv_sqrt_freq", "inv_freq", "none")
 
 #: Default peak learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.01}
@@ -88,8 +88,9 @@ class TrainConfig:
         bbox_crs: CRS of ``bbox`` (default longitude/latitude).
         model: ``paraformer-tiny`` (CPU-sized, default), ``paraformer`` (paper size) or ``unet``.
         epochs: training epochs.
-        steps_per_epoch: optimiser steps per epoch; an epoch draws ``steps_per_epoch * batch_size``
-            random patches (over all devices).
+        steps_per_epoch: optimiser steps per epoch on one device; an epoch draws
+            ``steps_per_epoch * batch_size`` random patches, shared among the devices (with ``n``
+            devices: ``steps_per_epoch / n`` steps of ``n * batch_size`` patches).
         batch_size: patches per step and device.
         patch_px: training patch side in pixels, a multiple of 32 (default 128; 224 for paraformer).
         val_patch_px: validation window side in pixels, a multiple of 32.
@@ -99,7 +100,8 @@ class TrainConfig:
         lr: peak learning rate (default 2e-3 for AdamW, 0.01 for SGD).
         optimizer: ``adamw`` (warm-up + cosine decay) or ``sgd`` (momentum 0.9, poly decay, as the paper).
         weight_decay: weight decay.
-        class_weighting: ``inv_sqrt_freq`` (CE weights ~ 1/sqrt(label frequency)) or ``none``.
+        class_weighting: ``inv_sqrt_freq`` (CE weights ~ 1/sqrt(label frequency)), ``inv_freq``
+            (~ 1/frequency) or ``none``.
         augment: random flips and 90-degree rotations.
         vit_weights: local file of pretrained ViT weights (Paraformer); None trains the ViT from scratch.
         reference: HR reference land-cover files for validation (mIoU over target classes), or None
@@ -570,12 +572,13 @@ def run_train(config: TrainConfig) -> Path:
                     f"no labelled pixel in {n_patches} patches drawn inside {aoi_name}: the labels are nodata there"
                 )
             occurs = np.array([label_counts.get(i, 0) > 0 for i in range(len(legend))])
-            computed = inverse_sqrt_frequency_weights(counts, occurs)
-            weights = computed.tolist() if config.class_weighting == "inv_sqrt_freq" else None
+            power = 1.0 if config.class_weighting == "inv_freq" else 0.5
+            computed = inverse_sqrt_frequency_weights(counts, occurs, power=power)
+            weights = computed.tolist() if config.class_weighting != "none" else None
             freq = counts / counts.sum()
             record = {
                 "method": config.class_weighting,
-                "rule": "w ~ 1/sqrt(max(frequency, 1e-3)), mean 1 over classes in the patches; classes "
+                "rule": f"w ~ max(frequency, 1e-3) ** -{power:g}, mean 1 over classes in the patches; classes "
                         "absent from the patches but in the label files get the largest weight; classes "
                         "never in the labels 0",
                 "patches": n_patches,
@@ -747,11 +750,19 @@ def _callbacks(run_dir: Path, config: TrainConfig) -> tuple[list, Any]:
     from lcmap.pipeline.task import EpochSummary, SaveOnInterrupt
 
     ckpt_dir = run_dir / "checkpoints"
+    # Two callbacks: Lightning 2.6 refreshes a monitored callback's ``save_last`` copy only when the
+    # monitored score improves, so last.ckpt comes from an unmonitored one (saved every epoch, after
+    # the best one so that it carries the updated best score).
     ckpt_cb = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val_miou", mode="max", save_top_k=1,
-        save_last=True, auto_insert_metric_name=False, enable_version_counter=False,
+        auto_insert_metric_name=False, enable_version_counter=False,
     )
-    callbacks: list = [ckpt_cb, SaveOnInterrupt(ckpt_dir / "last.ckpt"), EpochSummary(run_dir, config.epochs)]
+    last_cb = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks: list = [ckpt_cb, last_cb, SaveOnInterrupt(ckpt_dir / "last.ckpt"),
+                       EpochSummary(run_dir, config.epochs)]
     if config.progress_bar:
         callbacks.append(RichProgressBar(leave=True))
     return callbacks, ckpt_cb
