@@ -13,6 +13,7 @@ nodata) or in the legend's own codes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,20 @@ class Legend:
 
     # ------------------------------------------------------------------ lookup tables
     def code_to_index_lut(self) -> np.ndarray:
-        """A uint16 table over codes 0..65535: legend index, IGNORE_INDEX for nodata, 65535 unknown."""
+        """A uint16 table over codes 0..65535: legend index, IGNORE_INDEX for nodata, 65535 unknown.
+
+        Built once per legend (``encode`` runs on every training sample); read-only.
+        """
+        return self._code_to_index_lut
+
+    @functools.cached_property
+    def _code_to_index_lut(self) -> np.ndarray:
         lut = np.full(65536, 65535, dtype=np.uint16)
         for code in self.nodata:
             lut[code] = IGNORE_INDEX
         for i, code in enumerate(self.codes):
             lut[code] = i
+        lut.flags.writeable = False
         return lut
 
     def index_to_target_lut(self) -> np.ndarray:
