@@ -198,8 +198,8 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+    except KeyboardInterrupt as exc:  # TrainingInterrupted says where last.ckpt is and how to resume
+        console.print(f"[yellow]interrupted[/]{': ' + str(exc) if str(exc) else ''}")
         sys.exit(130)
 
 
