@@ -78,6 +78,9 @@ def test_scores_hand_computed_with_absent_classes():
                               "support_px": 0}
     # mIoU over classes present in reference or prediction: built-up left out, low veg counts 0
     assert s["miou"] == pytest.approx((4 / 7 + 0.5 + 0.0) / 3)
+    # over the reference's classes only (water, tree canopy): the false low-veg predictions still
+    # cost through the recall of water and tree canopy, but low veg's IoU of 0 is not averaged in
+    assert s["miou_reference_classes"] == pytest.approx((4 / 7 + 0.5) / 2)
     assert s["confusion"] == cm.tolist() and s["class_names"] == NAMES
     json.dumps(s, allow_nan=False)
 
@@ -87,6 +90,7 @@ def test_scores_degenerate_cases_are_none_not_nan():
     assert one["oa"] == 1.0 and one["miou"] == 1.0 and one["kappa"] is None
     empty = scores_from_confusion(np.zeros((2, 2), dtype=int), ["a", "b"])
     assert empty["oa"] is None and empty["miou"] is None and empty["kappa"] is None
+    assert empty["miou_reference_classes"] is None and one["miou_reference_classes"] == 1.0
     json.dumps([one, empty], allow_nan=False)
 
 
@@ -252,7 +256,7 @@ def test_baseline_scored_on_same_pixels_and_gain(map_tif, ref2_tif, tmp_path):
     assert m["confusion"] == cm_map.tolist()
     assert m["baseline"]["confusion"] == cm_base.tolist()
     assert m["pixels"] == m["baseline"]["pixels"] == int(common.sum())
-    for key in ("oa", "miou", "kappa"):
+    for key in ("oa", "miou", "miou_reference_classes", "kappa"):
         assert m["gain"][key] == pytest.approx(m[key] - m["baseline"][key])
     assert m["baseline"]["legend"] == "nlcd"
     report = (tmp_path / "out" / "report.md").read_text()

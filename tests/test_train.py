@@ -151,7 +151,7 @@ def test_aoi_too_small_or_missing(tmp_path):
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "run"
     cfg = _sample_config(out, reference=[str(SAMPLE / "reference")], reference_legend="chesapeake",
-                         precision="bf16-mixed")
+                         precision="bf16-mixed", label_trust={21: 0.25})
     return run_train(cfg)
 
 
@@ -175,6 +175,34 @@ def test_tiny_run_writes_run_dir_and_a_loadable_checkpoint(tiny_run):
     assert len(hp["class_weights"]) == 16 and hp["val_source"] == "reference"
     saved = TrainConfig.from_yaml(run / "config.yaml")
     assert saved.precision == "bf16-mixed" and Path(saved.images[0]).is_absolute()
+    assert saved.label_trust == {21: 0.25}
+    from lcmap.pipeline.runs import resolve_checkpoint
+
+    assert resolve_checkpoint(run) == run / "checkpoints" / "best.ckpt"  # validated on the reference
+
+
+def test_class_weights_are_inverse_sqrt_frequency_times_label_trust(tiny_run):
+    import json
+
+    record = json.loads((Path(tiny_run) / "class_weights.json").read_text())
+    rows = record["classes"]
+    plain = inverse_sqrt_frequency_weights([r["pixels"] for r in rows], [r["in_label_files"] for r in rows])
+    trust = {r["code"]: r["trust"] for r in rows}
+    assert trust[21] == 0.25 and all(v == 1.0 for c, v in trust.items() if c != 21)
+    assert [r["weight"] for r in rows] == pytest.approx([w * trust[r["code"]] for w, r in zip(plain, rows)])
+    assert record["weights"] == pytest.approx([r["weight"] for r in rows])
+    assert any(r["code"] == 21 and r["pixels"] > 0 for r in rows)  # the sample's patches hold NLCD 21
+
+
+def test_label_trust_option_forms_and_errors():
+    assert TrainConfig().merged(label_trust="21=0.2, 22=0.5").label_trust == {21: 0.2, 22: 0.5}
+    assert TrainConfig().merged(label_trust=["21=0", "24=1"]).label_trust == {21: 0.0, 24: 1.0}
+    assert TrainConfig.from_dict({"label-trust": {21: 0.3}}).label_trust == {21: 0.3}
+    assert TrainConfig().label_trust == {}
+    with pytest.raises(LcmapInputError, match="between 0 and 1"):
+        TrainConfig().merged(label_trust="21=2")
+    with pytest.raises(LcmapInputError, match="CODE=FACTOR"):
+        TrainConfig().merged(label_trust="21")
 
 
 def test_resume_continues_the_step_count(tiny_run):
@@ -210,3 +238,8 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_train(cfg.merged(resume=True))
     assert torch.load(last, weights_only=False)["global_step"] == 4
+    # validated against the LR labels only: predicting with RUN_DIR uses last.ckpt, not best.ckpt
+    from lcmap.pipeline.runs import resolve_checkpoint
+
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    assert resolve_checkpoint(tmp_path / "run") == last

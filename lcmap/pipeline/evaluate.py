@@ -444,7 +444,7 @@ def evaluate_map(
         base_scores.update({"pixels": int(cm_base.sum()), "files": [str(p) for p in base_paths],
                             "legend": base_legend.name})
         metrics["baseline"] = base_scores
-        metrics["gain"] = {k: _diff(metrics[k], base_scores[k]) for k in ("oa", "miou", "kappa")}
+        metrics["gain"] = {k: _diff(metrics[k], base_scores[k]) for k in ("oa", "miou", "miou_reference_classes", "kappa")}
 
     write_report(metrics, out_dir)
     return metrics
@@ -543,6 +543,9 @@ def _markdown(m: dict[str, Any]) -> str:
         lines.append(f"| baseline | {_fmt(base['oa'])} | {_fmt(base['miou'])} | {_fmt(base['kappa'])} |")
         lines.append(f"| gain (map - baseline) | {_fmt(g['oa'], True)} | {_fmt(g['miou'], True)} "
                      f"| {_fmt(g['kappa'], True)} |")
+        lines += ["", f"mIoU over the classes present in the reference (the same classes for map and "
+                      f"baseline): map {_fmt(m.get('miou_reference_classes'))}, baseline "
+                      f"{_fmt(base.get('miou_reference_classes'))}, gain {_fmt(g.get('miou_reference_classes'), True)}."]
     lines += ["", "## Per class: map", ""] + _per_class_table(m)
     if base:
         lines += ["", "## Per class: baseline", ""] + _per_class_table(base)

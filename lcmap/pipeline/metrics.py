@@ -10,6 +10,11 @@ Conventions:
 mIoU rule: the mean of the per-class IoU over the classes **present in the reference or in the
 prediction** (a non-empty union). A class absent from both has no IoU (``None``) and is left out
 of the mean; a class absent from the reference but predicted somewhere has IoU 0 and counts.
+
+``miou_reference_classes``: the mean IoU over the classes present in the reference only. Use it to
+compare two maps of the same area (e.g. a 1 m map and the LR baseline): both are then averaged
+over the same classes. (Under the rule above, a map that leaves out a class the reference lacks
+drops it from its mean, while a map that predicts it there averages in a 0.)
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ def scores_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict[st
         - ``oa``: overall accuracy (trace / total); None if the matrix is empty.
         - ``miou``: mean IoU over the classes present in the reference or the prediction (see the
           module docstring); None if there is none.
+        - ``miou_reference_classes``: mean IoU over the classes present in the reference; None if
+          the reference is empty.
         - ``kappa``: Cohen's kappa ``(po - pe) / (1 - pe)``; None if empty or ``pe == 1``
           (a single class in both reference and prediction: agreement by chance is total).
         - ``per_class``: ``{name: {iou, precision, recall, f1, support_px}}``; ``support_px`` is the
@@ -87,11 +94,14 @@ def scores_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict[st
 
     per_class: dict[str, dict[str, Any]] = {}
     ious: list[float] = []
+    ref_ious: list[float] = []
     for k, name in enumerate(names):
         t, r, p = int(tp[k]), int(ref[k]), int(pred[k])
         iou = _ratio(t, r + p - t)
         if iou is not None:
             ious.append(iou)
+            if r > 0:
+                ref_ious.append(iou)
         per_class[name] = {
             "iou": iou,
             "precision": _ratio(t, p),
@@ -110,6 +120,7 @@ def scores_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict[st
     return {
         "oa": oa,
         "miou": float(np.mean(ious)) if ious else None,
+        "miou_reference_classes": float(np.mean(ref_ious)) if ref_ious else None,
         "kappa": kappa,
         "per_class": per_class,
         "confusion": cm.tolist(),

@@ -13,6 +13,9 @@ How a map is made
    is 1 except inside the overlap, where it follows a Hann (sin²) ramp whose two halves add up to
    exactly 1, floored at :data:`TAPER_FLOOR` (never 0); a window side on the output raster's own
    edge is not tapered. The blended probabilities give the class (argmax) and the confidence.
+   With ``legend="target"`` a target class's probability is the sum of its LR classes' (e.g.
+   NLCD 52 + 71 + 81 + 82 + ... for low vegetation), so the map holds the most probable *target*
+   class, not the target of the most probable LR class.
 4. **Blocks.** The output is cut into square blocks of a whole number of window strides (about
    ``block_px``); each block is one task (Dask ``client.submit``, no ``map_overlap``): it lists
    the global windows that touch it, reads their imagery itself (its halo included), runs the
@@ -90,7 +93,7 @@ TAPER_FLOOR = 1e-3
 TILE_MULTIPLE = 32
 #: Dataset tag holding the legend the map's codes are in (JSON of ``Legend.to_dict()``).
 LEGEND_TAG = "LCMAP_LEGEND"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: --legend target sums LR-class probabilities per target class
 #: GDAL block cache while predicting blocks and writing the COG (bytes).
 GDAL_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -219,6 +222,9 @@ class PredictJob:
     batch_size: int
     code_lut: tuple[int, ...]
     dtype: str
+    #: model output channel -> map channel whose probability it adds to (``--legend target``: the
+    #: channel of its target class); None keeps the model's channels (``--legend native``).
+    class_group: tuple[int, ...] | None
     confidence: bool
     aoi_wkb: bytes | None
     blocks_dir: str
@@ -450,6 +456,8 @@ def predict_block(st: _State, job: PredictJob, block: Block) -> tuple[np.ndarray
     cols = wg.touching(b.c0, b.c0 + b.width, wg.n_cols)
     strip_c0, strip_c1 = cols.start * S, (cols.stop - 1) * S + T
     n_classes = len(job.code_lut)
+    group = (torch.tensor(job.class_group, dtype=torch.int64, device=st.device)
+             if job.class_group is not None else None)
     blender = _Blender(job, b, need, st.device, n_classes)
     inside = need.copy()
 
@@ -488,6 +496,9 @@ def predict_block(st: _State, job: PredictJob, block: Block) -> tuple[np.ndarray
         with torch.inference_mode():
             t0 = time.perf_counter()
             probs = predict_proba(st.model, x).float()
+            if group is not None:  # P(target class) = sum of its LR classes' probabilities
+                probs = torch.zeros((probs.shape[0], n_classes) + probs.shape[2:], dtype=probs.dtype,
+                                    device=probs.device).index_add_(1, group, probs)
             forward[0] += time.perf_counter() - t0
             for k, (i, j, _) in enumerate(batch):
                 blender.add(i, j, probs[k])
@@ -606,11 +617,22 @@ def _output_grid(ds: HRImagery, aoi_geom: shapely.Geometry | None) -> OutputGrid
     )
 
 
-def _code_lut(legend: Legend, mode: str) -> tuple[tuple[int, ...], Legend, str]:
+def _code_lut(legend: Legend, mode: str) -> tuple[tuple[int, ...], tuple[int, ...] | None, Legend, str]:
+    """Map channels and their codes for ``--legend target|native``.
+
+    Returns:
+        ``(code_lut, class_group, out_legend, dtype)``: ``code_lut[c]`` is the code written for map
+        channel ``c``; ``class_group[k]`` the map channel that model channel ``k`` adds its
+        probability to (None: one map channel per model channel). With ``target``, the map
+        channels are the target classes, plus one channel (written as nodata) for LR classes
+        without a target: each pixel gets the target class of highest summed probability.
+    """
     if mode == "target":
         scheme = legend.target
         t = legend.index_to_target_lut()[: len(legend)]
-        lut = tuple(MAP_NODATA if v == IGNORE_INDEX else scheme.classes[int(v)].code for v in t)
+        unmapped = len(scheme)
+        group = tuple(unmapped if v == IGNORE_INDEX else int(v) for v in t)
+        lut = tuple(c.code for c in scheme.classes) + ((MAP_NODATA,) if unmapped in group else ())
         out_legend = target_legend(scheme)
     elif mode == "native":
         if MAP_NODATA in legend.codes:
@@ -619,11 +641,12 @@ def _code_lut(legend: Legend, mode: str) -> tuple[tuple[int, ...], Legend, str]:
                 "value: write the map with --legend target instead"
             )
         lut = tuple(legend.codes)
+        group = None
         out_legend = legend
     else:
         raise LcmapInputError(f"--legend {mode!r}: choose 'target' (common classes) or 'native' (the model's legend)")
     dtype = "uint8" if max(lut + (MAP_NODATA,)) <= 255 else "uint16"
-    return lut, out_legend, dtype
+    return lut, group, out_legend, dtype
 
 
 def _resolve_device(device: str) -> str:
@@ -709,7 +732,7 @@ def plan_prediction(
         raise LcmapInputError(
             f"the AOI ({aoi_obj.source if aoi_obj else ''}) only touches the imagery's edge: nothing to predict"
         )
-    lut, out_legend, dtype = _code_lut(tm.legend, legend)
+    lut, group, out_legend, dtype = _code_lut(tm.legend, legend)
     wg = WindowGrid(tile_px, overlap_px, grid.height, grid.width)
     block_size = max(1, round(block_px / wg.stride)) * wg.stride
     partial = out.with_name(out.name + ".partial")
@@ -717,7 +740,8 @@ def plan_prediction(
     job = PredictJob(
         checkpoint=str(checkpoint.absolute()), image_files=tuple(os.path.abspath(f) for f in ds.files),
         device=dev, torch_threads=torch_threads, grid=grid, windows=wg, block_size=block_size,
-        batch_size=batch_size, code_lut=lut, dtype=dtype, confidence=bool(confidence), aoi_wkb=aoi_wkb,
+        batch_size=batch_size, code_lut=lut, class_group=group, dtype=dtype, confidence=bool(confidence),
+        aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
     )
     fingerprint = {
@@ -726,7 +750,8 @@ def plan_prediction(
         "images": _files_fingerprint(job.image_files),
         "grid": [grid.crs_wkt, grid.x0, grid.y0, grid.res_x, grid.res_y, grid.width, grid.height],
         "tile_px": tile_px, "overlap_px": overlap_px, "block_size": block_size,
-        "code_lut": list(lut), "dtype": dtype, "confidence": bool(confidence),
+        "code_lut": list(lut), "class_group": list(group) if group is not None else None, "dtype": dtype,
+        "confidence": bool(confidence),
         "aoi_sha256": hashlib.sha256(aoi_wkb).hexdigest() if aoi_wkb else None,
     }
     fingerprint = json.loads(json.dumps(fingerprint))
@@ -1019,7 +1044,8 @@ def predict_map(
         confidence: also write ``MAP_confidence.tif``: the blended probability of the chosen
             class in percent (uint8 0-100, nodata 255).
         legend: ``target``: codes 1..N of the target classes (1 water, 2 tree canopy, 3 low
-            vegetation, 4 built-up by default), classes without a target -> 0; ``native``: the
+            vegetation, 4 built-up by default), the target class of highest summed LR-class
+            probability; where LR classes without a target win, 0; ``native``: the
             codes of the model's own (LR) legend. 0 is nodata either way.
         progress: show a progress bar (blocks and km²).
 

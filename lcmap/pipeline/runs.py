@@ -57,10 +57,17 @@ class TrainedModel:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """RUN_DIR -> its best (else last) checkpoint; a ``.ckpt`` file -> itself."""
+    """RUN_DIR -> the checkpoint to map with; a ``.ckpt`` file -> itself.
+
+    A run validated against an HR reference (``reference`` in RUN_DIR/config.yaml) gives its
+    ``best.ckpt``. A run validated only against its LR labels gives ``last.ckpt``: agreement with
+    the LR labels rewards copying them (30 m blocks), not mapping at 1 m, so it must not pick the
+    model. Either falls back on the other when missing.
+    """
     path = Path(path)
     if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
+        order = ("best.ckpt", "last.ckpt") if _validated_on_reference(path) else ("last.ckpt", "best.ckpt")
+        for name in order:
             candidate = path / "checkpoints" / name
             if candidate.is_file():
                 return candidate
@@ -71,6 +78,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise LcmapInputError(f"model {path} does not exist: pass a RUN_DIR or a .ckpt file")
     return path
+
+
+def _validated_on_reference(run_dir: Path) -> bool:
+    """Whether RUN_DIR/config.yaml names an HR reference (unreadable or absent config: False)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and bool(config.get("reference"))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,9 @@ RUN_DIR (layout in :mod:`lcmap.pipeline.runs`) and returns its path::
       normalization.json       per-band mean/std of the imagery
       class_weights.json       CE class weights (and the label frequencies they come from)
       checkpoints/last.ckpt    every epoch, and on Ctrl-C
-      checkpoints/best.ckpt    best validation mIoU (vs the reference, else vs the LR labels)
+      checkpoints/best.ckpt    best validation mIoU (vs the reference, else vs the LR labels);
+                               ``lcmap predict --model RUN_DIR`` uses it only when validated
+                               against a reference, else last.ckpt
       metrics.csv              every logged metric (logs/version_*/metrics.csv merged)
       loss.png                 loss curves and validation mIoU per epoch
       train.log                a readable log of the run
@@ -103,6 +105,9 @@ class TrainConfig:
         class_weighting: ``inv_sqrt_freq`` (CE weights ~ 1/sqrt(label frequency)), ``inv_freq``
             (~ 1/frequency) or ``none``.
         augment: random flips and 90-degree rotations.
+        label_trust: ``{LR code: factor in [0, 1]}`` multiplying that class's loss weight, for LR
+            classes known to be mixed at 1 m (e.g. NLCD 21 "Developed, Open Space": mostly lawn
+            grass, under 20 % impervious). 0 ignores the class's pixels; unlisted classes get 1.
         vit_weights: local file of pretrained ViT weights (Paraformer); None trains the ViT from scratch.
         reference: HR reference land-cover files for validation (mIoU over target classes), or None
             (validation then measures agreement with the LR labels).
@@ -134,6 +139,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     class_weighting: str = "inv_sqrt_freq"
     augment: bool = True
+    label_trust: dict[int, float] = field(default_factory=dict)
     vit_weights: str | None = None
     reference: list[str] | None = None
     reference_legend: str | None = None
@@ -311,6 +317,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if text in ("false", "no", "off", "0"):
                 return False
             raise ValueError("not true/false")
+        if name == "label_trust":
+            return _parse_label_trust(value)
         if name == "devices":
             if isinstance(value, str) and value.strip().lower() == "auto":
                 return "auto"
@@ -323,6 +331,28 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return str(value)
     except (TypeError, ValueError) as exc:
         raise LcmapInputError(f"{source}: option {name} = {value!r} is invalid ({exc})") from exc
+
+
+def _parse_label_trust(value: Any) -> dict[int, float]:
+    """``{21: 0.2}``, ``"21=0.2,22=0.5"`` or ``["21=0.2", ...]`` -> ``{code: factor}`` (factors in [0, 1])."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = [value] if isinstance(value, str) else list(value)
+        items = []
+        for part in parts:
+            for item in str(part).replace(",", " ").split():
+                code, sep, factor = item.partition("=")
+                if not sep:
+                    raise ValueError(f"{item!r} is not CODE=FACTOR")
+                items.append((code, factor))
+    trust = {}
+    for code, factor in items:
+        code_i, factor_f = int(code), float(factor)
+        if not 0.0 <= factor_f <= 1.0:
+            raise ValueError(f"trust of class {code_i} must be between 0 and 1, got {factor_f}")
+        trust[code_i] = factor_f
+    return trust
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -574,19 +604,29 @@ def run_train(config: TrainConfig) -> Path:
             occurs = np.array([label_counts.get(i, 0) > 0 for i in range(len(legend))])
             power = 1.0 if config.class_weighting == "inv_freq" else 0.5
             computed = inverse_sqrt_frequency_weights(counts, occurs, power=power)
-            weights = computed.tolist() if config.class_weighting != "none" else None
+            if config.class_weighting == "none":
+                computed = np.ones(len(legend))
+            unknown = sorted(set(config.label_trust) - set(legend.codes))
+            if unknown:
+                raise LcmapInputError(f"label_trust names codes {unknown} that legend {legend.name} does not have")
+            trust = np.array([config.label_trust.get(c, 1.0) for c in legend.codes])
+            if not (trust * counts).any():
+                raise LcmapInputError("label_trust gives every labelled class a weight of 0: nothing to learn from")
+            computed = computed * trust
+            weights = None if config.class_weighting == "none" and not config.label_trust else computed.tolist()
             freq = counts / counts.sum()
             record = {
                 "method": config.class_weighting,
+                "label_trust": {str(k): v for k, v in sorted(config.label_trust.items())},
                 "rule": f"w ~ max(frequency, 1e-3) ** -{power:g}, mean 1 over classes in the patches; classes "
                         "absent from the patches but in the label files get the largest weight; classes "
-                        "never in the labels 0",
+                        "never in the labels 0; then times the class's label_trust (default 1)",
                 "patches": n_patches,
                 "patch_px": patch_px,
                 "weights": weights,
                 "classes": [
                     {"index": i, "code": c.code, "name": c.name, "target": c.target, "pixels": int(counts[i]),
-                     "frequency": float(freq[i]), "in_label_files": bool(occurs[i]),
+                     "frequency": float(freq[i]), "in_label_files": bool(occurs[i]), "trust": float(trust[i]),
                      "weight": (float(weights[i]) if weights is not None else 1.0)}
                     for i, c in enumerate(legend.classes)
                 ],
