@@ -98,6 +98,7 @@ def train(
     reference_legend: Annotated[Optional[str], typer.Option("--reference-legend", help="Legend of --reference.")] = None,
     class_weighting: Annotated[Optional[str], typer.Option("--class-weighting", help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.")] = None,
     label_trust: Annotated[Optional[list[str]], typer.Option("--label-trust", help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. --label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.")] = None,
+    mixed_class: Annotated[Optional[list[str]], typer.Option("--mixed-class", help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' for NLCD 'Developed, Open Space'.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = False,
@@ -111,7 +112,7 @@ def train(
         "batch_size": batch_size, "patch_px": patch_px, "lr": lr, "devices": devices,
         "accelerator": accelerator, "precision": precision, "vit_weights": vit_weights,
         "reference": reference, "reference_legend": reference_legend, "seed": seed,
-        "class_weighting": class_weighting, "label_trust": label_trust,
+        "class_weighting": class_weighting, "label_trust": label_trust, "mixed_classes": mixed_class,
         "num_workers": num_workers, "resume": resume or None,
     }
     flags = {k: v for k, v in flags.items() if v is not None and v != []}

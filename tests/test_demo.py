@@ -25,3 +25,9 @@ def test_demo_writes_everything_it_promises(tmp_path: Path) -> None:
     with rasterio.open(out / "map.tif") as src:
         assert src.crs.to_epsg() == 26917 and src.res == (1.0, 1.0) and src.nodata == 0
     assert "held-out" in (out / "report.md").read_text()
+    # map-vs-baseline gains on the same classes, and the demo's training settings recorded in the run
+    assert saved["gain"]["miou_reference_classes"] == saved["miou_reference_classes"] - saved["baseline"]["miou_reference_classes"]
+    from lcmap.pipeline.demo import DEMO_TRAINING
+    from lcmap.pipeline.train import TrainConfig
+
+    assert TrainConfig.from_yaml(out / "run" / "config.yaml").mixed_classes == DEMO_TRAINING["mixed_classes"]

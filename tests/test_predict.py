@@ -357,3 +357,20 @@ def test_full_disk_says_how_much_space(data, tmp_path, monkeypatch):
         P.predict_map(data["ckpt"], data["images"], out, block_px=4096, **FAST)
     assert not out.exists()
     assert P._is_enospc(rasterio.errors.RasterioIOError("write failed: No space left on device"))
+
+
+def test_imagery_nodata_reaches_the_model_as_the_band_mean(data, tmp_path, monkeypatch):
+    """The hole and the gap between the two files are fed as 0 (normalised band mean), not as the
+    raw nodata value ((0 - 128) / 60 = -2.13 in every band), which no valid pixel (>= 1) reaches."""
+    seen = []
+    real = P.predict_proba
+
+    def spy(model, x):
+        seen.append(x.detach().clone())
+        return real(model, x)
+
+    monkeypatch.setattr(P, "predict_proba", spy)
+    P.predict_map(data["ckpt"], data["images"], tmp_path / "m" / "map.tif", block_px=96, **FAST)
+    x = torch.cat(seen)
+    assert x.min() > (1 - 128) / 60 - 1e-4
+    assert ((x == 0).all(dim=1)).sum() >= 20 * 30  # at least the hole's pixels, all bands 0

@@ -68,6 +68,51 @@ def test_losses_are_zero_not_nan_without_valid_pixels():
     assert mce.item() == 0.0 and kept.item() == 0.0 and torch.isfinite(total)
 
 
+def test_partial_label_ce_for_mixed_classes_on_a_hand_made_example():
+    # 3 classes; label 0 is "mixed": class 1 or 2 (not 0) is acceptable
+    allowed = torch.tensor([[False, True, True], [False, True, False], [False, False, True]])
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]).T.reshape(1, 3, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    p = torch.softmax(logits, dim=1)[0, :, 0]
+    expected = (-torch.log(p[1, 0] + p[2, 0]) - torch.log(p[1, 1])) / 2
+    assert weighted_ce(logits, target, None, allowed).item() == pytest.approx(expected.item(), rel=1e-5)
+    w = torch.tensor([3.0, 1.0, 1.0])
+    expected_w = (-3 * torch.log(p[1, 0] + p[2, 0]) - torch.log(p[1, 1])) / 4
+    assert weighted_ce(logits, target, w, allowed).item() == pytest.approx(expected_w.item(), rel=1e-5)
+    # identity rows: exactly the plain (weighted) cross-entropy, ignored pixels included
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 3, 3))
+    y[0, 0] = I
+    ww = torch.tensor([0.5, 1.0, 2.0, 0.7])
+    assert weighted_ce(x, y, ww, torch.eye(4, dtype=torch.bool)).item() == pytest.approx(
+        F.cross_entropy(x, y, weight=ww, ignore_index=I).item(), rel=1e-5)
+    # PLAT: head 1 "agrees" with a mixed label where its argmax is any acceptable class
+    head1 = _logits_for([[2, 0, 1]])
+    mask = plat_mask(head1, torch.tensor([[[0, 0, 1]]]), allowed)
+    assert mask.tolist() == [[[0, I, 1]]]
+
+
+def test_mixed_classes_option_and_allowed_rows():
+    from lcmap.geodata.legends import get_legend
+    from lcmap.pipeline.train import allowed_classes_for
+
+    c = TrainConfig().merged(mixed_classes="21=built-up,low vegetation")
+    assert c.mixed_classes == {21: ["built-up", "low vegetation"]}
+    assert TrainConfig.from_dict({"mixed_classes": {21: ["built-up"]}}).mixed_classes == {21: ["built-up"]}
+    nlcd = get_legend("nlcd")
+    rows = allowed_classes_for(nlcd, c.mixed_classes)
+    codes = sorted(nlcd.codes[k] for k in rows[nlcd.codes.index(21)])
+    assert codes == [22, 23, 24, 31, 52, 71, 81, 82, 95]  # built-up and low-vegetation classes, not 21
+    assert rows[nlcd.codes.index(41)] == [nlcd.codes.index(41)]
+    assert allowed_classes_for(nlcd, {}) is None
+    with pytest.raises(LcmapInputError, match="not target classes"):
+        allowed_classes_for(nlcd, {21: ["grass"]})
+    with pytest.raises(LcmapInputError, match="does not have"):
+        allowed_classes_for(nlcd, {99: ["built-up"]})
+    with pytest.raises(LcmapInputError, match="CODE=TARGET"):
+        TrainConfig().merged(mixed_classes="21")
+
+
 # --------------------------------------------------------------------------- class weights
 def test_class_weights_inverse_sqrt_frequency():
     counts = [900, 90, 10, 0, 0]
@@ -243,3 +288,21 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path, monkeypatch):
 
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
     assert resolve_checkpoint(tmp_path / "run") == last
+
+
+def test_imagery_nodata_becomes_the_band_mean_after_normalisation():
+    """Pixels where every band is nodata (outside the imagery, gaps between files) -> 0, as in predict."""
+    from lcmap.pipeline.datamodule import LandCoverDataModule
+
+    dm = LandCoverDataModule(None, None, None, patch_px=32, batch_size=1, steps_per_epoch=1,
+                             mean=[100.0, 50.0], std=[10.0, 5.0], augment=False, nodata=0.0)
+    image = torch.full((1, 2, 4, 4), 120.0)
+    image[0, :, 0, 0] = 0.0  # nodata in every band
+    image[0, 0, 1, 1] = 0.0  # a real 0 in one band only: valid
+    out = dm.on_after_batch_transfer({"image": image, "mask": torch.zeros(1, 4, 4)}, 0)["image"]
+    assert out[0, :, 0, 0].tolist() == [0.0, 0.0]
+    assert out[0, :, 1, 1].tolist() == [-10.0, 14.0]
+    assert out[0, :, 2, 2].tolist() == [2.0, 14.0]
+    plain = LandCoverDataModule(None, None, None, patch_px=32, batch_size=1, steps_per_epoch=1,
+                                mean=[100.0, 50.0], std=[10.0, 5.0], augment=False)
+    assert plain.on_after_batch_transfer({"image": image, "mask": torch.zeros(1, 4, 4)}, 0)["image"][0, :, 0, 0].tolist() == [-10.0, -10.0]

@@ -179,6 +179,9 @@ class LandCoverDataModule(pl.LightningDataModule):
         augment: random flips and 90-degree rotations during training.
         num_workers: DataLoader workers.
         seed: base seed of the patch samplers.
+        nodata: the imagery's nodata value: pixels where every band equals it (outside the
+            imagery, gaps between files) are set to the band mean (0 after normalisation), as
+            ``lcmap predict`` does; None leaves them as they are.
     """
 
     def __init__(
@@ -196,8 +199,10 @@ class LandCoverDataModule(pl.LightningDataModule):
         augment: bool = True,
         num_workers: int = 0,
         seed: int = 1234,
+        nodata: float | None = None,
     ) -> None:
         super().__init__()
+        self.nodata = nodata
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.roi = roi
@@ -259,5 +264,8 @@ class LandCoverDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
             image, mask = dihedral_augment(image, mask)
+        valid = (image != self.nodata).any(dim=1, keepdim=True) if self.nodata is not None else None
         image = (image - self.mean.to(image.device)) / self.std.to(image.device)
+        if valid is not None:
+            image = torch.where(valid, image, torch.zeros((), dtype=image.dtype, device=image.device))
         return {"image": image, "mask": mask}

@@ -28,9 +28,10 @@ QUICKLOOK_PATCHES = (0, 7, 3)
 
 #: Training options the demo sets on top of the TrainConfig defaults (README: "What the demo shows").
 #: NLCD 21 "Developed, Open Space" is defined as mostly lawn grass with under 20 % impervious
-#: cover; at full weight the network learns "open grass = built-up". Its pixels are trusted at 0.2.
-#: 1/frequency class weights: the sample is ~89 % forest.
-DEMO_TRAINING: dict = {"class_weighting": "inv_freq", "label_trust": {21: 0.2}}
+#: cover: a mixed class at 1 m. Trained as a plain label, the network learns "open grass =
+#: built-up"; as a mixed class its pixels ask for "a built-up or a low-vegetation class" and the
+#: image decides (partial-label cross-entropy, see lcmap.pipeline.task.weighted_ce).
+DEMO_TRAINING: dict = {"mixed_classes": {21: ["built-up", "low vegetation"]}}
 
 
 def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress: bool = True,

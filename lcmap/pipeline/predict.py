@@ -341,6 +341,9 @@ def _read_strip(st: _State, job: PredictJob, r0: int, r1: int, c0: int, c1: int)
         fv[:hh, :ww] = valid[:hh, :ww]
         image, valid = fixed, fv
     image = (image - st.mean) / st.std
+    # imagery nodata inside the extent (gaps between mosaic files, nodata holes) -> the band mean,
+    # i.e. 0 after normalisation, not the raw nodata value (~ -3 sigma: an input never seen on land)
+    image = np.where(valid[None], image, 0.0)
     return image.astype(np.float32, copy=False), valid, r0, c0
 
 
@@ -815,10 +818,19 @@ def _km2_per_px(grid: OutputGrid) -> float | None:
 
 
 class _Progress:
-    def __init__(self, enabled: bool, blocks: list[Block], done: set[str], grid: OutputGrid):
+    """Blocks done, and the area done: pixels inside the AOI (the whole block without an AOI)."""
+
+    def __init__(self, enabled: bool, blocks: list[Block], done: set[str], grid: OutputGrid,
+                 aoi_wkb: bytes | None = None):
         self.enabled = enabled
         self.km2_px = _km2_per_px(grid)
-        self.sizes = {b.name: b.height * b.width for b in blocks}
+        if aoi_wkb is None:
+            self.sizes = {b.name: b.height * b.width for b in blocks}
+        else:
+            geom = shapely.from_wkb(aoi_wkb)
+            px_area = grid.res_x * grid.res_y
+            self.sizes = {b.name: shapely.box(*grid.bounds(b.r0, b.c0, b.r0 + b.height, b.c0 + b.width))
+                          .intersection(geom).area / px_area for b in blocks}
         self.total_px = sum(self.sizes.values())
         self.done_px = sum(self.sizes[n] for n in done if n in self.sizes)
         self.bar = None
@@ -1084,7 +1096,8 @@ def predict_map(
         console = Console(stderr=True)
         if done:
             console.print(f"resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks already done in {plan.partial}")
-    bar = _Progress(progress, blocks, {b.name for b in blocks if b.name in done}, plan.job.grid)
+    bar = _Progress(progress, blocks, {b.name for b in blocks if b.name in done}, plan.job.grid,
+                    plan.job.aoi_wkb if progress else None)
     try:
         if todo:
             if sched == "synchronous":

@@ -10,8 +10,8 @@ AOI), ``CE_w`` is cross-entropy weighted per class (``~1/sqrt(frequency)``, see
 argmax agrees with it (recomputed every step, no gradient). A one-head network (the U-Net
 baseline) gets ``CE_w(logits, y)``.
 
-The network predicts the LR legend's classes; validation maps its argmax to the target classes
-(``legend.index_to_target_lut``) and scores it against the validation mask (the HR reference, or
+The network predicts the LR legend's classes; validation takes the target class of highest summed
+LR-class probability (as ``lcmap predict``) and scores it against the validation mask (the HR reference, or
 the LR labels themselves when no reference is given), both in target classes.
 """
 
@@ -58,30 +58,56 @@ MIN_FREQUENCY = 1e-3
 
 
 # ------------------------------------------------------------------------------------ losses
-def plat_mask(head1_logits: Tensor, target: Tensor) -> Tensor:
+def plat_mask(head1_logits: Tensor, target: Tensor, allowed: Tensor | None = None) -> Tensor:
     """PLAT's mask label: ``target`` where head 1's argmax equals it, IGNORE_INDEX elsewhere.
 
     Args:
         head1_logits: ``(B, K, H, W)`` logits of head 1 (the CNN head).
         target: ``(B, H, W)`` int64 LR labels (legend indices, IGNORE_INDEX = ignored).
+        allowed: optional ``(K, K)`` bool, ``allowed[y, k]``: class ``k`` is an acceptable answer
+            for label ``y`` (identity when None; see :func:`weighted_ce`). Head 1 "agrees" where
+            its argmax is acceptable for the label.
 
     Returns:
         ``(B, H, W)`` int64, no gradient. Ignored target pixels stay ignored.
     """
     with torch.no_grad():
-        agree = head1_logits.argmax(dim=1) == target
+        arg = head1_logits.argmax(dim=1)
+        if allowed is None:
+            agree = arg == target
+        else:
+            valid = target != IGNORE_INDEX
+            agree = valid & allowed[torch.where(valid, target, torch.zeros_like(target)), arg]
         return torch.where(agree, target, torch.full_like(target, IGNORE_INDEX))
 
 
-def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None = None,
+                allowed: Tensor | None = None) -> Tensor:
     """Class-weighted mean cross-entropy over non-ignored pixels; 0 (with a graph) if there is none.
 
     ``sum_i w[y_i] * ce_i / sum_i w[y_i]`` as in :func:`torch.nn.functional.cross_entropy`, but a
     batch without any (weighted) valid pixel gives 0 instead of NaN.
+
+    With ``allowed`` (``(K, K)`` bool; row ``y`` = the classes acceptable for label ``y``), the
+    per-pixel term is the partial-label cross-entropy ``-log sum_{k in allowed[y]} p_k``: a label
+    of a *mixed* LR class (e.g. NLCD 21, lawn with some pavement) asks for "one of these classes"
+    and lets the image decide which. A row with only ``y`` itself is the plain cross-entropy.
     """
     logits = logits.float()
-    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
+    if allowed is not None and not bool(allowed.any(dim=1).all()):
+        raise ValueError("every label needs at least one acceptable class")
+    if allowed is None:
+        total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    else:
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        ok = allowed[safe].permute(0, 3, 1, 2)  # (B, K, H, W)
+        log_z = torch.logsumexp(logits, dim=1)
+        log_ok = torch.logsumexp(logits.masked_fill(~ok, float("-inf")), dim=1)
+        nll = torch.where(valid, log_z - log_ok, torch.zeros_like(log_z))
+        if weight is not None:
+            nll = nll * weight.to(nll.dtype)[safe]
+        total = nll.sum()
     if weight is None:
         denom = valid.sum().to(total.dtype)
     else:
@@ -91,7 +117,7 @@ def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None = None) ->
 
 
 def plat_loss(
-    head1: Tensor, head2: Tensor, target: Tensor, weights: Tensor | None = None
+    head1: Tensor, head2: Tensor, target: Tensor, weights: Tensor | None = None, allowed: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """PLAT loss for a two-head network.
 
@@ -100,14 +126,16 @@ def plat_loss(
         head2: ``(B, K, H, W)`` logits of head 2 (Transformer head), trained on the mask label.
         target: ``(B, H, W)`` int64 LR labels, IGNORE_INDEX where ignored.
         weights: optional ``(K,)`` class weights.
+        allowed: optional ``(K, K)`` acceptable classes per label (mixed LR classes; see
+            :func:`weighted_ce`).
 
     Returns:
         ``(total, ce, mce, kept)``: ``ce + mce``, the head-1 CE, the head-2 masked CE, and the
         fraction of valid label pixels the mask keeps (no gradient).
     """
-    mask = plat_mask(head1, target)
-    ce = weighted_ce(head1, target, weights)
-    mce = weighted_ce(head2, mask, weights)
+    mask = plat_mask(head1, target, allowed)
+    ce = weighted_ce(head1, target, weights, allowed)
+    mce = weighted_ce(head2, mask, weights, allowed)
     valid = (target != IGNORE_INDEX).sum()
     kept = (mask != IGNORE_INDEX).sum().float() / valid.clamp_min(1).float()
     return ce + mce, ce, mce, kept.detach()
@@ -175,6 +203,8 @@ class LandCoverTask(pl.LightningModule):
             validation masks are the LR labels themselves.
         val_source: ``reference`` or ``labels``, for messages.
         config: the training options (stored for the record).
+        allowed_classes: per class index, the class indices acceptable for its label (mixed LR
+            classes, partial-label CE; see :func:`weighted_ce`), or None (plain CE).
     """
 
     def __init__(
@@ -193,6 +223,7 @@ class LandCoverTask(pl.LightningModule):
         val_legend: dict[str, Any] | None = None,
         val_source: str = "labels",
         config: dict[str, Any] | None = None,
+        allowed_classes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -202,6 +233,15 @@ class LandCoverTask(pl.LightningModule):
         if weights is not None and weights.numel() != len(self.legend):
             raise ValueError(f"{weights.numel()} class weights for {len(self.legend)} classes")
         self.register_buffer("class_weights", weights, persistent=False)
+        allowed = None
+        if allowed_classes is not None:
+            k = len(self.legend)
+            if len(allowed_classes) != k:
+                raise ValueError(f"{len(allowed_classes)} rows of allowed classes for {k} classes")
+            allowed = torch.zeros((k, k), dtype=torch.bool)
+            for y, row in enumerate(allowed_classes):
+                allowed[y, list(row)] = True
+        self.register_buffer("allowed", allowed, persistent=False)
         # LR legend index -> target index (256 entries, IGNORE -> IGNORE).
         self.register_buffer(
             "pred_to_target", torch.from_numpy(self.legend.index_to_target_lut().astype(np.int64)),
@@ -224,11 +264,11 @@ class LandCoverTask(pl.LightningModule):
     def compute_loss(self, outputs: list[Tensor], target: Tensor) -> dict[str, Tensor]:
         """Losses for the network's outputs: PLAT for two heads, weighted CE for one."""
         if len(outputs) == 2:
-            total, ce, mce, kept = plat_loss(outputs[0], outputs[1], target, self.class_weights)
+            total, ce, mce, kept = plat_loss(outputs[0], outputs[1], target, self.class_weights, self.allowed)
             return {"loss": total, "loss_ce": ce, "loss_mce": mce, "plat_kept": kept}
         if len(outputs) != 1:
             raise ValueError(f"expected 1 or 2 heads, got {len(outputs)}")
-        ce = weighted_ce(outputs[0], target, self.class_weights)
+        ce = weighted_ce(outputs[0], target, self.class_weights, self.allowed)
         return {"loss": ce, "loss_ce": ce}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -258,7 +298,13 @@ class LandCoverTask(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         probs = predict_proba(self.model, batch["image"])
-        pred = self.pred_to_target[probs.argmax(dim=1)]
+        # as lcmap predict: the target class of highest summed LR-class probability
+        n = len(self.target_names)
+        group = self.pred_to_target[: probs.shape[1]]
+        group = torch.where(group == IGNORE_INDEX, torch.full_like(group, n), group)
+        summed = torch.zeros((probs.shape[0], n + 1) + probs.shape[2:], dtype=probs.dtype, device=probs.device)
+        arg = summed.index_add_(1, group, probs).argmax(dim=1)
+        pred = torch.where(arg == n, torch.full_like(arg, IGNORE_INDEX), arg)
         truth = self.mask_to_target[batch["mask"]]
         keep = (pred != IGNORE_INDEX) & (truth != IGNORE_INDEX)
         n = len(self.target_names)

@@ -108,6 +108,10 @@ class TrainConfig:
         label_trust: ``{LR code: factor in [0, 1]}`` multiplying that class's loss weight, for LR
             classes known to be mixed at 1 m (e.g. NLCD 21 "Developed, Open Space": mostly lawn
             grass, under 20 % impervious). 0 ignores the class's pixels; unlisted classes get 1.
+        mixed_classes: ``{LR code: [target class names]}``: LR classes that are a mixture at 1 m.
+            Their pixels are trained with a partial-label cross-entropy, "one of the LR classes of
+            these target classes" (e.g. ``{21: [built-up, low vegetation]}``: NLCD "Developed, Open
+            Space" is lawn or pavement, the image decides which); the class itself is not predicted.
         vit_weights: local file of pretrained ViT weights (Paraformer); None trains the ViT from scratch.
         reference: HR reference land-cover files for validation (mIoU over target classes), or None
             (validation then measures agreement with the LR labels).
@@ -140,6 +144,7 @@ class TrainConfig:
     class_weighting: str = "inv_sqrt_freq"
     augment: bool = True
     label_trust: dict[int, float] = field(default_factory=dict)
+    mixed_classes: dict[int, list[str]] = field(default_factory=dict)
     vit_weights: str | None = None
     reference: list[str] | None = None
     reference_legend: str | None = None
@@ -319,6 +324,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ValueError("not true/false")
         if name == "label_trust":
             return _parse_label_trust(value)
+        if name == "mixed_classes":
+            return _parse_mixed_classes(value)
         if name == "devices":
             if isinstance(value, str) and value.strip().lower() == "auto":
                 return "auto"
@@ -353,6 +360,57 @@ def _parse_label_trust(value: Any) -> dict[int, float]:
             raise ValueError(f"trust of class {code_i} must be between 0 and 1, got {factor_f}")
         trust[code_i] = factor_f
     return trust
+
+
+def _parse_mixed_classes(value: Any) -> dict[int, list[str]]:
+    """``{21: [built-up, low vegetation]}``, ``"21=built-up,low vegetation"`` (several joined by
+    ``;``) or a list of such strings -> ``{code: [target names]}``."""
+    if isinstance(value, dict):
+        items = [(k, v if isinstance(v, (list, tuple)) else str(v).split(",")) for k, v in value.items()]
+    else:
+        parts = [value] if isinstance(value, str) else list(value)
+        items = []
+        for part in parts:
+            for item in str(part).split(";"):
+                if not item.strip():
+                    continue
+                code, sep, names = item.partition("=")
+                if not sep:
+                    raise ValueError(f"{item!r} is not CODE=TARGET[,TARGET...]")
+                items.append((code, names.split(",")))
+    mixed = {}
+    for code, names in items:
+        clean = [str(n).strip() for n in names if str(n).strip()]
+        if not clean:
+            raise ValueError(f"mixed class {code} names no target class")
+        mixed[int(code)] = clean
+    return mixed
+
+
+def allowed_classes_for(legend: Any, mixed: dict[int, list[str]]) -> list[list[int]] | None:
+    """Per legend index, the indices acceptable for its label: itself, or for a mixed class the
+    classes of the named target classes (itself excluded). None when nothing is mixed."""
+    if not mixed:
+        return None
+    unknown = sorted(set(mixed) - set(legend.codes))
+    if unknown:
+        raise LcmapInputError(f"mixed_classes names codes {unknown} that legend {legend.name} does not have")
+    targets = set(legend.target.names)
+    rows = []
+    for i, cls in enumerate(legend.classes):
+        names = mixed.get(cls.code)
+        if names is None:
+            rows.append([i])
+            continue
+        bad = sorted(set(names) - targets)
+        if bad:
+            raise LcmapInputError(
+                f"mixed_classes {cls.code}: {bad} are not target classes ({', '.join(legend.target.names)})")
+        row = [k for k, c in enumerate(legend.classes) if c.target in names and c.code != cls.code]
+        if not row:
+            raise LcmapInputError(f"mixed_classes {cls.code}: no other class of {legend.name} maps to {names}")
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -523,6 +581,10 @@ def run_train(config: TrainConfig) -> Path:
 
         # ---------------------------------------------------------------- inputs
         legend = get_legend(config.legend)
+        allowed = allowed_classes_for(legend, config.mixed_classes)  # option errors before any work
+        unknown_trust = sorted(set(config.label_trust) - set(legend.codes))
+        if unknown_trust:
+            raise LcmapInputError(f"label_trust names codes {unknown_trust} that legend {legend.name} does not have")
         imagery = open_imagery(config.images)
         labels = open_labels(config.labels, legend)
         in_channels = int(imagery.count)
@@ -606,9 +668,6 @@ def run_train(config: TrainConfig) -> Path:
             computed = inverse_sqrt_frequency_weights(counts, occurs, power=power)
             if config.class_weighting == "none":
                 computed = np.ones(len(legend))
-            unknown = sorted(set(config.label_trust) - set(legend.codes))
-            if unknown:
-                raise LcmapInputError(f"label_trust names codes {unknown} that legend {legend.name} does not have")
             trust = np.array([config.label_trust.get(c, 1.0) for c in legend.codes])
             if not (trust * counts).any():
                 raise LcmapInputError("label_trust gives every labelled class a weight of 0: nothing to learn from")
@@ -648,7 +707,12 @@ def run_train(config: TrainConfig) -> Path:
                 log.info("ViT weights: %s", config.vit_weights)
             else:
                 log.info("no --vit-weights: training ViT from scratch")
+        if allowed is not None:
+            for code, names in sorted(config.mixed_classes.items()):
+                log.info("mixed LR class %d: trained as one of %s (partial-label CE)", code,
+                         ", ".join(legend.classes[k].name for k in allowed[legend.codes.index(code)]))
         task = LandCoverTask(
+            allowed_classes=allowed,
             model_name=config.model,
             in_channels=in_channels,
             legend=legend.to_dict(),
@@ -671,7 +735,7 @@ def run_train(config: TrainConfig) -> Path:
             train_ds, val_ds, roi, patch_px=patch_px, batch_size=config.batch_size,
             steps_per_epoch=config.steps_per_epoch, mean=stats.mean, std=stats.std,
             val_patch_px=config.val_patch_px, augment=config.augment, num_workers=config.num_workers,
-            seed=config.seed,
+            seed=config.seed, nodata=imagery.nodata,
         )
         if not datamodule.val_windows:
             raise LcmapInputError(f"no {config.val_patch_px} px validation window touches {aoi_name}")
