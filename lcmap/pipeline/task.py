@@ -92,11 +92,10 @@ def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None = None,
     per-pixel term is the partial-label cross-entropy ``-log sum_{k in allowed[y]} p_k``: a label
     of a *mixed* LR class (e.g. NLCD 21, lawn with some pavement) asks for "one of these classes"
     and lets the image decide which. A row with only ``y`` itself is the plain cross-entropy.
+    Every row must hold at least one class (checked where ``allowed`` is built).
     """
     logits = logits.float()
     valid = target != IGNORE_INDEX
-    if allowed is not None and not bool(allowed.any(dim=1).all()):
-        raise ValueError("every label needs at least one acceptable class")
     if allowed is None:
         total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     else:
@@ -240,6 +239,8 @@ class LandCoverTask(pl.LightningModule):
                 raise ValueError(f"{len(allowed_classes)} rows of allowed classes for {k} classes")
             allowed = torch.zeros((k, k), dtype=torch.bool)
             for y, row in enumerate(allowed_classes):
+                if not row:
+                    raise ValueError(f"class {y}: no acceptable class for its label")
                 allowed[y, list(row)] = True
         self.register_buffer("allowed", allowed, persistent=False)
         # LR legend index -> target index (256 entries, IGNORE -> IGNORE).
