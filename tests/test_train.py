@@ -306,3 +306,14 @@ def test_imagery_nodata_becomes_the_band_mean_after_normalisation():
     plain = LandCoverDataModule(None, None, None, patch_px=32, batch_size=1, steps_per_epoch=1,
                                 mean=[100.0, 50.0], std=[10.0, 5.0], augment=False)
     assert plain.on_after_batch_transfer({"image": image, "mask": torch.zeros(1, 4, 4)}, 0)["image"][0, :, 0, 0].tolist() == [-10.0, -10.0]
+
+
+def test_out_of_memory_says_which_batch_size_to_try():
+    from lcmap.pipeline.train import _raise_if_oom
+
+    cfg = TrainConfig(batch_size=10, model="paraformer")
+    with pytest.raises(LcmapInputError, match=r"out of GPU .*--batch-size 10 .*224 px.*try --batch-size 5"):
+        _raise_if_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg, 224, torch)
+    with pytest.raises(LcmapInputError, match=r"try a smaller --patch-px \(e\.g\. 96\)"):
+        _raise_if_oom(MemoryError(), TrainConfig(batch_size=1), 224, torch)
+    _raise_if_oom(ValueError("something else"), cfg, 224, torch)  # not memory: left to the caller
