@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from lcmap.geodata.errors import LcmapInputError
+from lcmap.geodata.yaml_files import read_yaml
 
 #: Label value ignored by the loss and by the metrics (nodata, outside the AOI).
 IGNORE_INDEX = 255
@@ -285,12 +286,7 @@ class Legend:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Legend":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError as exc:
-            raise LcmapInputError(f"legend file {path} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise LcmapInputError(f"legend file {path} is not valid YAML: {exc}") from exc
+        data = read_yaml(path, "legend file")
         if not isinstance(data, dict):
             raise LcmapInputError(f"legend file {path} must hold a mapping with a 'classes' list")
         return cls.from_dict(data, source=str(path))

@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from lcmap.geodata.errors import LcmapInputError
+from lcmap.geodata.yaml_files import read_yaml
 
 log = logging.getLogger("lcmap.train")
 
@@ -185,12 +186,7 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         """Read a YAML config file (keys: the field names); unknown keys are an error."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError as exc:
-            raise LcmapInputError(f"config file {path} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise LcmapInputError(f"config file {path} is not valid YAML: {exc}") from exc
+        data = read_yaml(path, "config file")
         if data is None:
             data = {}
         if not isinstance(data, dict):
