@@ -29,7 +29,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
-from lcmap.models import predict_proba
+from lcmap.models import predict_proba, sum_probabilities
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 from lcmap.pipeline.runs import load_trained_model
 from lcmap.pipeline.train import TrainConfig, run_train
@@ -67,11 +67,9 @@ def predict_patch(tm, i: int) -> np.ndarray:
     with torch.no_grad():
         probs = predict_proba(tm.model, xt)[0, :, :h, :w]
     # as lcmap predict --legend target: the target class of highest summed LR-class probability
-    group = tm.legend.index_to_target_lut()[: len(tm.legend)].astype(np.int64)
     n_target = len(tm.legend.target)
-    group = np.where(group == IGNORE_INDEX, n_target, group)
-    summed = torch.zeros((n_target + 1, h, w)).index_add_(0, torch.from_numpy(group), probs)
-    idx = summed.argmax(0).numpy().astype(np.uint8)
+    group = torch.from_numpy(tm.legend.index_to_target_group())
+    idx = sum_probabilities(probs[None], group, n_target + 1)[0].argmax(0).numpy().astype(np.uint8)
     return np.where(idx == n_target, IGNORE_INDEX, idx).astype(np.uint8)
 
 

@@ -257,3 +257,20 @@ def test_missing_unknown_and_non_vit_files_raise(tmp_path) -> None:
         load_vit_weights(model, tmp_path / "cnn.pth")
     with pytest.raises(ValueError, match="ViT weights|Paraformer"):
         build_model("unet", 4, 3, vit_weights=tmp_path / "cnn.pth")
+
+
+def test_sum_probabilities_per_target_class_of_a_legend():
+    from lcmap.geodata.legends import get_legend
+    from lcmap.models import sum_probabilities
+
+    nlcd = get_legend("nlcd")
+    group = nlcd.index_to_target_group()
+    n_target = len(nlcd.target)
+    assert group[nlcd.codes.index(12)] == n_target  # perennial ice/snow: no target class
+    assert group[nlcd.codes.index(41)] == nlcd.target.index_of("tree canopy")
+    probs = torch.softmax(torch.randn(2, len(nlcd), 3, 4), dim=1)
+    summed = sum_probabilities(probs, torch.from_numpy(group), n_target + 1)
+    assert summed.shape == (2, n_target + 1, 3, 4)
+    low = [i for i, c in enumerate(nlcd.classes) if c.target == "low vegetation"]
+    assert torch.allclose(summed[:, nlcd.target.index_of("low vegetation")], probs[:, low].sum(1))
+    assert torch.allclose(summed.sum(1), torch.ones(2, 3, 4))

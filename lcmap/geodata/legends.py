@@ -192,6 +192,15 @@ class Legend:
                 lut[i] = self.target.index_of(c.target)
         return lut
 
+    def index_to_target_group(self) -> np.ndarray:
+        """int64 ``(K,)``: legend index -> target index, ``len(self.target)`` where untargeted.
+
+        The channel each class's probability adds to when probabilities are summed per target
+        class (one extra channel gathers the classes without a target).
+        """
+        t = self.index_to_target_lut()[: len(self)].astype(np.int64)
+        return np.where(t == IGNORE_INDEX, len(self.target), t)
+
     def code_to_target_lut(self) -> np.ndarray:
         """uint8 table over codes 0..65535: target index; IGNORE_INDEX for nodata/untargeted/unknown."""
         idx = self.code_to_index_lut()

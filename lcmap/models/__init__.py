@@ -42,6 +42,16 @@ def build_model(
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
 
 
+def sum_probabilities(probs: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """``(B, K, H, W)`` -> ``(B, n_groups, H, W)``: channel ``k`` added into channel ``group[k]``.
+
+    With ``group = legend.index_to_target_group()``, the probability of each target class (and, in
+    the last channel, of the classes without a target).
+    """
+    out = torch.zeros((probs.shape[0], n_groups) + tuple(probs.shape[2:]), dtype=probs.dtype, device=probs.device)
+    return out.index_add_(1, group.to(probs.device), probs)
+
+
 def predict_proba(model: nn.Module, x: Tensor) -> Tensor:
     """Class probabilities ``(B, K, H, W)``: the mean of the heads' softmax."""
     outputs = model(x)

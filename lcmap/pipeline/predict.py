@@ -65,7 +65,7 @@ from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
 from lcmap.geodata.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, target_legend
-from lcmap.models import predict_proba
+from lcmap.models import predict_proba, sum_probabilities
 from lcmap.pipeline import cog
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
 
@@ -500,8 +500,7 @@ def predict_block(st: _State, job: PredictJob, block: Block) -> tuple[np.ndarray
             t0 = time.perf_counter()
             probs = predict_proba(st.model, x).float()
             if group is not None:  # P(target class) = sum of its LR classes' probabilities
-                probs = torch.zeros((probs.shape[0], n_classes) + probs.shape[2:], dtype=probs.dtype,
-                                    device=probs.device).index_add_(1, group, probs)
+                probs = sum_probabilities(probs, group, n_classes)
             forward[0] += time.perf_counter() - t0
             for k, (i, j, _) in enumerate(batch):
                 blender.add(i, j, probs[k])
@@ -632,10 +631,8 @@ def _code_lut(legend: Legend, mode: str) -> tuple[tuple[int, ...], tuple[int, ..
     """
     if mode == "target":
         scheme = legend.target
-        t = legend.index_to_target_lut()[: len(legend)]
-        unmapped = len(scheme)
-        group = tuple(unmapped if v == IGNORE_INDEX else int(v) for v in t)
-        lut = tuple(c.code for c in scheme.classes) + ((MAP_NODATA,) if unmapped in group else ())
+        group = tuple(int(v) for v in legend.index_to_target_group())
+        lut = tuple(c.code for c in scheme.classes) + ((MAP_NODATA,) if len(scheme) in group else ())
         out_legend = target_legend(scheme)
     elif mode == "native":
         if MAP_NODATA in legend.codes:

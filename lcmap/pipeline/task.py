@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
-from lcmap.models import build_model, predict_proba
+from lcmap.models import build_model, predict_proba, sum_probabilities
 from lcmap.pipeline.metrics import scores_from_confusion
 from lcmap.pipeline.train import epoch_history, flatten_metrics, plot_history
 
@@ -243,11 +243,8 @@ class LandCoverTask(pl.LightningModule):
                     raise ValueError(f"class {y}: no acceptable class for its label")
                 allowed[y, list(row)] = True
         self.register_buffer("allowed", allowed, persistent=False)
-        # LR legend index -> target index (256 entries, IGNORE -> IGNORE).
-        self.register_buffer(
-            "pred_to_target", torch.from_numpy(self.legend.index_to_target_lut().astype(np.int64)),
-            persistent=False,
-        )
+        # LR legend index -> target index, len(target) where untargeted (summed probabilities).
+        self.register_buffer("target_group", torch.from_numpy(self.legend.index_to_target_group()), persistent=False)
         val = Legend.from_dict(val_legend) if val_legend is not None else self.legend
         self.register_buffer(
             "mask_to_target", torch.from_numpy(val.index_to_target_lut().astype(np.int64)),
@@ -301,10 +298,7 @@ class LandCoverTask(pl.LightningModule):
         probs = predict_proba(self.model, batch["image"])
         # as lcmap predict: the target class of highest summed LR-class probability
         n = len(self.target_names)
-        group = self.pred_to_target[: probs.shape[1]]
-        group = torch.where(group == IGNORE_INDEX, torch.full_like(group, n), group)
-        summed = torch.zeros((probs.shape[0], n + 1) + probs.shape[2:], dtype=probs.dtype, device=probs.device)
-        arg = summed.index_add_(1, group, probs).argmax(dim=1)
+        arg = sum_probabilities(probs, self.target_group, n + 1).argmax(dim=1)
         pred = torch.where(arg == n, torch.full_like(arg, IGNORE_INDEX), arg)
         truth = self.mask_to_target[batch["mask"]]
         keep = (pred != IGNORE_INDEX) & (truth != IGNORE_INDEX)
