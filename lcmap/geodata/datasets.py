@@ -229,10 +229,11 @@ def open_labels(paths, legend: Legend, what: str = "label") -> LabelRaster:
 
 
 def imagery_valid(image: np.ndarray | torch.Tensor, nodata: float) -> np.ndarray | torch.Tensor:
-    """Valid-pixel mask ``(H, W)`` of an image ``(C, H, W)``: not all bands equal to ``nodata``."""
+    """Valid-pixel mask ``(..., H, W)`` of an image ``(C, H, W)`` or a batch ``(B, C, H, W)``: not
+    all bands equal to ``nodata``."""
     if isinstance(image, torch.Tensor):
-        return ~(image == nodata).all(dim=0)
-    return ~np.all(image == nodata, axis=0)
+        return ~(image == nodata).all(dim=-3)
+    return ~np.all(image == nodata, axis=-3)
 
 
 def encode_labels(codes: np.ndarray, labels: LabelRaster, source: str) -> np.ndarray:

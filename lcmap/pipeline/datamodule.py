@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from torchgeo.datasets import GeoDataset, stack_samples
 
 from lcmap.compat import HAS_PATCH_SAMPLERS, grid_patch_sampler, query_bounds, random_patch_sampler
+from lcmap.geodata.datasets import imagery_valid
 from lcmap.geodata.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX
 
@@ -264,7 +265,7 @@ class LandCoverDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
             image, mask = dihedral_augment(image, mask)
-        valid = (image != self.nodata).any(dim=1, keepdim=True) if self.nodata is not None else None
+        valid = imagery_valid(image, self.nodata).unsqueeze(1) if self.nodata is not None else None
         image = (image - self.mean.to(image.device)) / self.std.to(image.device)
         if valid is not None:
             image = torch.where(valid, image, torch.zeros((), dtype=image.dtype, device=image.device))

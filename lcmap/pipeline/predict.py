@@ -1023,7 +1023,8 @@ def predict_map(
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
     Args:
-        model: RUN_DIR written by ``lcmap train`` (its best, else last checkpoint) or a ``.ckpt``.
+        model: RUN_DIR written by ``lcmap train`` (checkpoint chosen by
+            :func:`lcmap.pipeline.runs.resolve_checkpoint`) or a ``.ckpt``.
         images: imagery files and/or folders (searched recursively); one mosaic, with the bands the
             model was trained on. The map has the imagery's CRS and pixel size (e.g. 1 m).
         out: the map to write (``MAP.tif``, a COG). Also written: ``MAP.tif.aux.xml`` (category
