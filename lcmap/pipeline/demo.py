@@ -109,9 +109,9 @@ def _summary_md(m: dict) -> str:
         lines.append(f"| {label} | {r['oa']:.3f} | {r['miou']:.3f} | "
                      + " | ".join("-" if v is None else f"{v:.3f}" for v in ious) + " |")
     lines.append("")
-    def gain(r: dict, key: str) -> str:
-        a, b = r.get(key), r["baseline"].get(key)
-        return "n/a" if a is None or b is None else f"{a - b:+.3f}"
+    def gain(r: dict, key: str) -> str:  # evaluate_map's map-minus-baseline gains
+        g = r["gain"].get(key)
+        return "n/a" if g is None else f"{g:+.3f}"
 
     lines.append(f"mIoU gain over NLCD: {gain(m, 'miou')} (training area), {gain(h, 'miou')} (held-out); "
                  f"over the classes present in the reference, the same classes for both maps: "
