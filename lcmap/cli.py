@@ -1,7 +1,7 @@
 """The ``lcmap`` command: train, predict, evaluate, demo.
 
 Heavy imports (torch, torchgeo, dask) happen inside each command so that ``--help`` is instant.
-Bad input (:class:`~lcmap.geodata.errors.LcmapInputError`) prints one clear message and exits 2.
+Bad input (:class:`~lcmap.errors.LcmapInputError`) prints one clear message and exits 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from lcmap import __version__
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, LcmapInputError
 
 app = typer.Typer(
     name="lcmap",
@@ -60,7 +60,7 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except LcmapInputError as exc:
         console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=EXIT_INPUT) from None
 
 
 @app.callback()
@@ -204,7 +204,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt as exc:  # TrainingInterrupted says where last.ckpt is and how to resume
         console.print(f"[yellow]interrupted[/]{': ' + str(exc) if str(exc) else ''}")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import torch
 import torchgeo
 from shapely.prepared import prep
 
+from lcmap.errors import AOITooSmallError
+
 TORCHGEO_VERSION = tuple(int(p) for p in torchgeo.__version__.split(".")[:2])
 HAS_PATCH_SAMPLERS = TORCHGEO_VERSION >= (0, 10)
 
@@ -71,7 +73,7 @@ else:  # torchgeo 0.8 / 0.9
                         xmin, ymin, xmax, ymax = query_bounds(query)
                         if not self._roi.contains(shapely.Point((xmin + xmax) / 2, (ymin + ymax) / 2)):
                             if tries > 1000 * max(self.length, 1):
-                                raise RuntimeError("the AOI is too small or thin to draw patches from")
+                                raise AOITooSmallError("the AOI is too small or thin to draw patches from")
                             continue
                     yield query
                     produced += 1

@@ -24,7 +24,7 @@ from lcmap.geodata.datasets import (
     pair_imagery_labels,
     read_imagery,
 )
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import (
     BUILTIN_LEGENDS,
     DEFAULT_TARGET,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.models import build_model, predict_proba
 from lcmap.models.paraformer import CONFIGS, build_paraformer
 from lcmap.models.vit_weights import load_vit_weights

@@ -19,7 +19,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 
 import lcmap.pipeline.predict as P
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.legends import get_legend, target_legend
 from lcmap.models import build_model
 from lcmap.pipeline.cog import read_category_names
@@ -349,7 +349,7 @@ def test_bad_input_writes_nothing(data, tmp_path, case):
 
 def test_full_disk_says_how_much_space(data, tmp_path, monkeypatch):
     def full(job, block, codes, conf):
-        raise P.DiskFullError(errno.ENOSPC, "No space left on device")
+        raise DiskFullError("No space left on device")
 
     monkeypatch.setattr(P, "_write_block", full)
     out = tmp_path / "full" / "map.tif"

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX
 from lcmap.pipeline.task import inverse_sqrt_frequency_weights, plat_loss, plat_mask, weighted_ce
-from lcmap.pipeline.train import TrainConfig, TrainingInterrupted, run_train
+from lcmap.errors import TrainingInterrupted
+from lcmap.pipeline.train import TrainConfig, run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 I = IGNORE_INDEX

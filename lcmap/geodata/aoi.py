@@ -16,7 +16,7 @@ from rasterio.crs import CRS
 from rasterio.features import rasterize
 from rasterio.transform import Affine
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 
 __all__ = ["AOI", "aoi_from_file", "aoi_from_bbox", "resolve_aoi", "rasterize_aoi"]
 

@@ -34,7 +34,7 @@ from torchgeo.datasets import IntersectionDataset, RasterDataset
 
 from lcmap.compat import query_bounds
 from lcmap.geodata.aoi import rasterize_aoi
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.yaml_files import read_yaml
 
 #: Label value ignored by the loss and by the metrics (nodata, outside the AOI).

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -394,7 +394,7 @@ def build_paraformer(
 
     Raises:
         ValueError: unknown name.
-        lcmap.geodata.errors.LcmapInputError: unreadable or mismatching weights file.
+        lcmap.errors.LcmapInputError: unreadable or mismatching weights file.
     """
     if name not in CONFIGS:
         raise ValueError(f"unknown Paraformer size {name!r}: choose one of {', '.join(CONFIGS)}")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 
 log = logging.getLogger(__name__)
 

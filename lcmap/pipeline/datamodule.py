@@ -30,7 +30,7 @@ from torchgeo.datasets import GeoDataset, stack_samples
 
 from lcmap.compat import HAS_PATCH_SAMPLERS, grid_patch_sampler, query_bounds, random_patch_sampler
 from lcmap.geodata.datasets import imagery_valid
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX
 
 __all__ = [

@@ -38,7 +38,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 

@@ -63,7 +63,7 @@ from rasterio.transform import Affine, from_origin
 
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, target_legend
 from lcmap.models import predict_proba, sum_probabilities
 from lcmap.pipeline import cog
@@ -519,10 +519,6 @@ def predict_block(st: _State, job: PredictJob, block: Block) -> tuple[np.ndarray
     return codes, conf, {"windows": n_run, "seconds_forward": forward[0]}
 
 
-class DiskFullError(OSError):
-    """No space left while writing a block or the COG."""
-
-
 def _is_enospc(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 10:
@@ -558,7 +554,7 @@ def _write_block(job: PredictJob, block: Block, codes: np.ndarray, conf: np.ndar
         if tmp.exists():
             tmp.unlink()
         if _is_enospc(exc):
-            raise DiskFullError(errno.ENOSPC, f"No space left on device writing {path}") from exc
+            raise DiskFullError(f"No space left on device writing {path}") from exc
         raise
     return path
 
@@ -952,7 +948,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _space_error(plan: Plan, exc: BaseException) -> LcmapInputError:
+def _space_error(plan: Plan, exc: BaseException) -> DiskFullError:
     g, job = plan.job.grid, plan.job
     per_px = np.dtype(job.dtype).itemsize * (2 if job.confidence else 1)
     raw = g.width * g.height * per_px
@@ -961,7 +957,7 @@ def _space_error(plan: Plan, exc: BaseException) -> LcmapInputError:
         free = shutil.disk_usage(plan.out.parent).free
     except OSError:
         free = float("nan")
-    return LcmapInputError(
+    return DiskFullError(
         f"the disk is full while writing {plan.out} ({exc}). A {g.width} x {g.height} px map needs at "
         f"most about {_fmt_bytes(upper)} free in {plan.out.parent} (uncompressed: block files, the COG with "
         f"overviews and GDAL's temporary overview file; compressed it is usually 3-10x less); "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import Legend
 
 #: Keys every checkpoint's ``hyper_parameters`` must hold.

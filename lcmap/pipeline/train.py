@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lcmap.geodata.errors import LcmapInputError
+from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
 from lcmap.geodata.yaml_files import read_yaml
 
 log = logging.getLogger("lcmap.train")
 
-__all__ = ["TrainConfig", "TrainingInterrupted", "run_train", "scan_label_codes"]
+__all__ = ["TrainConfig", "run_train", "scan_label_codes"]
 
 MODEL_CHOICES = ("paraformer", "paraformer-tiny", "unet")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -56,18 +56,6 @@ DEFAULT_PATCH_PX = {"paraformer": 224, "paraformer-tiny": 128, "unet": 128}
 #: Options a resumed run may change (the others must describe the same run).
 RESUME_MAY_CHANGE = ("epochs", "devices", "accelerator", "precision", "num_workers", "progress_bar",
                      "images", "labels", "reference")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C after saving ``checkpoints/last.ckpt``; ``run_dir`` holds it."""
-
-    def __init__(self, run_dir: Path, global_step: int) -> None:
-        super().__init__(
-            f"training interrupted at step {global_step}; {run_dir / 'checkpoints' / 'last.ckpt'} saved. "
-            f"Continue with: lcmap train --out {run_dir} --resume"
-        )
-        self.run_dir = run_dir
-        self.global_step = global_step
 
 
 def _as_list(value: Any) -> list[str]:
@@ -773,8 +761,8 @@ def run_train(config: TrainConfig) -> Path:
             raise TrainingInterrupted(run_dir, trainer.global_step) from None
         except Exception as exc:  # noqa: BLE001 - translate the out-of-memory family
             _raise_if_oom(exc, config, patch_px, torch)
-            if isinstance(exc, RuntimeError) and "AOI is too small" in str(exc):
-                raise LcmapInputError(f"{aoi_name} is too small or thin to draw {patch_px} px patches from") from exc
+            if isinstance(exc, AOITooSmallError):
+                raise AOITooSmallError(f"{aoi_name} is too small or thin to draw {patch_px} px patches from") from exc
             raise
         if trainer.interrupted:  # graceful stop without SystemExit
             _finish(run_dir, is_zero)

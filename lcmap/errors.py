@@ -1,0 +1,72 @@
+"""lcmap's errors: one small hierarchy, mapped to exit codes by the CLI (:mod:`lcmap.cli`).
+
+Every message names the file or condition and what to do about it; nothing is recognised by its
+text. Exit codes: :class:`LcmapInputError` and its subclasses 2; :class:`Interrupted` 130.
+
+- :class:`LcmapInputError`: bad input (file, CRS, AOI, legend, option) found before or during work.
+- :class:`AOITooSmallError`: the AOI is too small or thin to draw a patch from.
+- :class:`DiskFullError`: no space left while writing an output (also an :class:`OSError`, ENOSPC).
+- :class:`Interrupted` / :class:`TrainingInterrupted`: Ctrl-C or SIGTERM; the message says what
+  was kept and how to resume.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+__all__ = [
+    "AOITooSmallError",
+    "DiskFullError",
+    "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
+    "Interrupted",
+    "LcmapError",
+    "LcmapInputError",
+    "TrainingInterrupted",
+]
+
+#: Exit status for bad input, a full disk, an AOI too small: the user can fix it.
+EXIT_INPUT = 2
+#: Exit status after Ctrl-C / SIGTERM (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+class LcmapError(Exception):
+    """Base of lcmap's own errors (not raised by itself)."""
+
+
+class LcmapInputError(LcmapError):
+    """Bad input (file, CRS, AOI, legend, ...). The CLI prints its message and exits with code 2."""
+
+
+class AOITooSmallError(LcmapInputError):
+    """The AOI (or the data inside it) is too small or thin to draw patches from."""
+
+
+class DiskFullError(LcmapInputError, OSError):
+    """No space left on the device while writing an output (errno ENOSPC)."""
+
+    def __init__(self, message: str) -> None:
+        LcmapInputError.__init__(self, message)
+        self.errno = errno.ENOSPC
+        self.strerror = message
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user (Ctrl-C) or a batch scheduler (SIGTERM) stopped a run; the message says what was kept."""
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped after saving ``checkpoints/last.ckpt``; ``run_dir`` holds it."""
+
+    def __init__(self, run_dir: Path, global_step: int) -> None:
+        super().__init__(
+            f"training interrupted at step {global_step}; {run_dir / 'checkpoints' / 'last.ckpt'} saved. "
+            f"Continue with: lcmap train --out {run_dir} --resume"
+        )
+        self.run_dir = run_dir
+        self.global_step = global_step
