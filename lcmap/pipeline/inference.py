@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import shapely
@@ -217,7 +218,7 @@ def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.nd
             nxt = next(it, None)
             fut = read(nxt)
             while fut is not None:
-                i = nxt
+                i = cast(int, nxt)  # fut is not None: nxt was a row
                 data = fut.result()
                 nxt = next(it, None)
                 fut = read(nxt)

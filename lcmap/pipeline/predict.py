@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import shapely
 import torch
@@ -205,14 +205,15 @@ def plan_prediction(
             "in the same order, as the training imagery"
         )
     crs = CRS.from_user_input(ds.crs)
+    bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
     if isinstance(aoi, (str, Path)):
-        aoi_obj = resolve_aoi(aoi, tuple(bbox) if bbox is not None else None, bbox_crs)
+        aoi_obj = resolve_aoi(aoi, bbox4, bbox_crs)
     elif isinstance(aoi, AOI):
         if bbox is not None:
             raise LcmapInputError("give either --aoi or --bbox, not both")
         aoi_obj = aoi
     else:
-        aoi_obj = resolve_aoi(None, tuple(bbox) if bbox is not None else None, bbox_crs)
+        aoi_obj = resolve_aoi(None, bbox4, bbox_crs)
     x, y, _ = ds.bounds
     img_bounds = (float(x.start), float(y.start), float(x.stop), float(y.stop))
     geom = None
