@@ -11,7 +11,7 @@
 2. Memory: peak RSS of a fresh process predicting an area 16x larger than another (4x the side),
    with the same block size (the 1x area is one block), ``MALLOC_TRIM_THRESHOLD_`` set as Dask's
    nanny sets it for workers. Target: growth <= 10%. What still grows is GDAL's block cache of the
-   source imagery, capped at ``lcmap.pipeline.predict.GDAL_CACHE_BYTES``.
+   source imagery, capped at ``lcmap.pipeline.mapfile.GDAL_CACHE_BYTES``.
 3. Seams: maps with ``block_px`` 1024 and 4096 must be bit-identical. Against a reference with a
    large overlap (half a window), the disagreement rate near window borders vs in window
    interiors, for lcmap's blended grid and for a naive non-overlapping grid (TorchGeo's
@@ -55,9 +55,20 @@ def make_mosaic(path: Path, side: int) -> Path:
             crs, t0 = src.crs, src.transform
     n = len(patches)
     ps = patches[0].shape[1]
-    profile = dict(driver="GTiff", width=side, height=side, count=4, dtype="uint8", crs=crs,
-                   transform=from_origin(t0.c, t0.f, 1.0, 1.0), tiled=True, blockxsize=512, blockysize=512,
-                   compress="deflate", zlevel=1)
+    profile = dict(
+        driver="GTiff",
+        width=side,
+        height=side,
+        count=4,
+        dtype="uint8",
+        crs=crs,
+        transform=from_origin(t0.c, t0.f, 1.0, 1.0),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        zlevel=1,
+    )
     with rasterio.open(path, "w", **profile) as dst:
         for r0 in range(0, side, 512):
             h = min(512, side - r0)
@@ -72,7 +83,7 @@ def make_mosaic(path: Path, side: int) -> Path:
                         tile = tile[:, ::-1, :]
                     a, b = max(rr, r0), min(rr + ps, r0 + h, side)
                     w = min(ps, side - cc)
-                    strip[:, a - r0:b - r0, cc:cc + w] = tile[:, a - rr:b - rr, :w]
+                    strip[:, a - r0 : b - r0, cc : cc + w] = tile[:, a - rr : b - rr, :w]
             from rasterio.windows import Window
 
             dst.write(strip, window=Window(0, r0, side, h))
@@ -107,7 +118,7 @@ def make_checkpoint(path: Path, train_steps: int) -> Path:
         for _ in range(train_steps):
             idx = torch.randint(0, len(x_all), (8,), generator=gen)
             r, c = (int(v) for v in torch.randint(0, 256 - 128 + 1, (2,), generator=gen))
-            x, y = x_all[idx, :, r:r + 128, c:c + 128], y_all[idx, r:r + 128, c:c + 128]
+            x, y = x_all[idx, :, r : r + 128, c : c + 128], y_all[idx, r : r + 128, c : c + 128]
             if torch.rand(1, generator=gen) < 0.5:
                 x, y = x.flip(-1), y.flip(-1)
             loss = torch.nn.functional.cross_entropy(model(x)[0], y, ignore_index=255)
@@ -135,11 +146,11 @@ def bare_forward_seconds(ckpt: Path, n_windows: int, tile: int, batch: int) -> f
 
 
 def pipeline_seconds(ckpt: Path, raster: Path, out: Path, **kw) -> tuple[float, dict]:
-    import lcmap.pipeline.predict as P
+    from lcmap.pipeline.predict import predict_map
 
     t = time.perf_counter()
-    P.predict_map(ckpt, [raster], out, scheduler="synchronous", progress=False, **kw)
-    return time.perf_counter() - t, dict(P.LAST_RUN)
+    result = predict_map(ckpt, [raster], out, scheduler="synchronous", progress=False, **kw)
+    return time.perf_counter() - t, result.stats()
 
 
 # ---------------------------------------------------------------------------- 2. memory
@@ -158,7 +169,6 @@ def peak_rss_mb() -> float:
 def child_memory(args: argparse.Namespace) -> None:
     """Run in a fresh process: predict, print peak RSS (MB) as JSON."""
     import lcmap.pipeline.predict as P
-
     from lcmap.models import predict_proba
     from lcmap.pipeline.runs import load_trained_model
 
@@ -186,21 +196,56 @@ def child_memory(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t = time.perf_counter()
-    P.predict_map(args.ckpt, [args.raster], args.out, tile_px=args.tile, overlap_px=args.overlap,
-                  block_px=args.block, batch_size=args.batch, scheduler="synchronous", progress=False)
+    result = P.predict_map(
+        args.ckpt,
+        [args.raster],
+        args.out,
+        tile_px=args.tile,
+        overlap_px=args.overlap,
+        block_px=args.block,
+        batch_size=args.batch,
+        scheduler="synchronous",
+        progress=False,
+    )
     seconds = time.perf_counter() - t
     stop.set()
     sampler.join()
     peak = peak_rss_mb()
-    print(json.dumps({"peak_rss_mb": peak, "baseline_rss_mb": base, "seconds": seconds,
-                      "added_mb": max(sampled) - rss0,
-                      **{k: v for k, v in P.LAST_RUN.items() if isinstance(v, (int, float))}}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": peak,
+                "baseline_rss_mb": base,
+                "seconds": seconds,
+                "added_mb": max(sampled) - rss0,
+                **result.stats(),
+            }
+        )
+    )
 
 
 def run_child(ckpt: Path, raster: Path, out: Path, args: argparse.Namespace, block: int) -> dict:
-    cmd = [sys.executable, __file__, "--child-memory", "--ckpt", str(ckpt), "--raster", str(raster),
-           "--out", str(out), "--tile", str(args.tile), "--overlap", str(args.overlap), "--block", str(block),
-           "--batch", str(args.batch), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-memory",
+        "--ckpt",
+        str(ckpt),
+        "--raster",
+        str(raster),
+        "--out",
+        str(out),
+        "--tile",
+        str(args.tile),
+        "--overlap",
+        str(args.overlap),
+        "--block",
+        str(block),
+        "--batch",
+        str(args.batch),
+        "--threads",
+        str(args.threads),
+    ]
     # as in a Dask worker process (the nanny sets it): glibc gives freed memory back promptly
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -241,7 +286,7 @@ def naive_grid_map(ckpt: Path, raster: Path, tile: int) -> np.ndarray:
             pred = lut[p.argmax(0).numpy()]
             ra, ca = max(0, r0), max(0, c0)
             rb, cb = min(h, r0 + tile), min(w, c0 + tile)
-            out[ra:rb, ca:cb] = pred[ra - r0:rb - r0, ca - c0:cb - c0]
+            out[ra:rb, ca:cb] = pred[ra - r0 : rb - r0, ca - c0 : cb - c0]
     return out
 
 
@@ -251,9 +296,9 @@ def border_mask(shape: tuple[int, int], edges: list[int], band: int) -> np.ndarr
     m = np.zeros(shape, bool)
     for e in edges:
         if 0 < e < w:
-            m[:, max(0, e - band):min(w, e + band)] = True
+            m[:, max(0, e - band) : min(w, e + band)] = True
         if 0 < e < h:
-            m[max(0, e - band):min(h, e + band), :] = True
+            m[max(0, e - band) : min(h, e + band), :] = True
     return m
 
 
@@ -270,11 +315,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--windows", type=int, default=6, help="windows per side for throughput/seams (default 6)")
-    ap.add_argument("--memory-side", type=int, default=448, help="side of the 1x area for the memory test, px (one block)")
-    ap.add_argument("--memory-block", type=int, default=448, help="block_px for the memory test (the 1x area is one block)")
+    ap.add_argument(
+        "--memory-side", type=int, default=448, help="side of the 1x area for the memory test, px (one block)"
+    )
+    ap.add_argument(
+        "--memory-block", type=int, default=448, help="block_px for the memory test (the 1x area is one block)"
+    )
     ap.add_argument("--repeats", type=int, default=2, help="throughput repeats (min is kept)")
-    ap.add_argument("--train-steps", type=int, default=60,
-                    help="fit the U-Net to the sample's 1 m reference first (0: random weights)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=60,
+        help="fit the U-Net to the sample's 1 m reference first (0: random weights)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "seams"])
     # child mode (memory)
@@ -297,16 +350,24 @@ def main() -> None:
     ckpt = work / f"model_{args.train_steps}steps.ckpt"
     if not ckpt.exists():  # reused with --workdir
         make_checkpoint(ckpt, args.train_steps)
-    print(f"model: U-Net, {'trained ' + str(args.train_steps) + ' steps' if args.train_steps else 'random'} "
-          f"({time.perf_counter() - t:.0f} s)")
+    print(
+        f"model: U-Net, {'trained ' + str(args.train_steps) + ' steps' if args.train_steps else 'random'} "
+        f"({time.perf_counter() - t:.0f} s)"
+    )
     raster = make_mosaic(work / f"mosaic_{side}.tif", side)
-    result: dict = {"tile_px": args.tile, "overlap_px": args.overlap, "batch_size": args.batch,
-                    "torch_threads": args.threads, "side_px": side, "cpu_count": os.cpu_count(),
-                    "train_steps": args.train_steps}
+    result: dict = {
+        "tile_px": args.tile,
+        "overlap_px": args.overlap,
+        "batch_size": args.batch,
+        "torch_threads": args.threads,
+        "side_px": side,
+        "cpu_count": os.cpu_count(),
+        "train_steps": args.train_steps,
+    }
     common = dict(tile_px=args.tile, overlap_px=args.overlap, batch_size=args.batch)
 
     if "speed" not in args.skip:
-        n_win = args.windows ** 2
+        n_win = args.windows**2
         pipe, bare, fwd, stats = [], [], [], {}
         for r in range(args.repeats):
             s, stats = pipeline_seconds(ckpt, raster, work / f"speed{r}" / "map.tif", block_px=4096, **common)
@@ -318,25 +379,35 @@ def main() -> None:
         mpx = side * side / 1e6
         best = int(np.argmin(pipe))
         inside = fwd[best] / pipe[best]
-        print(f"throughput: pipeline {mpx / min(pipe):.3f} Mpx/s ({min(pipe):.1f} s, of which COG writing "
-              f"{stats['seconds_write']:.2f} s) vs bare forward {mpx / min(bare):.3f} Mpx/s ({min(bare):.1f} s) "
-              f"over the same {n_win} windows -> ratio {ratio:.3f} (target >= 0.85); "
-              f"share of the pipeline's own run spent in the model: {inside:.3f}")
+        print(
+            f"throughput: pipeline {mpx / min(pipe):.3f} Mpx/s ({min(pipe):.1f} s, of which COG writing "
+            f"{stats['seconds_write']:.2f} s) vs bare forward {mpx / min(bare):.3f} Mpx/s ({min(bare):.1f} s) "
+            f"over the same {n_win} windows -> ratio {ratio:.3f} (target >= 0.85); "
+            f"share of the pipeline's own run spent in the model: {inside:.3f}"
+        )
         # halo recompute of blocks (same windows computed by two blocks), default-sized runs
-        import lcmap.pipeline.predict as P
+        from lcmap.pipeline.tiling import WindowGrid, block_side_px
 
         halo = {}
         for tile, ov, bpx in ((512, 64, 4096), (512, 64, 8192), (args.tile, args.overlap, 1024)):
-            wg = P.WindowGrid(tile, ov, 40000, 40000)
-            bs = max(1, round(bpx / wg.stride)) * wg.stride
+            wg = WindowGrid(tile, ov, 40000, 40000)
+            bs = block_side_px(bpx, wg)
             per_axis = sum(len(wg.touching(b0, min(b0 + bs, 40000), wg.n_cols)) for b0 in range(0, 40000, bs))
             halo[f"{tile}/{ov}/{bpx}"] = round((per_axis / wg.n_cols) ** 2, 3)
-        print("block halo recompute factor (windows run / distinct windows, 40000 px side): "
-              + ", ".join(f"tile/overlap/block {k}: {v}x" for k, v in halo.items()))
-        result.update(speed_ratio=round(ratio, 4), pipeline_s=round(min(pipe), 2), bare_s=round(min(bare), 2),
-                      pipeline_mpx_s=round(mpx / min(pipe), 4), bare_mpx_s=round(mpx / min(bare), 4),
-                      write_s=round(stats["seconds_write"], 3), model_share_in_pipeline=round(inside, 4),
-                      halo_recompute=halo)
+        print(
+            "block halo recompute factor (windows run / distinct windows, 40000 px side): "
+            + ", ".join(f"tile/overlap/block {k}: {v}x" for k, v in halo.items())
+        )
+        result.update(
+            speed_ratio=round(ratio, 4),
+            pipeline_s=round(min(pipe), 2),
+            bare_s=round(min(bare), 2),
+            pipeline_mpx_s=round(mpx / min(pipe), 4),
+            bare_mpx_s=round(mpx / min(bare), 4),
+            write_s=round(stats["seconds_write"], 3),
+            model_share_in_pipeline=round(inside, 4),
+            halo_recompute=halo,
+        )
 
     if "memory" not in args.skip:
         small = make_mosaic(work / "mem_1x.tif", args.memory_side)
@@ -344,13 +415,20 @@ def main() -> None:
         r1 = run_child(ckpt, small, work / "mem1" / "map.tif", args, args.memory_block)
         r16 = run_child(ckpt, big, work / "mem16" / "map.tif", args, args.memory_block)
         growth = r16["peak_rss_mb"] / r1["peak_rss_mb"] - 1
-        print(f"memory: peak RSS {r1['peak_rss_mb']:.0f} MB for {args.memory_side}^2 px ({r1['blocks']} blocks) vs "
-              f"{r16['peak_rss_mb']:.0f} MB for 16x the area ({r16['blocks']} blocks) -> growth {100 * growth:.1f}% "
-              f"(target <= 10%); RSS added by the prediction itself (sampled, over the RSS after imports, model "
-              f"and one forward): {r1['added_mb']:.0f} MB vs {r16['added_mb']:.0f} MB")
-        result.update(rss_1x_mb=round(r1["peak_rss_mb"], 1), rss_16x_mb=round(r16["peak_rss_mb"], 1),
-                      rss_growth=round(growth, 4), rss_added_1x_mb=round(r1["added_mb"], 1),
-                      rss_added_16x_mb=round(r16["added_mb"], 1), mem_seconds_16x=round(r16["seconds"], 1))
+        print(
+            f"memory: peak RSS {r1['peak_rss_mb']:.0f} MB for {args.memory_side}^2 px ({r1['blocks']} blocks) vs "
+            f"{r16['peak_rss_mb']:.0f} MB for 16x the area ({r16['blocks']} blocks) -> growth {100 * growth:.1f}% "
+            f"(target <= 10%); RSS added by the prediction itself (sampled, over the RSS after imports, model "
+            f"and one forward): {r1['added_mb']:.0f} MB vs {r16['added_mb']:.0f} MB"
+        )
+        result.update(
+            rss_1x_mb=round(r1["peak_rss_mb"], 1),
+            rss_16x_mb=round(r16["peak_rss_mb"], 1),
+            rss_growth=round(growth, 4),
+            rss_added_1x_mb=round(r1["added_mb"], 1),
+            rss_added_16x_mb=round(r16["added_mb"], 1),
+            mem_seconds_16x=round(r16["seconds"], 1),
+        )
 
     if "seams" not in args.skip:
         maps = {}
@@ -362,14 +440,17 @@ def main() -> None:
         identical = bool(np.array_equal(maps["b1024"], maps["b4096"]))
         print(f"seams: block_px 1024 vs 4096 bit-identical: {identical}")
         ref_out = work / "seams_ref" / "map.tif"
-        pipeline_seconds(ckpt, raster, ref_out, tile_px=args.tile, overlap_px=args.tile // 2,
-                         batch_size=args.batch, block_px=4096)
+        pipeline_seconds(
+            ckpt, raster, ref_out, tile_px=args.tile, overlap_px=args.tile // 2, batch_size=args.batch, block_px=4096
+        )
         with rasterio.open(ref_out) as src:
             ref = src.read(1)
         naive = naive_grid_map(ckpt, raster, args.tile)
         shape = ref.shape
         naive_edges = list(range(args.tile, side, args.tile))
-        ours_edges = sorted({j * stride for j in range(1, args.windows)} | {j * stride + args.tile for j in range(args.windows - 1)})
+        ours_edges = sorted(
+            {j * stride for j in range(1, args.windows)} | {j * stride + args.tile for j in range(args.windows - 1)}
+        )
         band = 4
         zones = {
             "naive_on_its_borders": (naive, border_mask(shape, naive_edges, band)),
@@ -378,13 +459,20 @@ def main() -> None:
         }
         seam = {}
         for key, (m, zone) in zones.items():
-            seam[key] = {"border": round(disagreement(m, ref, zone), 4), "interior": round(disagreement(m, ref, ~zone), 4)}
-        print(f"seams vs reference (overlap {args.tile // 2} px), disagreement within {band} px of window borders / "
-              "in interiors:")
+            seam[key] = {
+                "border": round(disagreement(m, ref, zone), 4),
+                "interior": round(disagreement(m, ref, ~zone), 4),
+            }
+        print(
+            f"seams vs reference (overlap {args.tile // 2} px), disagreement within {band} px of window borders / "
+            "in interiors:"
+        )
         for key, v in seam.items():
             ratio = v["border"] / v["interior"] if v["interior"] else float("inf")
-            print(f"  {key:24s} border {100 * v['border']:.2f}%  interior {100 * v['interior']:.2f}%  "
-                  f"(border/interior {ratio:.2f})")
+            print(
+                f"  {key:24s} border {100 * v['border']:.2f}%  interior {100 * v['interior']:.2f}%  "
+                f"(border/interior {ratio:.2f})"
+            )
         result.update(blocks_bit_identical=identical, seams=seam)
 
     print(json.dumps(result))

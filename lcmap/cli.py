@@ -146,12 +146,12 @@ def predict(
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
 
-    path = _run(
+    result = _run(
         predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
         overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
         scheduler=scheduler, confidence=confidence, legend=legend,
     )
-    console.print(f"[green]map written to[/] {path}")
+    console.print(f"[green]map written to[/] {result.path}")
 
 
 @app.command()

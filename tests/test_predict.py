@@ -6,7 +6,6 @@ checkpoints; most runs use ``scheduler="synchronous"`` (one test goes through a 
 
 from __future__ import annotations
 
-import errno
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,6 +21,7 @@ import lcmap.pipeline.predict as P
 from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.legends import get_legend, target_legend
 from lcmap.models import build_model
+from lcmap.pipeline import execution, inference, mapfile
 from lcmap.pipeline.cog import read_category_names
 from lcmap.pipeline.runs import save_checkpoint
 
@@ -36,16 +36,29 @@ FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", pr
 def _imagery(folder: Path, bands: int = 4) -> list[Path]:
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     rng = np.random.default_rng(0)
-    layers = [128 + 100 * np.sin(xx / 9), 128 + 100 * np.cos(yy / 13), 128 + 80 * np.sin((xx + yy) / 7),
-              rng.integers(1, 255, (H, W))]
+    layers = [
+        128 + 100 * np.sin(xx / 9),
+        128 + 100 * np.cos(yy / 13),
+        128 + 80 * np.sin((xx + yy) / 7),
+        rng.integers(1, 255, (H, W)),
+    ]
     data = np.stack([layers[b % 4] for b in range(bands)]).clip(1, 255).astype(np.uint8)
     data[:, HOLE[0], HOLE[1]] = 0
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, c0, c1 in (("left.tif", 0, SPLIT), ("right.tif", SPLIT + GAP, W)):
         path = folder / name
-        with rasterio.open(path, "w", driver="GTiff", width=c1 - c0, height=H, count=bands, dtype="uint8",
-                           crs=CRS, transform=from_origin(X0 + c0, Y0, 1, 1)) as dst:
+        with rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=c1 - c0,
+            height=H,
+            count=bands,
+            dtype="uint8",
+            crs=CRS,
+            transform=from_origin(X0 + c0, Y0, 1, 1),
+        ) as dst:
             dst.write(data[:, :, c0:c1])
         paths.append(path)
     return paths
@@ -74,36 +87,13 @@ def data(tmp_path_factory):
     images = _imagery(root / "images")
     ckpt4 = _checkpoint(root / "target4.ckpt", target_legend())
     ckpt_nlcd = _checkpoint(root / "nlcd.ckpt", get_legend("nlcd"), seed=1)
-    ref = P.predict_map(ckpt4, [root / "images"], root / "ref" / "map.tif", block_px=4096, confidence=True, **FAST)
+    ref = P.predict_map(ckpt4, [root / "images"], root / "ref" / "map.tif", block_px=4096, confidence=True, **FAST).path
     return {"root": root, "images": images, "ckpt": ckpt4, "ckpt_nlcd": ckpt_nlcd, "ref": ref}
 
 
 def _read(path: Path, band: int = 1) -> np.ndarray:
     with rasterio.open(path) as src:
         return src.read(band)
-
-
-# ----------------------------------------------------------------------------- grid rules
-def test_taper_partition_of_unity_floor_and_edges():
-    wg = P.WindowGrid(tile=64, overlap=16, height=200, width=200)
-    n = wg.n_rows
-    assert n == 4  # windows at 0, 48, 96, 144; 144 + 64 >= 200
-    first, mid, last = wg.taper(0, n), wg.taper(1, n), wg.taper(n - 1, n)
-    assert first[0] == 1 and last[-1] == 1  # no taper on the raster's own edges
-    assert mid.min() >= P.TAPER_FLOOR and mid.min() < 0.01  # tapers, never to 0
-    # neighbours' ramps add up to 1 over the overlap (up to the floor)
-    np.testing.assert_allclose(mid[-16:] + wg.taper(2, n)[:16], 1.0, atol=2 * P.TAPER_FLOOR)
-    assert np.all(mid[16:-16] == 1)
-
-
-def test_window_grid_covers_and_touching_rule():
-    wg = P.WindowGrid(tile=64, overlap=16, height=150, width=170)
-    assert wg.stride == 48
-    assert (wg.n_cols - 1) * wg.stride + wg.tile >= 170 > (wg.n_cols - 2) * wg.stride + wg.tile
-    for lo, hi in ((0, 48), (48, 96), (96, 170), (50, 51)):
-        got = list(wg.touching(lo, hi, wg.n_cols))
-        want = [j for j in range(wg.n_cols) if j * 48 < hi and j * 48 + 64 > lo]
-        assert got == want
 
 
 # ------------------------------------------------------------------------------ the map
@@ -122,7 +112,7 @@ def test_cog_grid_styling_and_legend(data):
         assert src.dtypes[0] == "uint8" and src.nodata == 0
         assert src.profile["blockxsize"] == 512 and src.profile["compress"] == "zstd"
         cmap = src.colormap(1)
-        legend = json.loads(src.tags()[P.LEGEND_TAG])
+        legend = json.loads(src.tags()[mapfile.LEGEND_TAG])
         codes = src.read(1)
     assert legend == target_legend().to_dict()
     for c in target_legend().classes:
@@ -133,12 +123,16 @@ def test_cog_grid_styling_and_legend(data):
     assert palette.get("type") == "paletted"
     entries = palette.findall("colorPalette/paletteEntry")
     assert [(e.get("value"), e.get("label")) for e in entries] == [
-        ("1", "water"), ("2", "tree canopy"), ("3", "low vegetation"), ("4", "built-up")]
+        ("1", "water"),
+        ("2", "tree canopy"),
+        ("3", "low vegetation"),
+        ("4", "built-up"),
+    ]
     # every class of this legend has a target: only the nodata hole and the gap between files are 0
     assert set(np.unique(codes)) - {0} <= {1, 2, 3, 4} and len(np.unique(codes[codes > 0])) >= 2
     invalid = np.zeros((H, W), bool)
     invalid[HOLE] = True
-    invalid[:, SPLIT:SPLIT + GAP] = True
+    invalid[:, SPLIT : SPLIT + GAP] = True
     assert np.array_equal(codes == 0, invalid)
     conf = _read(conf_path)
     assert np.array_equal(conf == 255, invalid)
@@ -147,12 +141,16 @@ def test_cog_grid_styling_and_legend(data):
 
 
 def test_block_size_and_mosaic_invariance(data):
-    out = P.predict_map(data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48,
-                        confidence=True, **FAST)
-    assert P.LAST_RUN["blocks"] == 4 * 4  # 150 x 170 px in 48 px blocks
+    result = P.predict_map(
+        data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48, confidence=True, **FAST
+    )
+    out = result.path
+    assert result.blocks == 4 * 4  # 150 x 170 px in 48 px blocks
+    assert result.confidence_path == out.with_name("map_confidence.tif")
     assert np.array_equal(_read(out), _read(data["ref"]))
-    assert np.array_equal(_read(out.with_name("map_confidence.tif")),
-                          _read(data["ref"].with_name("map_confidence.tif")))
+    assert np.array_equal(
+        _read(out.with_name("map_confidence.tif")), _read(data["ref"].with_name("map_confidence.tif"))
+    )
 
 
 def test_aoi_polygon_masks_and_crops(data, tmp_path):
@@ -161,11 +159,19 @@ def test_aoi_polygon_masks_and_crops(data, tmp_path):
     from rasterio.warp import transform as warp
 
     lon, lat = warp(CRS, "EPSG:4326", [c[0] for c in corners], [c[1] for c in corners])
-    ring = [[a, b] for a, b in zip(lon, lat)] + [[lon[0], lat[0]]]
+    ring = [[a, b] for a, b in zip(lon, lat, strict=True)] + [[lon[0], lat[0]]]
     aoi = tmp_path / "aoi.geojson"
-    aoi.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
-    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "aoi" / "map.tif", aoi=aoi, block_px=48, **FAST)
+    aoi.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+                ],
+            }
+        )
+    )
+    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "aoi" / "map.tif", aoi=aoi, block_px=48, **FAST).path
     with rasterio.open(out) as src:
         codes, t = src.read(1), src.transform
     # extent: the triangle's bounds snapped outwards to the 1 m grid
@@ -183,30 +189,33 @@ def test_aoi_polygon_masks_and_crops(data, tmp_path):
     margin = np.minimum(np.minimum(abs(s1), abs(s2)), abs(s3)) > 200  # away from the edges (reprojection)
     col_img, row_img = (cx - X0 - 0.5).astype(int), (Y0 - cy - 0.5).astype(int)
     in_hole = ((row_img >= 10) & (row_img < 30) & (col_img >= 120) & (col_img < 150)) | (
-        (col_img >= SPLIT) & (col_img < SPLIT + GAP))
+        (col_img >= SPLIT) & (col_img < SPLIT + GAP)
+    )
     assert np.all(codes[~inside & margin] == 0)
     assert np.all(codes[inside & margin & ~in_hole] > 0)
 
 
 def test_bbox_in_utm_crops_exactly(data, tmp_path):
     bbox = (X0 + 10.4, Y0 - 100, X0 + 120, Y0 - 20.5)
-    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "bbox" / "map.tif", bbox=bbox, bbox_crs=CRS,
-                        block_px=4096, **FAST)
+    out = P.predict_map(
+        data["ckpt"], data["images"], tmp_path / "bbox" / "map.tif", bbox=bbox, bbox_crs=CRS, block_px=4096, **FAST
+    ).path
     with rasterio.open(out) as src:
         assert src.transform.c == X0 + 10 and src.transform.f == Y0 - 20
         assert (src.width, src.height) == (110, 80)
         codes = src.read(1)
-    assert np.all(np.delete(codes, np.s_[SPLIT - 10:SPLIT + GAP - 10], axis=1) > 0)
-    assert np.all(codes[:, SPLIT - 10:SPLIT + GAP - 10] == 0)
+    assert np.all(np.delete(codes, np.s_[SPLIT - 10 : SPLIT + GAP - 10], axis=1) > 0)
+    assert np.all(codes[:, SPLIT - 10 : SPLIT + GAP - 10] == 0)
 
 
 def test_native_legend_codes(data, tmp_path):
     nlcd = get_legend("nlcd")
-    out = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "native" / "map.tif", legend="native",
-                        block_px=96, **FAST)
+    out = P.predict_map(
+        data["ckpt_nlcd"], data["images"], tmp_path / "native" / "map.tif", legend="native", block_px=96, **FAST
+    ).path
     with rasterio.open(out) as src:
         codes = src.read(1)
-        assert json.loads(src.tags()[P.LEGEND_TAG])["name"] == "nlcd"
+        assert json.loads(src.tags()[mapfile.LEGEND_TAG])["name"] == "nlcd"
         cmap = src.colormap(1)
     present = set(np.unique(codes).tolist()) - {0}
     assert present and present <= set(nlcd.codes)
@@ -217,7 +226,7 @@ def test_native_legend_codes(data, tmp_path):
     assert len(entries) == len(nlcd)
     # target codes of the same model: wherever the native map's class has a target, the target map
     # may differ from it only where several LR classes share a target (summed probabilities)
-    tgt = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "tgt" / "map.tif", block_px=96, **FAST)
+    tgt = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "tgt" / "map.tif", block_px=96, **FAST).path
     lut = np.zeros(256, np.uint8)
     for c in nlcd.classes:
         lut[c.code] = 0 if c.target is None else nlcd.target.index_of(c.target) + 1
@@ -240,17 +249,20 @@ def test_target_map_takes_the_target_class_of_highest_summed_probability(data, t
         p[:, idx[41]] = torch.where(snow, 0.0, p[:, idx[41]])
         return p / p.sum(1, keepdim=True)
 
-    monkeypatch.setattr(P, "predict_proba", fake_proba)
-    native = _read(P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "n" / "map.tif",
-                                 legend="native", block_px=96, **FAST))
-    tgt = _read(P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "t" / "map.tif", block_px=96, **FAST))
+    monkeypatch.setattr(inference, "predict_proba", fake_proba)
+    native = _read(
+        P.predict_map(
+            data["ckpt_nlcd"], data["images"], tmp_path / "n" / "map.tif", legend="native", block_px=96, **FAST
+        ).path
+    )
+    tgt = _read(P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "t" / "map.tif", block_px=96, **FAST).path)
     with rasterio.open(data["ref"]) as src:  # the imagery on the output grid (same grid as ref)
         band1, band2 = (np.full((src.height, src.width), -1.0) for _ in range(2))
     for f in data["images"]:
         with rasterio.open(f) as src:
             c0 = int(round(src.transform.c - X0))
-            band1[:, c0:c0 + src.width] = src.read(1)
-            band2[:, c0:c0 + src.width] = src.read(2)
+            band1[:, c0 : c0 + src.width] = src.read(1)
+            band2[:, c0 : c0 + src.width] = src.read(2)
     valid = native > 0
     assert valid.sum() > 1000
     snow, split = band2 > 128 + 1.5 * 60, band1 > 128
@@ -264,16 +276,16 @@ def test_target_map_takes_the_target_class_of_highest_summed_probability(data, t
 
 def test_resume_after_interruption(data, tmp_path, monkeypatch):
     out = tmp_path / "resume" / "map.tif"
-    real_write = P._write_block
+    real_write = mapfile.write_block
     written = []
 
-    def failing_write(job, block, codes, conf):
+    def failing_write(path, grid, block, codes, conf):
         if len(written) == 3:
             raise KeyboardInterrupt("killed")
         written.append(block.name)
-        return real_write(job, block, codes, conf)
+        return real_write(path, grid, block, codes, conf)
 
-    monkeypatch.setattr(P, "_write_block", failing_write)
+    monkeypatch.setattr(mapfile, "write_block", failing_write)
     with pytest.raises(KeyboardInterrupt):
         P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
     assert not out.exists() and not out.with_name("map_confidence.tif").exists()
@@ -281,20 +293,22 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     assert sorted(p.stem for p in (partial / "blocks").glob("*.tif")) == sorted(written)
     assert (partial / "manifest.json").is_file()
 
-    monkeypatch.setattr(P, "_write_block", real_write)
+    monkeypatch.setattr(mapfile, "write_block", real_write)
     ran = []
-    real_predict = P.predict_block
+    real_predict = execution.predict_block
 
     def counting(st, job, block):
         ran.append(block.name)
         return real_predict(st, job, block)
 
-    monkeypatch.setattr(P, "predict_block", counting)
-    P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
-    assert P.LAST_RUN["blocks_resumed"] == 3 and len(ran) == 16 - 3 and not set(ran) & set(written)
+    monkeypatch.setattr(execution, "predict_block", counting)
+    result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
+    assert result.blocks_resumed == 3 and len(ran) == 16 - 3 and not set(ran) & set(written)
+    assert result.blocks_run == 16 - 3
     assert np.array_equal(_read(out), _read(data["ref"]))
-    assert np.array_equal(_read(out.with_name("map_confidence.tif")),
-                          _read(data["ref"].with_name("map_confidence.tif")))
+    assert np.array_equal(
+        _read(out.with_name("map_confidence.tif")), _read(data["ref"].with_name("map_confidence.tif"))
+    )
     assert not partial.exists()
 
     # a leftover from other parameters is not reused
@@ -302,15 +316,16 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     (partial / "manifest.json").write_text(json.dumps({"version": 1, "tile_px": 999}))
     (partial / "blocks" / "r00000_c00000.tif").write_bytes(b"stale")
     ran.clear()
-    P.predict_map(data["ckpt"], data["images"], out, block_px=48, **FAST)
-    assert P.LAST_RUN["blocks_resumed"] == 0 and len(ran) == 16
+    result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, **FAST)
+    assert result.blocks_resumed == 0 and len(ran) == 16
     assert np.array_equal(_read(out), _read(data["ref"]))
 
 
 def test_local_cluster_matches_synchronous(data, tmp_path):
     opts = {**FAST, "scheduler": None}
-    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts)
-    assert P.LAST_RUN["blocks_run"] == 4
+    result = P.predict_map(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts)
+    out = result.path
+    assert result.blocks_run == 4
     assert np.array_equal(_read(out), _read(data["ref"]))
 
 
@@ -334,9 +349,19 @@ def _bad_cases(data, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["bbox outside", "band count", "corrupt checkpoint", "missing checkpoint",
-                                  "tile not multiple of 32", "overlap too large", "unwritable folder",
-                                  "bad legend mode"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bbox outside",
+        "band count",
+        "corrupt checkpoint",
+        "missing checkpoint",
+        "tile not multiple of 32",
+        "overlap too large",
+        "unwritable folder",
+        "bad legend mode",
+    ],
+)
 def test_bad_input_writes_nothing(data, tmp_path, case):
     kwargs, message = _bad_cases(data, tmp_path)[case]
     args = {"model": data["ckpt"], "images": data["images"], "out": tmp_path / "out" / "map.tif", **FAST}
@@ -348,28 +373,28 @@ def test_bad_input_writes_nothing(data, tmp_path, case):
 
 
 def test_full_disk_says_how_much_space(data, tmp_path, monkeypatch):
-    def full(job, block, codes, conf):
+    def full(path, grid, block, codes, conf):
         raise DiskFullError("No space left on device")
 
-    monkeypatch.setattr(P, "_write_block", full)
+    monkeypatch.setattr(mapfile, "write_block", full)
     out = tmp_path / "full" / "map.tif"
     with pytest.raises(LcmapInputError, match=r"disk is full.*needs at most about [\d.]+ [KMG]?B"):
         P.predict_map(data["ckpt"], data["images"], out, block_px=4096, **FAST)
     assert not out.exists()
-    assert P._is_enospc(rasterio.errors.RasterioIOError("write failed: No space left on device"))
+    assert mapfile.is_enospc(rasterio.errors.RasterioIOError("write failed: No space left on device"))
 
 
 def test_imagery_nodata_reaches_the_model_as_the_band_mean(data, tmp_path, monkeypatch):
     """The hole and the gap between the two files are fed as 0 (normalised band mean), not as the
     raw nodata value ((0 - 128) / 60 = -2.13 in every band), which no valid pixel (>= 1) reaches."""
     seen = []
-    real = P.predict_proba
+    real = inference.predict_proba
 
     def spy(model, x):
         seen.append(x.detach().clone())
         return real(model, x)
 
-    monkeypatch.setattr(P, "predict_proba", spy)
+    monkeypatch.setattr(inference, "predict_proba", spy)
     P.predict_map(data["ckpt"], data["images"], tmp_path / "m" / "map.tif", block_px=96, **FAST)
     x = torch.cat(seen)
     assert x.min() > (1 - 128) / 60 - 1e-4

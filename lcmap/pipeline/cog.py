@@ -63,7 +63,9 @@ class VrtSource:
     height: int
 
 
-def map_categories(legend: Legend) -> tuple[dict[int, tuple[int, int, int, int]], list[str], list[tuple[int, str, str]]]:
+def map_categories(
+    legend: Legend,
+) -> tuple[dict[int, tuple[int, int, int, int]], list[str], list[tuple[int, str, str]]]:
     """Colour table, GDAL category names and QML entries for a map whose codes are ``legend``'s.
 
     Returns:
@@ -247,15 +249,30 @@ def write_qml(entries: Sequence[tuple[int, str, str]], band: int = 1) -> str:
     )
     ET.SubElement(rr, "rasterTransparency")
     mmo = ET.SubElement(rr, "minMaxOrigin")
-    for tag, text in (("limits", "None"), ("extent", "WholeRaster"), ("statAccuracy", "Estimated"),
-                      ("cumulativeCutLower", "0.02"), ("cumulativeCutUpper", "0.98"), ("stdDevFactor", "2")):
+    for tag, text in (
+        ("limits", "None"),
+        ("extent", "WholeRaster"),
+        ("statAccuracy", "Estimated"),
+        ("cumulativeCutLower", "0.02"),
+        ("cumulativeCutUpper", "0.98"),
+        ("stdDevFactor", "2"),
+    ):
         ET.SubElement(mmo, tag).text = text
     palette = ET.SubElement(rr, "colorPalette")
     for code, color, label in entries:
         ET.SubElement(palette, "paletteEntry", value=str(int(code)), color=color, label=str(label), alpha="255")
     ET.SubElement(pipe, "brightnesscontrast", brightness="0", contrast="0", gamma="1")
-    ET.SubElement(pipe, "huesaturation", saturation="0", grayscaleMode="0", colorizeOn="0",
-                  colorizeRed="255", colorizeGreen="128", colorizeBlue="128", colorizeStrength="100")
+    ET.SubElement(
+        pipe,
+        "huesaturation",
+        saturation="0",
+        grayscaleMode="0",
+        colorizeOn="0",
+        colorizeRed="255",
+        colorizeGreen="128",
+        colorizeBlue="128",
+        colorizeStrength="100",
+    )
     ET.SubElement(pipe, "rasterresampler", maxOversampling="2")
     ET.SubElement(root, "blendMode").text = "0"
     _indent(root)

@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress
         log.info("%s predicting the %s patches at 1 m", "2/4" if split == "train" else "3/4", split.replace("_", "-"))
         map_path = predict_map(run_dir, all_files["imagery"], out / f"{name}.tif", aoi=aoi,
                                tile_px=256, overlap_px=32, block_px=2048, scheduler="synchronous",
-                               progress=progress)
+                               progress=progress).path
         report_dir = out / ("report" if split == "train" else "report_heldout")
         results[split] = evaluate_map(map_path, all_files["reference"], reference_legend, report_dir,
                                       baseline=all_files["labels"], baseline_legend=nlcd, aoi=aoi,

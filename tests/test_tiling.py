@@ -1,0 +1,192 @@
+"""Tiling and blending (``lcmap.pipeline.tiling``): grids, taper, blocks and the blender, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lcmap.pipeline.tiling as T
+from lcmap.geodata.legends import MAP_NODATA
+
+
+def _blend(windows: T.WindowGrid, block: T.Block, probs: dict, lut=(11, 22), need=None):
+    """Codes and confidence of ``block`` from per-window probabilities ``{(i, j): (K, tile, tile)}``."""
+    need = np.ones((block.height, block.width), bool) if need is None else need
+    blender = T.BlockBlender(windows, block, need, lut, "uint8", True, torch.device("cpu"))
+    rows = windows.touching(block.r0, block.r0 + block.height, windows.n_rows)
+    cols = windows.touching(block.c0, block.c0 + block.width, windows.n_cols)
+    for i in rows:
+        for j in cols:
+            blender.add(i, j, probs[(i, j)])
+    return blender.finish()
+
+
+def _mosaic(windows: T.WindowGrid, block_size: int, probs: dict, lut=(11, 22)):
+    """The whole output blended block by block, as the pipeline does."""
+    codes = np.zeros((windows.height, windows.width), np.uint8)
+    conf = np.zeros((windows.height, windows.width), np.uint8)
+    for b in T.cut_blocks(windows.height, windows.width, block_size):
+        c, p = _blend(windows, b, probs, lut)
+        codes[b.r0 : b.r0 + b.height, b.c0 : b.c0 + b.width] = c
+        conf[b.r0 : b.r0 + b.height, b.c0 : b.c0 + b.width] = p
+    return codes, conf
+
+
+def _random_probs(windows: T.WindowGrid, n_classes: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(windows.n_rows):
+        for j in range(windows.n_cols):
+            logits = torch.randn((n_classes, windows.tile, windows.tile), generator=gen)
+            out[(i, j)] = logits.softmax(0)
+    return out
+
+
+# ----------------------------------------------------------------------------- grid rules
+def test_taper_partition_of_unity_floor_and_edges():
+    wg = T.WindowGrid(tile=64, overlap=16, height=200, width=200)
+    n = wg.n_rows
+    assert n == 4  # windows at 0, 48, 96, 144; 144 + 64 >= 200
+    first, mid, last = wg.taper(0, n), wg.taper(1, n), wg.taper(n - 1, n)
+    assert first[0] == 1 and last[-1] == 1  # no taper on the raster's own edges
+    assert mid.min() >= T.TAPER_FLOOR and mid.min() < 0.01  # tapers, never to 0
+    # neighbours' ramps add up to 1 over the overlap (up to the floor)
+    np.testing.assert_allclose(mid[-16:] + wg.taper(2, n)[:16], 1.0, atol=2 * T.TAPER_FLOOR)
+    assert np.all(mid[16:-16] == 1)
+
+
+def test_window_grid_covers_and_touching_rule():
+    wg = T.WindowGrid(tile=64, overlap=16, height=150, width=170)
+    assert wg.stride == 48
+    assert (wg.n_cols - 1) * wg.stride + wg.tile >= 170 > (wg.n_cols - 2) * wg.stride + wg.tile
+    for lo, hi in ((0, 48), (48, 96), (96, 170), (50, 51)):
+        got = list(wg.touching(lo, hi, wg.n_cols))
+        want = [j for j in range(wg.n_cols) if j * 48 < hi and j * 48 + 64 > lo]
+        assert got == want
+
+
+@pytest.mark.parametrize(
+    "tile, overlap, height, width", [(64, 16, 150, 170), (32, 0, 100, 33), (32, 16, 31, 200), (64, 32, 64, 65)]
+)
+def test_every_output_pixel_is_covered_and_weights_sum_to_one(tile, overlap, height, width):
+    wg = T.WindowGrid(tile, overlap, height, width)
+    cover = np.zeros((height, width), int)
+    wsum = np.zeros((height, width))
+    for i in range(wg.n_rows):
+        for j in range(wg.n_cols):
+            r0, c0 = i * wg.stride, j * wg.stride
+            w2 = np.outer(wg.taper(i, wg.n_rows), wg.taper(j, wg.n_cols))
+            h, w = min(tile, height - r0), min(tile, width - c0)
+            assert h > 0 and w > 0  # no window lies wholly outside the output
+            cover[r0 : r0 + h, c0 : c0 + w] += 1
+            wsum[r0 : r0 + h, c0 : c0 + w] += w2[:h, :w]
+    assert cover.min() >= 1
+    # the tapers of all windows over a pixel add up to 1 (2-D: product of two 1-D partitions)
+    np.testing.assert_allclose(wsum, 1.0, atol=3 * T.TAPER_FLOOR)
+
+
+def test_block_cuts_are_whole_window_strides_and_tile_the_output():
+    wg = T.WindowGrid(512, 64, 40000, 40000)
+    assert T.block_side_px(4096, wg) == 4032 and T.block_side_px(8192, wg) == 8064
+    assert T.block_side_px(1, wg) == wg.stride  # never 0
+    for tile, overlap, block_px in ((64, 16, 48), (64, 16, 100), (256, 32, 1000), (32, 0, 7)):
+        small = T.WindowGrid(tile, overlap, 150, 170)
+        size = T.block_side_px(block_px, small)
+        assert size % small.stride == 0 and size >= small.stride
+        assert abs(size - block_px) <= small.stride / 2 or size == small.stride
+        blocks = T.cut_blocks(150, 170, size)
+        seen = np.zeros((150, 170), int)
+        for b in blocks:
+            assert b.r0 % size == 0 and b.c0 % size == 0
+            assert b.name == f"r{b.row:05d}_c{b.col:05d}" and (b.r0, b.c0) == (b.row * size, b.col * size)
+            seen[b.r0 : b.r0 + b.height, b.c0 : b.c0 + b.width] += 1
+        assert np.all(seen == 1)
+        assert len({b.name for b in blocks}) == len(blocks)
+
+
+def test_output_grid_snaps_the_aoi_outwards_to_the_imagery_pixels():
+    image = (500_000.0, 3_999_850.0, 500_170.0, 4_000_000.0)  # 170 x 150 px of 1 m
+    full = T.output_grid("WKT", image, (1.0, 1.0))
+    assert (full.width, full.height, full.x0, full.y0) == (170, 150, 500_000.0, 4_000_000.0)
+    assert (full.img_c0, full.img_r0, full.img_c1, full.img_r1) == (0, 0, 170, 150)
+    part = T.output_grid("WKT", image, (1.0, 1.0), (500_010.4, 3_999_900.0, 500_120.0, 3_999_979.5))
+    assert (part.x0, part.y0, part.width, part.height) == (500_010.0, 3_999_980.0, 110, 80)
+    assert (part.img_c0, part.img_r0, part.img_c1, part.img_r1) == (-10, -20, 160, 130)
+    assert part.bounds(0, 0, part.height, part.width) == (500_010.0, 3_999_900.0, 500_120.0, 3_999_980.0)
+    beyond = T.output_grid("WKT", image, (1.0, 1.0), (499_000.0, 3_999_000.0, 500_050.0, 4_001_000.0))
+    assert (beyond.x0, beyond.y0, beyond.width, beyond.height) == (500_000.0, 4_000_000.0, 50, 150)
+
+
+def test_window_overhanging_the_imagery_is_mirrored():
+    grid = T.output_grid("WKT", (0.0, 0.0, 10.0, 6.0), (1.0, 1.0))  # 10 x 6 px
+    wg = T.WindowGrid(8, 4, grid.height, grid.width)
+    strip = np.arange(2 * 6 * 10, dtype=np.float32).reshape(2, 6, 10)
+    inside = T.window_from_strip(grid, wg, strip, 0, 0, 0, 0)
+    assert inside.shape == (2, 8, 8) and inside.flags.c_contiguous
+    np.testing.assert_array_equal(inside[:, :6], strip[:, :6, :8])  # rows inside the imagery as read
+    np.testing.assert_array_equal(inside[:, 6:], strip[:, [4, 3], :8])  # rows 6, 7 mirror rows 4, 3
+    right = T.window_from_strip(grid, wg, strip, 0, 0, 0, 1)  # columns 4..11 of a 10 px wide image
+    np.testing.assert_array_equal(right[:, :6, :6], strip[:, :, 4:])
+    np.testing.assert_array_equal(right[:, :6, 6:], strip[:, :, [8, 7]])
+
+
+# ------------------------------------------------------------------------------- blending
+def test_blending_two_known_windows_gives_the_hand_computed_map():
+    """Two windows side by side (tile 8, overlap 4): P(class 0) is 0.9 in the left one and 0.2
+    in the right one; in the overlap the result follows the sin² ramp."""
+    wg = T.WindowGrid(tile=8, overlap=4, height=8, width=12)
+    assert (wg.n_rows, wg.n_cols) == (1, 2)
+    left = torch.tensor([0.9, 0.1]).view(2, 1, 1).expand(2, 8, 8)
+    right = torch.tensor([0.2, 0.8]).view(2, 1, 1).expand(2, 8, 8)
+    codes, conf = _blend(wg, T.Block(0, 0, 0, 0, 8, 12), {(0, 0): left, (0, 1): right})
+    # overlap column 4 + k: left weight sin²(π/2 (4 - k - 0.5) / 4), right weight sin²(π/2 (k + 0.5) / 4)
+    p0 = [0.9] * 4
+    for k in range(4):
+        wl, wr = math.sin(math.pi / 2 * (3.5 - k) / 4) ** 2, math.sin(math.pi / 2 * (k + 0.5) / 4) ** 2
+        p0.append((0.9 * wl + 0.2 * wr) / (wl + wr))
+    p0 += [0.2] * 4
+    # by hand: 0.9 * 0.962 + 0.2 * 0.038 = 0.873, 0.684, 0.416, 0.227
+    np.testing.assert_allclose(p0[4:8], [0.873, 0.684, 0.416, 0.227], atol=1e-3)
+    want_codes = [11 if p > 0.5 else 22 for p in p0]
+    want_conf = [round(100 * max(p, 1 - p)) for p in p0]
+    assert want_codes == [11] * 6 + [22] * 6
+    assert np.all(codes == np.array(want_codes, np.uint8)) and codes.dtype == np.uint8
+    assert np.all(conf == np.array(want_conf, np.uint8))
+
+
+def test_blending_is_the_same_for_every_block_size_and_matches_a_whole_raster_sum():
+    wg = T.WindowGrid(tile=32, overlap=8, height=70, width=90)
+    probs = _random_probs(wg, 3)
+    lut = (1, 2, 3)
+    ref_codes, ref_conf = _mosaic(wg, 1000, probs, lut)
+    for block_px in (24, 48, 72):
+        codes, conf = _mosaic(wg, T.block_side_px(block_px, wg), probs, lut)
+        assert np.array_equal(codes, ref_codes) and np.array_equal(conf, ref_conf)
+    # against a plain float64 accumulation over the whole raster
+    acc = np.zeros((3, 70 + 32, 90 + 32))
+    wsum = np.zeros((70 + 32, 90 + 32))
+    for (i, j), p in probs.items():
+        w2 = np.outer(wg.taper(i, wg.n_rows), wg.taper(j, wg.n_cols)).astype(np.float64)
+        rs, cs = slice(i * wg.stride, i * wg.stride + 32), slice(j * wg.stride, j * wg.stride + 32)
+        acc[:, rs, cs] += p.double().numpy() * w2
+        wsum[rs, cs] += w2
+    acc, wsum = acc[:, :70, :90], wsum[:70, :90]
+    top2 = np.sort(acc, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) / wsum > 1e-4  # no near-tie between float32 and float64
+    assert clear.mean() > 0.99
+    want = np.array(lut)[acc.argmax(0)]
+    assert np.array_equal(ref_codes[clear], want[clear])
+    assert np.abs(ref_conf.astype(int) - np.round(100 * acc.max(0) / wsum)).max() <= 1
+
+
+def test_pixels_not_needed_stay_nodata():
+    wg = T.WindowGrid(tile=16, overlap=4, height=30, width=30)
+    probs = _random_probs(wg, 2, seed=1)
+    need = np.ones((30, 30), bool)
+    need[5:9, 10:20] = False
+    codes, conf = _blend(wg, T.Block(0, 0, 0, 0, 30, 30), probs, need=need)
+    assert np.all(codes[~need] == MAP_NODATA) and np.all(conf[~need] == T.CONFIDENCE_NODATA)
+    assert np.all(codes[need] != MAP_NODATA) and np.all(conf[need] <= 100)
