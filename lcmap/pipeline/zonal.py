@@ -18,19 +18,20 @@ The engine behind ``lcmap stats`` (area of each class per zone) and, by design, 
   (EPSG:4326 ...): per row, the geodesic area on the CRS's ellipsoid (``pyproj.Geod``) of one
   pixel of that row (its parallels densified every 0.01°), since pixel areas shrink towards the poles.
 
-Pixel-centre rasterisation versus ``exactextract`` (fractional coverage of boundary pixels, C++):
-measured on this machine (2 shared cores; 64 Mpx uint8 tiled GeoTIFF in UTM, 2 m pixels, 50 zone
-polygons of ~60 vertices tiling the map; ``benchmarks/zonal.py --compare-exactextract``):
-
-    this engine (pixel centres, dask threads)                 2.3 s   28 Mpx/s   peak RSS +130 MB
-    exactextract 0.3 ``unique``+``frac``, feature-sequential  9.6 s    7 Mpx/s
-
-Both agree on every zone's class areas to 0.05 % (boundary pixels are 0.03 % of a district's
-pixels at 1-2 m; weighing them by coverage changes nothing an agency reports). exactextract reads
-each zone's bounding box separately (adjacent districts' boxes overlap, so pixels are decoded
-several times), has no per-row geodesic pixel area of its own, and cannot serve the confusion
-matrix (two rasters, no polygons). Hence pixel centres: a zone owns the pixels whose centre lies
-inside it; where zone polygons overlap, the later zone owns the shared pixels.
+Pixel-centre rasterisation versus ``exactextract`` (fractional coverage of boundary pixels, C++),
+measured with ``benchmarks/zonal.py --compare-exactextract`` on a 67 Mpx uint8 tiled GeoTIFF (UTM,
+2 m pixels, 50 Voronoi districts in EPSG:4326, 2 CPU cores shared with other jobs, load 2-5, so
+timings are noisy): this engine 0.6-2.8 s (24-107 Mpx/s) vs exactextract 0.3 (``unique`` + ``frac``
++ ``count``, feature-sequential) 3.1-4.0 s (17-21 Mpx/s), in the same runs. Class areas agree to
+1.1e-4 (largest relative difference of any zone's class area): boundary pixels are a negligible
+share of a district at 1-2 m, so weighing them by coverage changes nothing an agency reports.
+exactextract also reads each zone's bounding box separately (neighbouring boxes overlap, so tiles
+are decoded several times), has no per-row ellipsoidal pixel area of its own, and cannot count a
+confusion matrix (two rasters, no polygons); so it is not a dependency. Pixel centres: a zone owns
+the pixels whose centre lies inside it; where zone polygons overlap, the later zone owns them.
+Memory (same benchmark, one process, GDAL block cache capped at 64 MB by
+:mod:`lcmap.pipeline.zone_stats`): peak RSS 346 / 395 / 438 MB for 17 / 67 / 252 Mpx, i.e. +177 /
++113 / +107 MB over the RSS before each run; without the cap GDAL's cache grows to 5 % of RAM.
 """
 
 from __future__ import annotations

@@ -173,6 +173,7 @@ def zone_stats(
 ) -> tuple[ZoneStats, Zones]:
     """Pixels, km² and percent of each map class in each zone (see the module docstring)."""
     import rioxarray
+    import xarray
 
     map_path = Path(map_path)
     if not map_path.exists():
@@ -201,6 +202,8 @@ def zone_stats(
     raster = rioxarray.open_rasterio(
         map_path, chunks={"band": 1, "y": block_px, "x": block_px}, lock=False, cache=False, masked=False
     )
+    if not isinstance(raster, xarray.DataArray):
+        raise LcmapInputError(f"map {map_path} holds several subdatasets; pass one class raster")
     codes = raster.isel(band=0).data
     class_index = codes.map_blocks(lambda block: lut[block], dtype=np.int32)
     zone_index = zone_index_raster(
