@@ -198,6 +198,29 @@ def demo(
     _run(run_demo, out, epochs=epochs)
 
 
+@app.command()
+def stats(
+    map_path: Annotated[Path, typer.Option("--map", help="Class map GeoTIFF (e.g. from 'lcmap predict'; any CRS) with an LCMAP_LEGEND tag or category names.")],
+    zones: Annotated[Path, typer.Option("--zones", help="Zone polygons (GeoPackage, GeoJSON, Shapefile; any CRS), e.g. districts.")],
+    field: Annotated[str, typer.Option("--field", help="Zone name field of --zones (features sharing a name are one zone).")],
+    out: Annotated[Path, typer.Option("--out", help="STATS_DIR for stats.csv (zone, class, pixels, km2, percent) and stats.gpkg (zones with one km2 column per class).")],
+    block_px: Annotated[int, typer.Option("--block-px", help="Side of one counting block, pixels (memory per thread: ~12 bytes per pixel).")] = 2048,
+) -> None:
+    """Area per class and zone: pixels, km2 and percent of the zone's classified area (nodata not counted)."""
+    from lcmap.pipeline.zone_stats import write_stats, zone_stats
+
+    def go():
+        if block_px < 1:
+            raise LcmapInputError(f"--block-px must be a positive number of pixels, got {block_px}")
+        result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
+        csv_path, gpkg_path = write_stats(result, zone_frame, out)
+        console.print(f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "
+                      f"{result.area_km2.sum():.3f} km2 classified")
+        console.print(f"[green]statistics written to[/] {csv_path} and {gpkg_path}")
+
+    _run(go)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
