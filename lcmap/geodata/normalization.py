@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 
-from lcmap.geodata.datasets import HRImagery, imagery_valid
+from lcmap.geodata.io import imagery_valid, open_raster
+
+if TYPE_CHECKING:
+    from lcmap.geodata.datasets import HRImagery
 
 __all__ = ["BandStats", "compute_band_stats"]
 
@@ -31,7 +34,7 @@ class BandStats:
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
 
-def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000, seed: int = 0) -> BandStats:
+def compute_band_stats(imagery: "HRImagery", max_pixels_per_file: int = 1_000_000, seed: int = 0) -> BandStats:
     """Mean and std per band over valid pixels, from up to ``max_pixels_per_file`` pixels per file.
 
     Each file is read in up to 16 random 256 px windows (or whole when small), so the cost stays
@@ -42,7 +45,7 @@ def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000,
     total_sq = np.zeros(imagery.count, np.float64)
     n = 0
     for path in imagery.files:
-        with rasterio.open(path) as src:
+        with open_raster(path, "imagery") as src:
             if src.width * src.height <= max_pixels_per_file:
                 windows = [Window(0, 0, src.width, src.height)]
             else:

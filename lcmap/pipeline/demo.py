@@ -138,18 +138,21 @@ def _print_summary(out: Path, m: dict) -> None:
 
 
 def _read_target(path: Path, legend_name: str | None, bounds, shape) -> np.ndarray:
-    """A raster's target-class codes (1..N, 0 nodata) on a 1 m window given by ``bounds``."""
-    from rasterio.enums import Resampling
-    from rasterio.windows import from_bounds
+    """A raster's target-class codes (1..N, 0 nodata) on a 1 m window given by ``bounds``
+    (``xmin, ymin, xmax, ymax`` in the sample's CRS; ``shape`` ``(H, W)`` px)."""
+    from rasterio.transform import from_bounds
 
-    with rasterio.open(path) as src:
-        data = src.read(1, window=from_bounds(*bounds, src.transform), out_shape=shape,
-                        boundless=True, fill_value=0, resampling=Resampling.nearest)
+    from lcmap.geodata.io import Grid, LabelMosaic
+
+    no_label = (0,) if legend_name is None else get_legend(legend_name).nodata
+    with LabelMosaic(path, what="label", no_label_codes=no_label) as mosaic:
+        crs = mosaic.profiles[0]["crs"]
+        grid = Grid(crs, from_bounds(*bounds, width=shape[1], height=shape[0]), tuple(shape))
+        labels = mosaic.read(grid)
     if legend_name is None:  # already target codes
-        return data
-    lut = get_legend(legend_name).code_to_target_lut()
-    t = lut[data.astype(np.int64)]
-    return np.where(t == IGNORE_INDEX, 0, t.astype(np.int32) + 1)
+        return np.where(labels.has_label, labels.codes, 0)
+    t = get_legend(legend_name).code_to_target_lut()[np.where(labels.has_label, labels.codes, 0)]
+    return np.where(labels.has_label & (t != IGNORE_INDEX), t.astype(np.int32) + 1, 0)
 
 
 def quicklook(path: Path, map_train: Path, map_heldout: Path) -> None:

@@ -26,7 +26,14 @@ import numpy as np
 
 from lcmap.geodata.legends import IGNORE_INDEX
 
-__all__ = ["confusion_matrix", "scores_from_confusion"]
+__all__ = ["MIOU_RULE", "confusion_matrix", "scores_from_confusion"]
+
+#: How mIoU is averaged (the rule above, in words; written into metrics.json).
+MIOU_RULE = (
+    "mean IoU over the target classes present in the reference or in the prediction; "
+    "a class absent from both is left out, a class predicted but absent from the reference counts "
+    "with IoU 0"
+)
 
 
 def confusion_matrix(truth_idx: np.ndarray, pred_idx: np.ndarray, num_classes: int) -> np.ndarray:
