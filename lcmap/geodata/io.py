@@ -35,7 +35,7 @@ import numpy as np
 import rasterio
 import rasterio.errors
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
@@ -125,7 +125,7 @@ def _read_list(path: Path, what: str, seen: set[Path]) -> list[str]:
         if not entry_path.is_absolute():
             entry_path = path.parent / entry_path
         try:
-            files.extend(_expand(str(entry_path), what, seen))
+            files.extend(_expand(os.path.normpath(entry_path), what, seen))
         except LcmapInputError as exc:
             raise LcmapInputError(f"{what} list {path}, line {number}: {exc}") from exc
     if not files:
@@ -216,6 +216,17 @@ def valid_mask(ds: Any, data: np.ndarray, window: Window | None) -> np.ndarray:
             return ~np.isnan(data)
         return data != ds.nodata
     return ds.read_masks(1, window=window) > 0
+
+
+def _alpha_band(src: Any) -> int:
+    """1-based index of ``src``'s alpha band (0: none). Nodata values and per-dataset masks are
+    honoured by the warp itself; an alpha band has to be named."""
+    if src.nodata is not None:
+        return 0
+    for i, ci in enumerate(src.colorinterp, start=1):
+        if ci == ColorInterp.alpha:
+            return i
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- label mosaics
@@ -329,6 +340,7 @@ class LabelMosaic:
                     source=rasterio.band(src, 1),
                     destination=layer,
                     src_nodata=src.nodata,
+                    src_alpha=_alpha_band(src),
                     dst_transform=grid.transform,
                     dst_crs=grid.crs,
                     dst_nodata=_UNWRITTEN,

@@ -137,17 +137,18 @@ def _print_summary(out: Path, m: dict) -> None:
     )
 
 
-def _read_target(path: Path, legend_name: str | None, bounds, shape) -> np.ndarray:
-    """A raster's target-class codes (1..N, 0 nodata) on a 1 m window given by ``bounds``
-    (``xmin, ymin, xmax, ymax`` in the sample's CRS; ``shape`` ``(H, W)`` px)."""
+def _read_target(path: Path, legend_name: str | None, bounds, shape, crs: str | None = None) -> np.ndarray:
+    """A raster's target-class codes (1..N, 0 nodata) on the grid of ``bounds`` (``xmin, ymin, xmax,
+    ymax`` in ``crs``, default the sample's CRS) and ``shape`` ``(H, W)`` px; the raster may be in
+    any CRS (nearest neighbour, :class:`lcmap.geodata.io.LabelMosaic`)."""
     from rasterio.transform import from_bounds
 
     from lcmap.geodata.io import Grid, LabelMosaic
 
     no_label = (0,) if legend_name is None else get_legend(legend_name).nodata
+    grid = Grid.of(crs or sample_metadata()["crs"], from_bounds(*bounds, width=shape[1], height=shape[0]),
+                   width=shape[1], height=shape[0])
     with LabelMosaic(path, what="label", no_label_codes=no_label) as mosaic:
-        crs = mosaic.profiles[0]["crs"]
-        grid = Grid(crs, from_bounds(*bounds, width=shape[1], height=shape[0]), tuple(shape))
         labels = mosaic.read(grid)
     if legend_name is None:  # already target codes
         return np.where(labels.has_label, labels.codes, 0)
