@@ -11,15 +11,14 @@ import rasterio
 from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
+from rasters import UTM17, fake_imagery, write_raster
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.datasets import LabelRaster, pair_imagery_labels
 from lcmap.geodata.io import Grid, LabelMosaic, check_raster_file, find_raster_files, imagery_valid, open_raster
-from lcmap.geodata.legends import IGNORE_INDEX, get_legend
+from lcmap.geodata.legends import get_legend
 from lcmap.pipeline.demo import _read_target
 from lcmap.pipeline.evaluate import read_target_on_grid
-
-from rasters import UTM17, fake_imagery, write_raster
 
 NLCD = get_legend("nlcd")
 X0, Y0 = 500_000.0, 4_000_000.0  # upper-left corner of the 8 x 8 px, 1 m test grid (UTM 17N)
@@ -36,8 +35,13 @@ def _lonlat_label(path: Path, code: int, margin_m: float = 20.0) -> Path:
     step = 1e-5
     w = int(np.ceil((max(lons) - min(lons)) / step))
     h = int(np.ceil((max(lats) - min(lats)) / step))
-    return write_raster(path, np.full((h, w), code, np.uint8), crs="EPSG:4326",
-                        transform=from_origin(min(lons), max(lats), step, step), nodata=0)
+    return write_raster(
+        path,
+        np.full((h, w), code, np.uint8),
+        crs="EPSG:4326",
+        transform=from_origin(min(lons), max(lats), step, step),
+        nodata=0,
+    )
 
 
 def _utm_label(path: Path) -> Path:
@@ -171,9 +175,9 @@ def test_txt_list(tiles: list[Path], tmp_path: Path) -> None:
 def _write_vrt(path: Path, sources: list[Path], width: int, height: int) -> Path:
     """A one-band VRT mosaic of 8 x 8 px GeoTIFFs laid side by side (x offsets 0, 8, ...)."""
     items = "".join(
-        f"<SimpleSource><SourceFilename relativeToVRT=\"0\">{s}</SourceFilename><SourceBand>1</SourceBand>"
-        f"<SrcRect xOff=\"0\" yOff=\"0\" xSize=\"8\" ySize=\"8\"/>"
-        f"<DstRect xOff=\"{8 * i}\" yOff=\"0\" xSize=\"8\" ySize=\"8\"/></SimpleSource>"
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{s}</SourceFilename><SourceBand>1</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="8" ySize="8"/>'
+        f'<DstRect xOff="{8 * i}" yOff="0" xSize="8" ySize="8"/></SimpleSource>'
         for i, s in enumerate(sources)
     )
     with rasterio.open(sources[0]) as src:
@@ -217,8 +221,11 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.tif").write_bytes(b"not a tiff at all")
     write_raster(tmp_path / "nocrs.tif", np.ones((1, 8, 8), np.uint8), crs=None)
-    for name, pattern in (("cut.tif", "corrupt or truncated"), ("junk.tif", "not a readable raster"),
-                          ("nocrs.tif", "has no CRS")):
+    for name, pattern in (
+        ("cut.tif", "corrupt or truncated"),
+        ("junk.tif", "not a readable raster"),
+        ("nocrs.tif", "has no CRS"),
+    ):
         with pytest.raises(LcmapInputError, match=rf"{name.replace('.', '[.]')}.*{pattern}"):
             LabelMosaic(tmp_path / name)
         with pytest.raises(LcmapInputError, match=pattern):

@@ -63,9 +63,7 @@ class _CheckedRaster(RasterDataset):
     filename_glob = "*"
     what = "raster"
 
-    def __init__(
-        self, paths, crs: CRS | None = None, res: float | None = None, transforms=None, profiles=None
-    ) -> None:
+    def __init__(self, paths, crs: CRS | None = None, res: float | None = None, transforms=None, profiles=None) -> None:
         files = find_raster_files(paths, self.what)
         if profiles is None:  # LabelRaster passes the profiles its LabelMosaic has checked
             profiles = [check_raster_file(f, self.what) for f in files]
@@ -118,7 +116,7 @@ class LabelRaster(_CheckedRaster):
             self._file_paths = list(index.filepath)
         b = self._file_bounds
         hit = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
-        return [p for p, h in zip(self._file_paths, hit) if h]
+        return [p for p, h in zip(self._file_paths, hit, strict=False) if h]
 
     def __getitem__(self, query) -> dict[str, Any]:
         """Codes on the query's grid, each file warped straight onto it by nearest neighbour.
@@ -267,5 +265,3 @@ def read_imagery(ds: HRImagery, xmin: float, ymin: float, xmax: float, ymax: flo
         image = image[0]
     image = image.numpy().astype(np.float32, copy=False)
     return image, imagery_valid(image, ds.nodata)
-
-

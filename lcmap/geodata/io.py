@@ -100,7 +100,8 @@ def _expand(item: str, what: str, seen: set[Path]) -> list[str]:
                 files.extend(_expand(m, what, seen))
         if not files:
             raise LcmapInputError(
-                f"{what} pattern {item!r} matched no raster file ({', '.join(RASTER_SUFFIXES)}): {', '.join(matches[:5])}"
+                f"{what} pattern {item!r} matched no raster file ({', '.join(RASTER_SUFFIXES)}): "
+                + ", ".join(matches[:5])
             )
         return files
     raise LcmapInputError(f"{what} path {path} does not exist")
@@ -239,10 +240,10 @@ class Grid:
     shape: tuple[int, int]
 
     @classmethod
-    def of(cls, crs: CRS | str, transform: Affine, width: int, height: int) -> "Grid":
+    def of(cls, crs: CRS | str, transform: Affine, width: int, height: int) -> Grid:
         return cls(CRS.from_user_input(crs), transform, (int(height), int(width)))
 
-    def window(self, window: Window) -> "Grid":
+    def window(self, window: Window) -> Grid:
         """The part of this grid under ``window``."""
         return Grid(self.crs, window_transform(window, self.transform), (int(window.height), int(window.width)))
 
@@ -250,7 +251,7 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         """``(xmin, ymin, xmax, ymax)`` in ``crs`` units."""
         h, w = self.shape
-        xs, ys = zip(*(self.transform * (c, r) for c in (0, w) for r in (0, h)))
+        xs, ys = zip(*(self.transform * (c, r) for c in (0, w) for r in (0, h)), strict=False)
         return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -378,7 +379,7 @@ class LabelMosaic:
         state["_handles"] = {}
         return state
 
-    def __enter__(self) -> "LabelMosaic":
+    def __enter__(self) -> LabelMosaic:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,12 +29,12 @@ class BandStats:
         Path(path).write_text(json.dumps({"mean": list(self.mean), "std": list(self.std)}, indent=1))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "BandStats":
+    def from_json(cls, path: str | Path) -> BandStats:
         data = json.loads(Path(path).read_text())
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
 
-def compute_band_stats(imagery: "HRImagery", max_pixels_per_file: int = 1_000_000, seed: int = 0) -> BandStats:
+def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000, seed: int = 0) -> BandStats:
     """Mean and std per band over valid pixels, from up to ``max_pixels_per_file`` pixels per file.
 
     Each file is read in up to 16 random 256 px windows (or whole when small), so the cost stays
@@ -51,8 +51,12 @@ def compute_band_stats(imagery: "HRImagery", max_pixels_per_file: int = 1_000_00
             else:
                 size = 256
                 windows = [
-                    Window(int(rng.integers(0, max(1, src.width - size))),
-                           int(rng.integers(0, max(1, src.height - size))), size, size)
+                    Window(
+                        int(rng.integers(0, max(1, src.width - size))),
+                        int(rng.integers(0, max(1, src.height - size))),
+                        size,
+                        size,
+                    )
                     for _ in range(min(16, max_pixels_per_file // (size * size) or 1))
                 ]
             for window in windows:

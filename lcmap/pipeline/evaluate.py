@@ -91,7 +91,7 @@ def _pixel_bbox(
     """(row0, col0, row1, col1) of ``bounds`` (grid CRS) clipped to the grid; None if outside."""
     inv = ~transform
     xmin, ymin, xmax, ymax = bounds
-    cols, rows = zip(*(inv @ (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
+    cols, rows = zip(*(inv @ (x, y) for x in (xmin, xmax) for y in (ymin, ymax)), strict=False)
     r0, r1 = max(math.floor(min(rows)), 0), min(math.ceil(max(rows)), height)
     c0, c1 = max(math.floor(min(cols)), 0), min(math.ceil(max(cols)), width)
     if r0 >= r1 or c0 >= c1:
@@ -268,7 +268,10 @@ def evaluate_map(
         )
         if base_legend is not None:
             _check_same_target(
-                ref_legend, base_legend, f"reference legend {ref_legend.name!r}", f"baseline legend {base_legend.name!r}"
+                ref_legend,
+                base_legend,
+                f"reference legend {ref_legend.name!r}",
+                f"baseline legend {base_legend.name!r}",
             )
         num_classes = len(class_names)
         map_lut = legend.index_to_target_lut()
@@ -356,7 +359,7 @@ def _check_overlap(mosaic: LabelMosaic, what: str, map_path: Path, src: rasterio
         return
     details = [
         f"{p}: bounds {tuple(round(v, 3) for v in prof['bounds'])} in {prof['crs'].to_string()}"
-        for p, prof in zip(mosaic.paths, mosaic.profiles)
+        for p, prof in zip(mosaic.paths, mosaic.profiles, strict=False)
     ]
     raise LcmapInputError(
         f"the {what} does not overlap the map {map_path} (map bounds "

@@ -53,29 +53,24 @@ def format_score(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-_fmt = format_score
-
-
 def _per_class_table(scores: dict[str, Any]) -> list[str]:
-    lines = ["| class | IoU | precision | recall | F1 | reference px |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| class | IoU | precision | recall | F1 | reference px |", "|---|---:|---:|---:|---:|---:|"]
     for name in scores["class_names"]:
         c = scores["per_class"][name]
-        lines.append(f"| {name} | {_fmt(c['iou'])} | {_fmt(c['precision'])} | {_fmt(c['recall'])} "
-                     f"| {_fmt(c['f1'])} | {c['support_px']:,} |")
+        lines.append(
+            f"| {name} | {format_score(c['iou'])} | {format_score(c['precision'])} | {format_score(c['recall'])} "
+            f"| {format_score(c['f1'])} | {c['support_px']:,} |"
+        )
     return lines
 
 
 def _confusion_table(scores: dict[str, Any], pred_label: str) -> list[str]:
     names = scores["class_names"]
     cm = np.asarray(scores["confusion"], dtype=np.int64)
-    lines = [f"| reference \\ {pred_label} | " + " | ".join(names) + " | total |",
-             "|---|" + "---:|" * (len(names) + 1)]
+    lines = [f"| reference \\ {pred_label} | " + " | ".join(names) + " | total |", "|---|" + "---:|" * (len(names) + 1)]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(f"{int(v):,}" for v in cm[i])
-                     + f" | {int(cm[i].sum()):,} |")
-    lines.append("| total | " + " | ".join(f"{int(v):,}" for v in cm.sum(axis=0))
-                 + f" | {int(cm.sum()):,} |")
+        lines.append(f"| {name} | " + " | ".join(f"{int(v):,}" for v in cm[i]) + f" | {int(cm[i].sum()):,} |")
+    lines.append("| total | " + " | ".join(f"{int(v):,}" for v in cm.sum(axis=0)) + f" | {int(cm.sum()):,} |")
     return lines
 
 
@@ -83,27 +78,46 @@ def _markdown(m: dict[str, Any]) -> str:
     base = m.get("baseline")
     lines = ["# lcmap evaluate", ""]
     lines.append(f"- Map: `{m['map']}` (legend {m.get('map_legend', 'n/a')})")
-    lines.append(f"- Reference: {', '.join(f'`{p}`' for p in m['reference'])} "
-                 f"(legend {m.get('reference_legend', 'n/a')})")
+    lines.append(
+        f"- Reference: {', '.join(f'`{p}`' for p in m['reference'])} (legend {m.get('reference_legend', 'n/a')})"
+    )
     if base:
-        lines.append(f"- Baseline: {', '.join(f'`{p}`' for p in base.get('files', []))} "
-                     f"(legend {base.get('legend', 'n/a')})")
+        lines.append(
+            f"- Baseline: {', '.join(f'`{p}`' for p in base.get('files', []))} (legend {base.get('legend', 'n/a')})"
+        )
     if m.get("aoi"):
         lines.append(f"- AOI: {m['aoi']}")
     inputs = "map, reference and baseline" if base else "map and reference"
-    lines.append(f"- Pixels scored: {m['pixels']:,} (a target class in the {inputs} alike"
-                 + (", inside the AOI" if m.get("aoi") else "") + ")")
+    lines.append(
+        f"- Pixels scored: {m['pixels']:,} (a target class in the {inputs} alike"
+        + (", inside the AOI" if m.get("aoi") else "")
+        + ")"
+    )
     lines.append(f"- mIoU: {m.get('miou_rule', MIOU_RULE)}")
-    lines += ["", "## Overall", "", "| | OA | mIoU | kappa |", "|---|---:|---:|---:|",
-              f"| map | {_fmt(m['oa'])} | {_fmt(m['miou'])} | {_fmt(m['kappa'])} |"]
+    lines += [
+        "",
+        "## Overall",
+        "",
+        "| | OA | mIoU | kappa |",
+        "|---|---:|---:|---:|",
+        f"| map | {format_score(m['oa'])} | {format_score(m['miou'])} | {format_score(m['kappa'])} |",
+    ]
     if base:
         g = m["gain"]
-        lines.append(f"| baseline | {_fmt(base['oa'])} | {_fmt(base['miou'])} | {_fmt(base['kappa'])} |")
-        lines.append(f"| gain (map - baseline) | {_fmt(g['oa'], True)} | {_fmt(g['miou'], True)} "
-                     f"| {_fmt(g['kappa'], True)} |")
-        lines += ["", f"mIoU over the classes present in the reference (the same classes for map and "
-                      f"baseline): map {_fmt(m.get('miou_reference_classes'))}, baseline "
-                      f"{_fmt(base.get('miou_reference_classes'))}, gain {_fmt(g.get('miou_reference_classes'), True)}."]
+        lines.append(
+            f"| baseline | {format_score(base['oa'])} | {format_score(base['miou'])} | {format_score(base['kappa'])} |"
+        )
+        lines.append(
+            f"| gain (map - baseline) | {format_score(g['oa'], True)} | {format_score(g['miou'], True)} "
+            f"| {format_score(g['kappa'], True)} |"
+        )
+        lines += [
+            "",
+            f"mIoU over the classes present in the reference (the same classes for map and "
+            f"baseline): map {format_score(m.get('miou_reference_classes'))}, baseline "
+            f"{format_score(base.get('miou_reference_classes'))}, "
+            f"gain {format_score(g.get('miou_reference_classes'), True)}.",
+        ]
     lines += ["", "## Per class: map", ""] + _per_class_table(m)
     if base:
         lines += ["", "## Per class: baseline", ""] + _per_class_table(base)
@@ -137,21 +151,31 @@ def _confusion_png(m: dict[str, Any]) -> bytes:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
-    for ax, (label, scores) in zip(axes, panels):
+    for ax, (label, scores) in zip(axes, panels, strict=False):
         cm = np.asarray(scores["confusion"], dtype=np.float64)
         rows = cm.sum(axis=1, keepdims=True)
         norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
         image = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{norm[i, j]:.0%}\n{_short_count(int(cm[i, j]))}", ha="center",
-                        va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.0%}\n{_short_count(int(cm[i, j]))}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
         ax.set_xticks(range(n), names, rotation=30, ha="right")
         ax.set_yticks(range(n), names)
         ax.set_xlabel(label)
         ax.set_ylabel("reference")
-        ax.set_title(f"{label}: OA {_fmt(scores['oa'])}, mIoU {_fmt(scores['miou'])}, "
-                     f"kappa {_fmt(scores['kappa'])}", fontsize=9)
+        ax.set_title(
+            f"{label}: OA {format_score(scores['oa'])}, mIoU {format_score(scores['miou'])}, "
+            f"kappa {format_score(scores['kappa'])}",
+            fontsize=9,
+        )
     if image is not None:
         fig.colorbar(image, ax=list(axes), shrink=0.8, label="share of the reference row")
     buf = io.BytesIO()
