@@ -287,7 +287,7 @@ class LabelMosaic:
         self.profiles = [check_raster_file(p, what) for p in self.paths]
         file_nodata = {int(v) for v in self.file_nodata if math.isfinite(v) and float(v).is_integer()}
         self.no_label_codes = np.asarray(sorted({int(c) for c in no_label_codes} | file_nodata), dtype=np.int64)
-        self._footprints: dict[str, list[tuple[float, float, float, float] | None]] = {}
+        self._footprints: dict[str, np.ndarray] = {}
         self._handles: dict[tuple[int, str], Any] = {}
 
     @property
@@ -295,27 +295,27 @@ class LabelMosaic:
         """The files' nodata values (sorted, without None)."""
         return sorted({p["nodata"] for p in self.profiles if p["nodata"] is not None})
 
-    def footprints(self, crs: CRS) -> list[tuple[float, float, float, float] | None]:
-        """Each file's bounds in ``crs`` (None: cannot be projected there, read it everywhere)."""
+    def footprints(self, crs: CRS) -> np.ndarray:
+        """Each file's bounds in ``crs``: float64 ``(N, 4)`` rows ``xmin, ymin, xmax, ymax``
+        (infinite where a file cannot be projected there: it is then read everywhere)."""
         key = crs.to_wkt()
         if key not in self._footprints:
-            boxes: list[tuple[float, float, float, float] | None] = []
-            for prof in self.profiles:
+            boxes = np.empty((len(self.profiles), 4), dtype=np.float64)
+            for i, prof in enumerate(self.profiles):
                 try:
-                    boxes.append(tuple(transform_bounds(prof["crs"], crs, *prof["bounds"], densify_pts=21)))
+                    boxes[i] = transform_bounds(prof["crs"], crs, *prof["bounds"], densify_pts=21)
                 except Exception:  # a projection error: test it on every read
-                    boxes.append(None)
+                    boxes[i] = (-np.inf, -np.inf, np.inf, np.inf)
+            boxes[~np.isfinite(boxes).all(axis=1)] = (-np.inf, -np.inf, np.inf, np.inf)
             self._footprints[key] = boxes
         return self._footprints[key]
 
     def files_meeting(self, grid: Grid) -> list[int]:
-        """Indices (into ``paths``) of the files whose footprint meets ``grid`` (bounding boxes)."""
+        """Indices (into ``paths``, ascending) of the files whose footprint meets ``grid`` (bounding boxes)."""
         xmin, ymin, xmax, ymax = grid.bounds
-        hits = []
-        for i, box in enumerate(self.footprints(grid.crs)):
-            if box is None or (box[0] < xmax and box[2] > xmin and box[1] < ymax and box[3] > ymin):
-                hits.append(i)
-        return hits
+        b = self.footprints(grid.crs)
+        hit = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
+        return [int(i) for i in np.flatnonzero(hit)]
 
     def meets(self, grid: Grid) -> bool:
         """Whether any file's footprint meets ``grid``."""
