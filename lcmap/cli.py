@@ -13,11 +13,56 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from lcmap import __version__
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, LcmapInputError
 
+#: Raster list options of every command: several values may follow one flag
+#: (``--reference a.tif b.tif``), as well as the flag repeated (``--reference a.tif --reference b.tif``).
+LIST_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline"})
+#: What a raster list option accepts (appended to its help text).
+LIST_HELP = (
+    " Several after one flag or the flag repeated; each a file, a folder, a quoted glob "
+    "(\"tiles/*.tif\"), a .txt list of paths or a .vrt."
+)
+
+
+def expand_list_options(args: list[str], names: frozenset[str] = LIST_OPTIONS) -> list[str]:
+    """``--opt a b c`` -> ``--opt a --opt b --opt c`` for the list options ``names``.
+
+    The values of a list option run up to the next token starting with ``-`` (or ``--``, after
+    which nothing is touched). Click has no variadic options; this turns them into repeated ones.
+    """
+    out: list[str] = []
+    current: str | None = None  # the list option whose values are being read
+    count = 0  # values read after it so far
+    for i, token in enumerate(args):
+        if token == "--":
+            out.extend(args[i:])
+            break
+        if token.startswith("-"):
+            name, eq, _ = token.partition("=")
+            current = name if name in names else None
+            count = 1 if eq else 0
+        elif current is not None:
+            if count:
+                out.append(current)
+            count += 1
+        out.append(token)
+    return out
+
+
+class ListOptionsGroup(TyperGroup):
+    """The ``lcmap`` command group: expands several values after one list option (see
+    :func:`expand_list_options`) before Click parses them (console script and CliRunner alike)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_list_options(list(args)))
+
+
 app = typer.Typer(
+    cls=ListOptionsGroup,
     name="lcmap",
     help=(
         "Update high-resolution (~1 m) land-cover maps from low-resolution (10-30 m) historical "
@@ -77,8 +122,8 @@ def _main(
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.")],
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="HR imagery files or folders (GeoTIFF; any band count; imagery CRS and resolution define the grid).")] = None,
-    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid.")] = None,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="HR imagery (GeoTIFF; any band count; imagery CRS and resolution define the grid)." + LIST_HELP)] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid; where files overlap, the first in sorted path order holding a label wins." + LIST_HELP)] = None,
     legend: Annotated[Optional[str], typer.Option("--legend", help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.")] = None,
     aoi: AOIOpt = None,
     bbox: BBox = None,
@@ -94,7 +139,7 @@ def train(
     accelerator: Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu or gpu.")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = None,
     vit_weights: Annotated[Optional[Path], typer.Option("--vit-weights", help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). Without it the ViT trains from scratch.")] = None,
-    reference: Annotated[Optional[list[Path]], typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes).")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes)." + LIST_HELP)] = None,
     reference_legend: Annotated[Optional[str], typer.Option("--reference-legend", help="Legend of --reference.")] = None,
     class_weighting: Annotated[Optional[str], typer.Option("--class-weighting", help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.")] = None,
     label_trust: Annotated[Optional[list[str]], typer.Option("--label-trust", help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. --label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.")] = None,
@@ -129,7 +174,7 @@ def train(
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option("--model", help="RUN_DIR from 'lcmap train' or a .ckpt file.")],
-    images: Annotated[list[Path], typer.Option("--images", help="HR imagery files or folders (same bands as the model's training imagery).")],
+    images: Annotated[list[Path], typer.Option("--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")],
     bbox: BBox = None,
     bbox_crs: BBoxCRS = "EPSG:4326",
@@ -157,16 +202,17 @@ def predict(
 @app.command()
 def evaluate(
     map_path: Annotated[Path, typer.Option("--map", help="Map GeoTIFF written by 'lcmap predict'.")],
-    reference: Annotated[list[Path], typer.Option("--reference", help="HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour).")],
+    reference: Annotated[list[Path], typer.Option("--reference", help="HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour; where files overlap, the first in sorted path order holding a label wins)." + LIST_HELP)],
     reference_legend: Annotated[str, typer.Option("--reference-legend", help="Legend of --reference (e.g. chesapeake, or a YAML file).")],
     out: Annotated[Path, typer.Option("--out", help="REPORT_DIR for metrics.json, report.md, confusion.png.")],
-    baseline: Annotated[Optional[list[Path]], typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training).")] = None,
+    baseline: Annotated[Optional[list[Path]], typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training)." + LIST_HELP)] = None,
     baseline_legend: Annotated[Optional[str], typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
     aoi: AOIOpt = None,
 ) -> None:
     """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
     from lcmap.geodata.legends import get_legend
     from lcmap.pipeline.evaluate import evaluate_map
+    from lcmap.pipeline.evaluate_report import format_score as fmt
 
     def go():
         if baseline and not baseline_legend:
@@ -177,10 +223,10 @@ def evaluate(
             baseline_legend=get_legend(baseline_legend) if baseline_legend else None,
             aoi=aoi,
         )
-        line = f"OA {metrics['oa']:.3f}  mIoU {metrics['miou']:.3f}  kappa {metrics['kappa']:.3f}"
+        line = f"OA {fmt(metrics['oa'])}  mIoU {fmt(metrics['miou'])}  kappa {fmt(metrics['kappa'])}"
         if "baseline" in metrics:
             b = metrics["baseline"]
-            line += f"   (baseline OA {b['oa']:.3f}  mIoU {b['miou']:.3f})"
+            line += f"   (baseline OA {fmt(b['oa'])}  mIoU {fmt(b['miou'])}  kappa {fmt(b['kappa'])})"
         console.print(line)
         console.print(f"[green]report written to[/] {out}")
 

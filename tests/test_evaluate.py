@@ -12,8 +12,8 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 
-from lcmap.geodata.aoi import aoi_from_bbox
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.aoi import aoi_from_bbox
 from lcmap.geodata.legends import IGNORE_INDEX, UnknownLabelError, get_legend
 from lcmap.pipeline.evaluate import LEGEND_TAG, evaluate_map, read_target_on_grid
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
@@ -23,13 +23,26 @@ X0, Y0 = 500_000.0, 4_000_000.0  # map origin (upper left), 1 m pixels
 NAMES = ["water", "tree canopy", "low vegetation", "built-up"]
 
 
-def write_tif(path: Path, data: np.ndarray, crs: str | None = UTM, transform=None,
-              nodata: float | None = 0, tags: dict | None = None) -> Path:
+def write_tif(
+    path: Path,
+    data: np.ndarray,
+    crs: str | None = UTM,
+    transform=None,
+    nodata: float | None = 0,
+    tags: dict | None = None,
+) -> Path:
     """A one-band GeoTIFF of ``data`` (default grid: origin X0, Y0 at 1 m)."""
     data = np.asarray(data)
     transform = transform or from_origin(X0, Y0, 1.0, 1.0)
-    profile = dict(driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
-                   dtype=data.dtype.name, transform=transform, nodata=nodata)
+    profile = dict(
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype=data.dtype.name,
+        transform=transform,
+        nodata=nodata,
+    )
     if crs is not None:
         profile["crs"] = crs
     with rasterio.open(path, "w", **profile) as dst:
@@ -42,7 +55,7 @@ def write_tif(path: Path, data: np.ndarray, crs: str | None = UTM, transform=Non
 def cm_of(truth_codes: np.ndarray, pred_codes: np.ndarray) -> np.ndarray:
     """Confusion matrix of 4-class target codes (1-4; 0 = nodata), computed the slow way."""
     cm = np.zeros((4, 4), dtype=np.int64)
-    for t, p in zip(np.ravel(truth_codes), np.ravel(pred_codes)):
+    for t, p in zip(np.ravel(truth_codes), np.ravel(pred_codes), strict=False):
         if t and p:
             cm[t - 1, p - 1] += 1
     return cm
@@ -70,12 +83,11 @@ def test_scores_hand_computed_with_absent_classes():
     assert s["kappa"] == pytest.approx(27 / 71)
     pc = s["per_class"]
     assert pc["water"] == pytest.approx(
-        {"iou": 4 / 7, "precision": 4 / 5, "recall": 4 / 6, "f1": 8 / 11, "support_px": 6})
+        {"iou": 4 / 7, "precision": 4 / 5, "recall": 4 / 6, "f1": 8 / 11, "support_px": 6}
+    )
     assert pc["tree canopy"]["iou"] == pytest.approx(0.5)
-    assert pc["low vegetation"] == {"iou": 0.0, "precision": 0.0, "recall": None, "f1": 0.0,
-                                    "support_px": 0}
-    assert pc["built-up"] == {"iou": None, "precision": None, "recall": None, "f1": None,
-                              "support_px": 0}
+    assert pc["low vegetation"] == {"iou": 0.0, "precision": 0.0, "recall": None, "f1": 0.0, "support_px": 0}
+    assert pc["built-up"] == {"iou": None, "precision": None, "recall": None, "f1": None, "support_px": 0}
     # mIoU over classes present in reference or prediction: built-up left out, low veg counts 0
     assert s["miou"] == pytest.approx((4 / 7 + 0.5 + 0.0) / 3)
     # over the reference's classes only (water, tree canopy): the false low-veg predictions still
@@ -95,24 +107,30 @@ def test_scores_degenerate_cases_are_none_not_nan():
 
 
 # ------------------------------------------------------------------------------------- fixtures
-MAP = np.array([
-    [1, 1, 2, 2, 3, 3, 4, 4],
-    [1, 1, 2, 2, 3, 3, 4, 4],
-    [1, 2, 2, 2, 3, 3, 4, 0],
-    [1, 1, 2, 3, 3, 3, 4, 0],
-    [2, 2, 3, 3, 4, 4, 1, 1],
-    [2, 2, 3, 3, 4, 4, 1, 1],
-    [3, 3, 4, 4, 1, 1, 2, 2],
-    [3, 3, 4, 4, 1, 1, 2, 2],
-], dtype=np.uint8)
+MAP = np.array(
+    [
+        [1, 1, 2, 2, 3, 3, 4, 4],
+        [1, 1, 2, 2, 3, 3, 4, 4],
+        [1, 2, 2, 2, 3, 3, 4, 0],
+        [1, 1, 2, 3, 3, 3, 4, 0],
+        [2, 2, 3, 3, 4, 4, 1, 1],
+        [2, 2, 3, 3, 4, 4, 1, 1],
+        [3, 3, 4, 4, 1, 1, 2, 2],
+        [3, 3, 4, 4, 1, 1, 2, 2],
+    ],
+    dtype=np.uint8,
+)
 
 # reference at 2 m, 4-class codes (legend "4class"): each pixel covers 2 x 2 map pixels
-REF2 = np.array([
-    [1, 2, 3, 4],
-    [1, 2, 3, 0],
-    [2, 3, 4, 1],
-    [3, 4, 1, 2],
-], dtype=np.uint8)
+REF2 = np.array(
+    [
+        [1, 2, 3, 4],
+        [1, 2, 3, 0],
+        [2, 3, 4, 1],
+        [3, 4, 1, 2],
+    ],
+    dtype=np.uint8,
+)
 
 
 @pytest.fixture
@@ -132,8 +150,7 @@ def ref_on_map_grid() -> np.ndarray:
 # ------------------------------------------------------------------------------------- grids
 def test_reference_at_2m_lands_on_map_grid(map_tif, ref2_tif, tmp_path):
     with rasterio.open(map_tif) as src:
-        got = read_target_on_grid([ref2_tif], get_legend("4class"), src.crs, src.transform,
-                                  src.width, src.height)
+        got = read_target_on_grid([ref2_tif], get_legend("4class"), src.crs, src.transform, src.width, src.height)
     expected = ref_on_map_grid().astype(np.int64) - 1
     expected[expected < 0] = IGNORE_INDEX
     np.testing.assert_array_equal(got, expected)
@@ -173,8 +190,7 @@ def test_reference_in_lonlat_lands_on_utm_map_grid(map_tif, tmp_path):
     data, transform = _lonlat_reference(truth)
     ref = write_tif(tmp_path / "ref_ll.tif", data, crs="EPSG:4326", transform=transform, nodata=0)
     with rasterio.open(map_tif) as src:
-        got = read_target_on_grid(ref, get_legend("4class"), src.crs, src.transform,
-                                  src.width, src.height)
+        got = read_target_on_grid(ref, get_legend("4class"), src.crs, src.transform, src.width, src.height)
     expected = truth.astype(np.int64) - 1
     expected[expected < 0] = IGNORE_INDEX
     np.testing.assert_array_equal(got, expected)
@@ -188,11 +204,13 @@ def test_reference_legend_and_mosaic_of_two_files(map_tif, tmp_path):
     # the first file wins unless it holds nodata there.
     ches = np.array([[1, 2, 3, 4], [5, 6, 1, 15], [2, 2, 3, 3], [4, 5, 6, 1]], dtype=np.uint8)
     left = write_tif(tmp_path / "left.tif", ches, transform=from_origin(X0, Y0, 1.0, 2.0), nodata=None)
-    right = write_tif(tmp_path / "right.tif", np.full((8, 5), 3, np.uint8),
-                      transform=from_origin(X0 + 3, Y0, 1.0, 1.0), nodata=None)
+    right = write_tif(
+        tmp_path / "right.tif", np.full((8, 5), 3, np.uint8), transform=from_origin(X0 + 3, Y0, 1.0, 1.0), nodata=None
+    )
     with rasterio.open(map_tif) as src:
-        got = read_target_on_grid([left, right], get_legend("chesapeake"), src.crs, src.transform,
-                                  src.width, src.height)
+        got = read_target_on_grid(
+            [left, right], get_legend("chesapeake"), src.crs, src.transform, src.width, src.height
+        )
     to_target = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     to_target[[1, 2, 3, 4, 5, 6]] = [0, 1, 2, 3, 3, 3]
     expected = np.full((8, 8), 2, dtype=np.uint8)
@@ -246,8 +264,9 @@ def test_baseline_scored_on_same_pixels_and_gain(map_tif, ref2_tif, tmp_path):
     # LR baseline at 4 m in NLCD codes: 41 forest (tree), 82 crops (low veg), 0 nodata
     lr = np.array([[41, 82], [0, 23]], dtype=np.uint8)
     base = write_tif(tmp_path / "lr.tif", lr, transform=from_origin(X0, Y0, 4.0, 4.0))
-    m = evaluate_map(map_tif, ref2_tif, "4class", tmp_path / "out", baseline=base,
-                     baseline_legend="nlcd", progress=False)
+    m = evaluate_map(
+        map_tif, ref2_tif, "4class", tmp_path / "out", baseline=base, baseline_legend="nlcd", progress=False
+    )
     truth = ref_on_map_grid()
     lr_codes = np.kron(np.array([[2, 3], [0, 4]], np.uint8), np.ones((4, 4), np.uint8))
     common = (truth > 0) & (MAP > 0) & (lr_codes > 0)
@@ -269,8 +288,7 @@ def test_baseline_scored_on_same_pixels_and_gain(map_tif, ref2_tif, tmp_path):
 def test_map_in_native_legend_read_through_its_tag(tmp_path, ref2_tif):
     nlcd = get_legend("nlcd")
     to_nlcd = np.array([0, 11, 41, 82, 23], dtype=np.uint8)
-    mp = write_tif(tmp_path / "native.tif", to_nlcd[MAP],
-                   tags={LEGEND_TAG: json.dumps(nlcd.to_dict())})
+    mp = write_tif(tmp_path / "native.tif", to_nlcd[MAP], tags={LEGEND_TAG: json.dumps(nlcd.to_dict())})
     m = evaluate_map(mp, ref2_tif, "4class", tmp_path / "o", progress=False)
     assert m["confusion"] == cm_of(ref_on_map_grid(), MAP).tolist()
     assert m["map_legend"] == "nlcd"
@@ -304,8 +322,7 @@ def test_missing_corrupt_no_crs_and_no_common_pixel(map_tif, ref2_tif, tmp_path)
     nocrs = write_tif(tmp_path / "nocrs.tif", REF2, crs=None)
     with pytest.raises(LcmapInputError, match="no CRS"):
         evaluate_map(map_tif, nocrs, "4class", tmp_path / "o", progress=False)
-    empty = write_tif(tmp_path / "empty.tif", np.zeros((4, 4), np.uint8),
-                      transform=from_origin(X0, Y0, 2.0, 2.0))
+    empty = write_tif(tmp_path / "empty.tif", np.zeros((4, 4), np.uint8), transform=from_origin(X0, Y0, 2.0, 2.0))
     with pytest.raises(LcmapInputError, match="no pixel"):
         evaluate_map(map_tif, empty, "4class", tmp_path / "o", progress=False)
 
@@ -316,8 +333,7 @@ def test_report_files_and_metrics_keys(map_tif, ref2_tif, tmp_path):
     m = evaluate_map(map_tif, [ref2_tif], "4class", out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "metrics.json", "report.md"]
     data = json.loads((out / "metrics.json").read_text())
-    for key in ("oa", "miou", "kappa", "per_class", "confusion", "class_names", "pixels", "map",
-                "reference"):
+    for key in ("oa", "miou", "kappa", "per_class", "confusion", "class_names", "pixels", "map", "reference"):
         assert key in data
     assert data == json.loads(json.dumps(m))
     assert data["class_names"] == NAMES and "baseline" not in data

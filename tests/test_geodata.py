@@ -14,8 +14,10 @@ import rasterio
 import shapely
 from pyproj import Transformer
 from rasterio.transform import from_origin
+from rasters import UTM17, fake_imagery, write_raster
 
 from lcmap.compat import query_bounds, random_patch_sampler
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import aoi_from_bbox, aoi_from_file, rasterize_aoi, resolve_aoi
 from lcmap.geodata.datasets import (
     LabelledImagery,
@@ -24,7 +26,6 @@ from lcmap.geodata.datasets import (
     pair_imagery_labels,
     read_imagery,
 )
-from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import (
     BUILTIN_LEGENDS,
     DEFAULT_TARGET,
@@ -35,8 +36,6 @@ from lcmap.geodata.legends import (
 )
 from lcmap.geodata.normalization import compute_band_stats
 from lcmap.geodata.sample import sample_paths
-
-from rasters import UTM17, fake_imagery, write_raster
 
 DATA = Path(__file__).parent / "data"
 NLCD = get_legend("nlcd")
@@ -54,7 +53,12 @@ def test_builtin_legends_map_to_targets() -> None:
     t = NLCD.code_to_target_lut()
     names = DEFAULT_TARGET.names
     assert [names[t[c]] for c in (11, 21, 24, 41, 90, 81, 95)] == [
-        "water", "built-up", "built-up", "tree canopy", "tree canopy", "low vegetation",
+        "water",
+        "built-up",
+        "built-up",
+        "tree canopy",
+        "tree canopy",
+        "low vegetation",
         "low vegetation",
     ]
     assert t[0] == IGNORE_INDEX and t[12] == IGNORE_INDEX  # nodata, untargeted ice
@@ -158,8 +162,10 @@ def test_label_in_other_crs_lands_on_right_1m_pixels(tmp_path: Path, label_crs: 
     expected = np.where(lx < cx, np.where(ly > cy, 11, 21), np.where(ly > cy, 41, 81))
     expected = NLCD.encode(expected)
     # metres from each pixel centre to the two class edges (in UTM)
-    edge_m = np.minimum(np.abs(px - px[np.unravel_index(np.argmin(np.abs(lx - cx)), lx.shape)]),
-                        np.abs(py - py[np.unravel_index(np.argmin(np.abs(ly - cy)), ly.shape)]))
+    edge_m = np.minimum(
+        np.abs(px - px[np.unravel_index(np.argmin(np.abs(lx - cx)), lx.shape)]),
+        np.abs(py - py[np.unravel_index(np.argmin(np.abs(ly - cy)), ly.shape)]),
+    )
     far = edge_m > 1.5
     assert far.sum() > 0.9 * far.size
     assert (mask[far] == expected[far]).all()
@@ -253,8 +259,9 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(LcmapInputError, match="has no CRS"):
         open_imagery(tmp_path / "nocrs.tif")
     # imagery and labels do not overlap
-    far = write_raster(tmp_path / "far.tif", np.full((8, 8), 41, np.uint8),
-                       transform=from_origin(600_000, 4_000_000, 30, 30))
+    far = write_raster(
+        tmp_path / "far.tif", np.full((8, 8), 41, np.uint8), transform=from_origin(600_000, 4_000_000, 30, 30)
+    )
     with pytest.raises(LcmapInputError, match="do not overlap"):
         pair_imagery_labels(img, far, NLCD)
     # labels outside the legend

@@ -7,37 +7,39 @@
   with the label codes encoded into legend indices, nodata and out-of-AOI pixels set to
   :data:`~lcmap.geodata.legends.IGNORE_INDEX`.
 
-Files are checked before TorchGeo sees them (TorchGeo silently skips unreadable files): a missing,
-corrupt or truncated file, or one without a CRS, raises :class:`LcmapInputError` naming it.
+Inputs are found and checked by :mod:`lcmap.geodata.io` before TorchGeo sees them (TorchGeo silently
+skips unreadable files): files, folders, quoted globs, ``.txt`` lists; a missing, corrupt or
+truncated file, or one without a CRS, raises :class:`LcmapInputError` naming it. Label files are read
+through :class:`lcmap.geodata.io.LabelMosaic` (its overlap rule: the first file in sorted path order
+holding a label wins).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import os
-
 import numpy as np
-import rasterio
-import rasterio.errors
 import shapely
-from shapely.prepared import prep
 import torch
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
 from rasterio.transform import from_origin
-from rasterio.warp import reproject
-from rasterio.windows import Window
+from shapely.prepared import prep
 from torchgeo.datasets import IntersectionDataset, RasterDataset
 
 from lcmap.compat import query_bounds
-from lcmap.geodata.aoi import rasterize_aoi
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.aoi import rasterize_aoi
+from lcmap.geodata.io import (
+    RASTER_SUFFIXES,
+    Grid,
+    LabelMosaic,
+    check_raster_file,
+    find_raster_files,
+    imagery_valid,
+)
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
-
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
 __all__ = [
     "HRImagery",
@@ -49,67 +51,10 @@ __all__ = [
     "open_labels",
     "pair_imagery_labels",
     "read_imagery",
+    "imagery_valid",
+    "encode_labels",
+    "RASTER_SUFFIXES",
 ]
-
-
-def find_raster_files(paths: str | Path | Iterable[str | Path], what: str) -> list[str]:
-    """Expand files and folders (searched recursively for .tif/.tiff/.vrt/.jp2/.img) to files.
-
-    Raises:
-        LcmapInputError: if a path does not exist or nothing matches.
-    """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files: list[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in RASTER_SUFFIXES)
-            if not found:
-                raise LcmapInputError(
-                    f"no raster files ({', '.join(RASTER_SUFFIXES)}) found under {what} folder {p}"
-                )
-            files.extend(found)
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise LcmapInputError(f"{what} path {p} does not exist")
-    if not files:
-        raise LcmapInputError(f"no {what} files given")
-    return sorted(set(files))
-
-
-def check_raster_file(path: str, what: str) -> dict[str, Any]:
-    """Open a raster, check it has a CRS and that its last block reads; return its profile.
-
-    Reading the bottom-right block catches truncated files before training starts.
-    """
-    try:
-        with rasterio.open(path) as src:
-            if src.crs is None:
-                raise LcmapInputError(
-                    f"{what} file {path} has no CRS. Assign one (e.g. gdal_edit.py -a_srs EPSG:XXXX) "
-                    "or use a georeferenced GeoTIFF."
-                )
-            if src.transform.is_identity:
-                raise LcmapInputError(f"{what} file {path} has no geotransform (pixel grid unknown)")
-            h, w = src.height, src.width
-            src.read(window=Window(max(0, w - 16), max(0, h - 16), min(16, w), min(16, h)))
-            return {
-                "crs": src.crs,
-                "res": src.res,
-                "count": src.count,
-                "dtype": src.dtypes[0],
-                "nodata": src.nodata,
-                "bounds": tuple(src.bounds),
-            }
-    except LcmapInputError:
-        raise
-    except (rasterio.errors.RasterioError, OSError) as exc:
-        raise LcmapInputError(
-            f"{what} file {path} cannot be read ({exc}). It may be corrupt or truncated: "
-            "re-download or re-export it."
-        ) from exc
 
 
 class _CheckedRaster(RasterDataset):
@@ -118,9 +63,10 @@ class _CheckedRaster(RasterDataset):
     filename_glob = "*"
     what = "raster"
 
-    def __init__(self, paths, crs: CRS | None = None, res: float | None = None, transforms=None) -> None:
+    def __init__(self, paths, crs: CRS | None = None, res: float | None = None, transforms=None, profiles=None) -> None:
         files = find_raster_files(paths, self.what)
-        profiles = [check_raster_file(f, self.what) for f in files]
+        if profiles is None:  # LabelRaster passes the profiles its LabelMosaic has checked
+            profiles = [check_raster_file(f, self.what) for f in files]
         counts = {p["count"] for p in profiles}
         if len(counts) > 1:
             raise LcmapInputError(f"{self.what} files have different band counts {sorted(counts)}: {files}")
@@ -145,7 +91,11 @@ class HRImagery(_CheckedRaster):
 
 
 class LabelRaster(_CheckedRaster):
-    """A land-cover raster (LR labels or HR reference): integer codes as a long ``mask``."""
+    """A land-cover raster (LR labels or HR reference): integer codes as a long ``mask``.
+
+    Files are read through a :class:`~lcmap.geodata.io.LabelMosaic`: where they overlap, the first
+    file in sorted path order holding a label wins (the rule every lcmap reader follows).
+    """
 
     is_image = False
     what = "label"
@@ -153,7 +103,8 @@ class LabelRaster(_CheckedRaster):
     def __init__(self, paths, legend: Legend, crs=None, res=None, what: str = "label") -> None:
         self.what = what
         self.legend = legend
-        super().__init__(paths, crs=crs, res=res)
+        self.mosaic = LabelMosaic(paths, what=what, no_label_codes=legend.nodata)
+        super().__init__(self.mosaic.paths, crs=crs, res=res, profiles=self.mosaic.profiles)
         self.fill_code = int(self.file_nodata[0]) if self.file_nodata else int(legend.nodata[0])
 
     def _files_in(self, xmin: float, ymin: float, xmax: float, ymax: float) -> list[str]:
@@ -165,29 +116,17 @@ class LabelRaster(_CheckedRaster):
             self._file_paths = list(index.filepath)
         b = self._file_bounds
         hit = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
-        return [p for p, h in zip(self._file_paths, hit) if h]
-
-    def _open(self, path: str):
-        """An open dataset per file and process (handles are not shared across workers)."""
-        handles = self.__dict__.setdefault("_handles", {})
-        key = (os.getpid(), path)
-        if key not in handles:
-            handles[key] = rasterio.open(path)
-        return handles[key]
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_handles", None)
-        return state
+        return [p for p, h in zip(self._file_paths, hit, strict=False) if h]
 
     def __getitem__(self, query) -> dict[str, Any]:
         """Codes on the query's grid, each file warped straight onto it by nearest neighbour.
 
         TorchGeo's own path warps a file to an intermediate grid at the file's resolution (e.g.
         30 m) and then resamples that to the query's (e.g. 1 m): the two steps can shift a class
-        edge by up to half a coarse pixel. One ``rasterio.warp.reproject`` per file onto the exact
-        output grid takes, for every 1 m pixel, the label pixel under its centre.
-        Returns ``{"mask": int64 (H, W)}``; uncovered pixels hold the nodata code.
+        edge by up to half a coarse pixel. :meth:`LabelMosaic.read <lcmap.geodata.io.LabelMosaic.read>`
+        warps each file onto the exact output grid: every 1 m pixel takes the label pixel under its
+        centre; where files overlap, the first in sorted path order holding a label wins.
+        Returns ``{"mask": int64 (H, W)}``; pixels without a label hold the fill (nodata) code.
         """
         xmin, ymin, xmax, ymax = query_bounds(query)
         res_x, res_y = self.res
@@ -195,24 +134,11 @@ class LabelRaster(_CheckedRaster):
             res_x, res_y = query[0].step, query[1].step
         w = int(round((xmax - xmin) / res_x))
         h = int(round((ymax - ymin) / res_y))
-        hits = self._files_in(xmin, ymin, xmax, ymax)
-        if not hits:
+        if not self._files_in(xmin, ymin, xmax, ymax):
             raise IndexError(f"query {query} not found in {self.what} index with bounds {self.bounds}")
-        dst = np.full((h, w), self.fill_code, dtype=np.int32)
-        dst_transform = from_origin(xmin, ymax, res_x, res_y)
-        for path in hits:
-            src = self._open(path)
-            reproject(
-                source=rasterio.band(src, 1),
-                destination=dst,
-                src_nodata=src.nodata,
-                dst_transform=dst_transform,
-                dst_crs=self.crs,
-                dst_nodata=self.fill_code,
-                init_dest_nodata=False,
-                resampling=Resampling.nearest,
-            )
-        sample: dict[str, Any] = {"mask": torch.from_numpy(dst.astype(np.int64))}
+        grid = Grid(self.crs, from_origin(xmin, ymax, res_x, res_y), (h, w))
+        codes = self.mosaic.read(grid, self.fill_code).codes
+        sample: dict[str, Any] = {"mask": torch.from_numpy(codes.astype(np.int64))}
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
@@ -226,14 +152,6 @@ def open_imagery(paths: str | Path | Sequence[str | Path]) -> HRImagery:
 def open_labels(paths, legend: Legend, what: str = "label") -> LabelRaster:
     """Open a land-cover product (any CRS/resolution) with its legend."""
     return LabelRaster(paths, legend=legend, what=what)
-
-
-def imagery_valid(image: np.ndarray | torch.Tensor, nodata: float) -> np.ndarray | torch.Tensor:
-    """Valid-pixel mask ``(..., H, W)`` of an image ``(C, H, W)`` or a batch ``(B, C, H, W)``: not
-    all bands equal to ``nodata``."""
-    if isinstance(image, torch.Tensor):
-        return ~(image == nodata).all(dim=-3)
-    return ~np.all(image == nodata, axis=-3)
 
 
 def encode_labels(codes: np.ndarray, labels: LabelRaster, source: str) -> np.ndarray:
@@ -347,5 +265,3 @@ def read_imagery(ds: HRImagery, xmin: float, ymin: float, xmax: float, ymax: flo
         image = image[0]
     image = image.numpy().astype(np.float32, copy=False)
     return image, imagery_valid(image, ds.nodata)
-
-

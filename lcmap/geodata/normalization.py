@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 
-from lcmap.geodata.datasets import HRImagery, imagery_valid
+from lcmap.geodata.io import imagery_valid, open_raster
+
+if TYPE_CHECKING:
+    from lcmap.geodata.datasets import HRImagery
 
 __all__ = ["BandStats", "compute_band_stats"]
 
@@ -26,7 +29,7 @@ class BandStats:
         Path(path).write_text(json.dumps({"mean": list(self.mean), "std": list(self.std)}, indent=1))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "BandStats":
+    def from_json(cls, path: str | Path) -> BandStats:
         data = json.loads(Path(path).read_text())
         return cls(tuple(data["mean"]), tuple(data["std"]))
 
@@ -42,14 +45,18 @@ def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000,
     total_sq = np.zeros(imagery.count, np.float64)
     n = 0
     for path in imagery.files:
-        with rasterio.open(path) as src:
+        with open_raster(path, "imagery") as src:
             if src.width * src.height <= max_pixels_per_file:
                 windows = [Window(0, 0, src.width, src.height)]
             else:
                 size = 256
                 windows = [
-                    Window(int(rng.integers(0, max(1, src.width - size))),
-                           int(rng.integers(0, max(1, src.height - size))), size, size)
+                    Window(
+                        int(rng.integers(0, max(1, src.width - size))),
+                        int(rng.integers(0, max(1, src.height - size))),
+                        size,
+                        size,
+                    )
                     for _ in range(min(16, max_pixels_per_file // (size * size) or 1))
                 ]
             for window in windows:

@@ -137,19 +137,23 @@ def _print_summary(out: Path, m: dict) -> None:
     )
 
 
-def _read_target(path: Path, legend_name: str | None, bounds, shape) -> np.ndarray:
-    """A raster's target-class codes (1..N, 0 nodata) on a 1 m window given by ``bounds``."""
-    from rasterio.enums import Resampling
-    from rasterio.windows import from_bounds
+def _read_target(path: Path, legend_name: str | None, bounds, shape, crs: str | None = None) -> np.ndarray:
+    """A raster's target-class codes (1..N, 0 nodata) on the grid of ``bounds`` (``xmin, ymin, xmax,
+    ymax`` in ``crs``, default the sample's CRS) and ``shape`` ``(H, W)`` px; the raster may be in
+    any CRS (nearest neighbour, :class:`lcmap.geodata.io.LabelMosaic`)."""
+    from rasterio.transform import from_bounds
 
-    with rasterio.open(path) as src:
-        data = src.read(1, window=from_bounds(*bounds, src.transform), out_shape=shape,
-                        boundless=True, fill_value=0, resampling=Resampling.nearest)
+    from lcmap.geodata.io import Grid, LabelMosaic
+
+    no_label = (0,) if legend_name is None else get_legend(legend_name).nodata
+    grid = Grid.of(crs or sample_metadata()["crs"], from_bounds(*bounds, width=shape[1], height=shape[0]),
+                   width=shape[1], height=shape[0])
+    with LabelMosaic(path, what="label", no_label_codes=no_label) as mosaic:
+        labels = mosaic.read(grid)
     if legend_name is None:  # already target codes
-        return data
-    lut = get_legend(legend_name).code_to_target_lut()
-    t = lut[data.astype(np.int64)]
-    return np.where(t == IGNORE_INDEX, 0, t.astype(np.int32) + 1)
+        return np.where(labels.has_label, labels.codes, 0)
+    t = get_legend(legend_name).code_to_target_lut()[np.where(labels.has_label, labels.codes, 0)]
+    return np.where(labels.has_label & (t != IGNORE_INDEX), t.astype(np.int32) + 1, 0)
 
 
 def quicklook(path: Path, map_train: Path, map_heldout: Path) -> None:

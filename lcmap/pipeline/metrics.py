@@ -26,7 +26,14 @@ import numpy as np
 
 from lcmap.geodata.legends import IGNORE_INDEX
 
-__all__ = ["confusion_matrix", "scores_from_confusion"]
+__all__ = ["MIOU_RULE", "confusion_matrix", "scores_from_confusion"]
+
+#: How mIoU is averaged (the rule above, in words; written into metrics.json).
+MIOU_RULE = (
+    "mean IoU over the target classes present in the reference or in the prediction; "
+    "a class absent from both is left out, a class predicted but absent from the reference counts "
+    "with IoU 0"
+)
 
 
 def confusion_matrix(truth_idx: np.ndarray, pred_idx: np.ndarray, num_classes: int) -> np.ndarray:
@@ -52,8 +59,7 @@ def confusion_matrix(truth_idx: np.ndarray, pred_idx: np.ndarray, num_classes: i
     keep = (truth != IGNORE_INDEX) & (pred != IGNORE_INDEX)
     truth = truth[keep].astype(np.int64, copy=False)
     pred = pred[keep].astype(np.int64, copy=False)
-    if truth.size and (truth.min() < 0 or truth.max() >= num_classes or pred.min() < 0
-                       or pred.max() >= num_classes):
+    if truth.size and (truth.min() < 0 or truth.max() >= num_classes or pred.min() < 0 or pred.max() >= num_classes):
         raise ValueError(f"class indices must be in 0..{num_classes - 1} or {IGNORE_INDEX}")
     counts = np.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).astype(np.int64, copy=False)

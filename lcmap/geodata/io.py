@@ -1,0 +1,386 @@
+"""Raster input for every command: finding files, checking them, valid pixels, label mosaics.
+
+Inputs (:func:`find_raster_files`), each item one of:
+
+- a raster file (``.tif``, ``.tiff``, ``.vrt``, ``.jp2``, ``.img``; a ``.vrt`` is one raster, its
+  source files are checked to exist);
+- a folder, searched recursively for raster files;
+- a glob, quoted so that lcmap expands it (``"naip/*.tif"``, ``"tiles/**/*.tif"``);
+- a ``.txt`` list: one path (file, folder or glob) per line, relative paths relative to the
+  ``.txt``'s folder; blank lines and lines starting with ``#`` are skipped.
+
+Checks (:func:`check_raster_file`, :func:`open_raster`), the same everywhere: a missing path, a
+folder or glob with no raster, an unreadable, corrupt or truncated file, a file without a CRS or
+geotransform raise :class:`~lcmap.errors.LcmapInputError` naming the file.
+
+Label mosaics (:class:`LabelMosaic`): label files in any CRS and resolution are read onto a target
+grid (:class:`Grid`: CRS, transform, shape) by nearest neighbour (every grid pixel takes the label
+pixel under its centre). **Overlap rule**: where files overlap, the first file in sorted path order
+that holds a label at the pixel wins. A pixel holds no label where it is off the file, equals the
+files' nodata values, or equals one of the ``no_label_codes`` (the legend's nodata codes). Inside
+one ``.vrt`` GDAL's own order applies (the last source listed is drawn on top).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.transform import Affine
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from lcmap.errors import LcmapInputError
+
+__all__ = [
+    "RASTER_SUFFIXES",
+    "Grid",
+    "LabelMosaic",
+    "check_raster_file",
+    "find_raster_files",
+    "imagery_valid",
+    "open_raster",
+    "valid_mask",
+]
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+_GLOB_CHARS = frozenset("*?[")
+#: Fill of a warped layer where the file wrote nothing (off the file or its nodata).
+_UNWRITTEN = np.iinfo(np.int32).min
+
+
+# ---------------------------------------------------------------------------------------- files
+def find_raster_files(paths: str | Path | Iterable[str | Path], what: str) -> list[str]:
+    """Expand files, folders, quoted globs and ``.txt`` lists (see the module docstring) to files.
+
+    Returns:
+        The raster files, sorted by path (as strings), without duplicates.
+
+    Raises:
+        LcmapInputError: a path does not exist, a folder/glob/list holds no raster, nothing given.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[str] = []
+    for p in paths:
+        files.extend(_expand(str(p), what, seen=set()))
+    if not files:
+        raise LcmapInputError(f"no {what} files given")
+    return sorted(set(files))
+
+
+def _expand(item: str, what: str, seen: set[Path]) -> list[str]:
+    path = Path(item)
+    if path.is_dir():
+        found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
+        if not found:
+            raise LcmapInputError(f"no raster files ({', '.join(RASTER_SUFFIXES)}) found under {what} folder {path}")
+        return found
+    if path.is_file():
+        return _read_list(path, what, seen) if path.suffix.lower() == ".txt" else [str(path)]
+    if _GLOB_CHARS & set(item):
+        matches = sorted(glob.glob(item, recursive=True))
+        if not matches:
+            raise LcmapInputError(f"{what} pattern {item!r} matched no file")
+        files: list[str] = []
+        for m in matches:
+            mp = Path(m)
+            if mp.is_dir() or mp.suffix.lower() in RASTER_SUFFIXES + (".txt",):
+                files.extend(_expand(m, what, seen))
+        if not files:
+            raise LcmapInputError(
+                f"{what} pattern {item!r} matched no raster file ({', '.join(RASTER_SUFFIXES)}): "
+                + ", ".join(matches[:5])
+            )
+        return files
+    raise LcmapInputError(f"{what} path {path} does not exist")
+
+
+def _read_list(path: Path, what: str, seen: set[Path]) -> list[str]:
+    """The rasters a ``.txt`` list names (relative entries are relative to its folder)."""
+    key = path.resolve()
+    if key in seen:
+        raise LcmapInputError(f"{what} list {path} includes itself (through another list)")
+    seen = seen | {key}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LcmapInputError(f"{what} list {path} cannot be read ({exc})") from exc
+    files: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        entry_path = Path(entry).expanduser()
+        if not entry_path.is_absolute():
+            entry_path = path.parent / entry_path
+        try:
+            files.extend(_expand(os.path.normpath(entry_path), what, seen))
+        except LcmapInputError as exc:
+            raise LcmapInputError(f"{what} list {path}, line {number}: {exc}") from exc
+    if not files:
+        raise LcmapInputError(f"{what} list {path} names no file (one path per line, # for comments)")
+    return files
+
+
+# ---------------------------------------------------------------------------------------- checks
+def open_raster(path: str | Path, what: str) -> rasterio.io.DatasetReader:
+    """Open a georeferenced raster (the caller closes it).
+
+    Raises:
+        LcmapInputError: naming the file, if it does not exist, cannot be read (corrupt, truncated,
+            not a raster), has no CRS or no geotransform, or is a ``.vrt`` whose sources are missing.
+    """
+    if not Path(path).exists():
+        raise LcmapInputError(f"{what} {path} does not exist")
+    try:
+        src = rasterio.open(path)
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise _unreadable(path, what, exc) from exc
+    try:
+        if src.crs is None:
+            raise LcmapInputError(
+                f"{what} file {path} has no CRS, so it cannot be placed on a grid. Assign one "
+                "(e.g. gdal_edit.py -a_srs EPSG:XXXX) or use a georeferenced GeoTIFF."
+            )
+        if src.transform.is_identity:
+            raise LcmapInputError(f"{what} file {path} has no geotransform (pixel grid unknown)")
+        if str(path).lower().endswith(".vrt"):
+            missing = [f for f in src.files[1:] if not Path(f).exists()]
+            if missing:
+                raise LcmapInputError(f"{what} file {path} refers to missing files: {', '.join(missing[:5])}")
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def _unreadable(path: str | Path, what: str, exc: Exception) -> LcmapInputError:
+    return LcmapInputError(
+        f"{what} file {path} is not a readable raster ({exc}). It may be corrupt or truncated: "
+        "re-download or re-export it."
+    )
+
+
+def check_raster_file(path: str | Path, what: str) -> dict[str, Any]:
+    """Check a raster (see :func:`open_raster`) and that its last block reads; return its profile.
+
+    Reading the bottom-right block catches truncated files before work starts.
+
+    Returns:
+        ``{"crs", "res", "count", "dtype", "nodata", "bounds"}`` (bounds in the file's CRS).
+    """
+    with open_raster(path, what) as src:
+        try:
+            h, w = src.height, src.width
+            src.read(window=Window(max(0, w - 16), max(0, h - 16), min(16, w), min(16, h)))
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            raise _unreadable(path, what, exc) from exc
+        return {
+            "crs": src.crs,
+            "res": src.res,
+            "count": src.count,
+            "dtype": src.dtypes[0],
+            "nodata": src.nodata,
+            "bounds": tuple(src.bounds),
+        }
+
+
+# ---------------------------------------------------------------------------------------- valid pixels
+def imagery_valid(image: Any, nodata: float) -> Any:
+    """Valid-pixel mask ``(..., H, W)`` of an image ``(C, H, W)`` or a batch ``(B, C, H, W)``
+    (numpy array or torch tensor, the mask is of the same kind): not all bands equal to ``nodata``."""
+    if isinstance(image, np.ndarray):
+        return ~np.all(image == nodata, axis=-3)
+    return ~(image == nodata).all(dim=-3)
+
+
+def valid_mask(ds: Any, data: np.ndarray, window: Window | None) -> np.ndarray:
+    """True where ``data`` (band 1 of ``ds`` read in ``window``) holds data: per the file's nodata
+    value (NaN included), else its mask or alpha band."""
+    flags = ds.mask_flag_enums[0]
+    if MaskFlags.all_valid in flags:
+        return np.ones(data.shape, dtype=bool)
+    if MaskFlags.nodata in flags and ds.nodata is not None:
+        if isinstance(ds.nodata, float) and math.isnan(ds.nodata):
+            return ~np.isnan(data)
+        return data != ds.nodata
+    return ds.read_masks(1, window=window) > 0
+
+
+def _alpha_band(src: Any) -> int:
+    """1-based index of ``src``'s alpha band (0: none). Nodata values and per-dataset masks are
+    honoured by the warp itself; an alpha band has to be named."""
+    if src.nodata is not None:
+        return 0
+    for i, ci in enumerate(src.colorinterp, start=1):
+        if ci == ColorInterp.alpha:
+            return i
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- label mosaics
+@dataclass(frozen=True)
+class Grid:
+    """A pixel grid: ``crs``, ``transform`` (upper-left origin) and ``shape`` ``(height, width)`` px."""
+
+    crs: CRS
+    transform: Affine
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, crs: CRS | str, transform: Affine, width: int, height: int) -> Grid:
+        return cls(CRS.from_user_input(crs), transform, (int(height), int(width)))
+
+    def window(self, window: Window) -> Grid:
+        """The part of this grid under ``window``."""
+        return Grid(self.crs, window_transform(window, self.transform), (int(window.height), int(window.width)))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` in ``crs`` units."""
+        h, w = self.shape
+        xs, ys = zip(*(self.transform * (c, r) for c in (0, w) for r in (0, h)), strict=False)
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+@dataclass
+class LabelRead:
+    """Labels read on a grid: ``codes`` int32 ``(H, W)`` (the fill code where there is none),
+    ``has_label`` bool ``(H, W)`` and ``file_index`` int16 ``(H, W)`` (index into the mosaic's
+    ``paths`` of the file each label came from; -1 where none)."""
+
+    codes: np.ndarray
+    has_label: np.ndarray
+    file_index: np.ndarray
+
+
+class LabelMosaic:
+    """Label files (one or a mosaic, any CRS/resolution) read onto any grid by nearest neighbour.
+
+    Where files overlap, the first file in sorted path order holding a label at the pixel wins (see
+    the module docstring). Files are checked on construction; handles are opened lazily, one per
+    file and process, and are not pickled (safe in DataLoader workers). Use as a context manager
+    or call :meth:`close`.
+
+    Args:
+        paths: files, folders, globs or ``.txt`` lists (:func:`find_raster_files`).
+        what: the files' role, for messages (``label``, ``reference``, ``baseline``).
+        no_label_codes: codes that are no label (the legend's nodata codes), besides the files'
+            nodata values (the nodata value of one file is no label in any of them).
+    """
+
+    def __init__(self, paths: Any, what: str = "label", no_label_codes: Sequence[int] = ()) -> None:
+        self.what = what
+        self.paths = find_raster_files(paths, what)
+        self.profiles = [check_raster_file(p, what) for p in self.paths]
+        file_nodata = {int(v) for v in self.file_nodata if math.isfinite(v) and float(v).is_integer()}
+        self.no_label_codes = np.asarray(sorted({int(c) for c in no_label_codes} | file_nodata), dtype=np.int64)
+        self._footprints: dict[str, np.ndarray] = {}
+        self._handles: dict[tuple[int, str], Any] = {}
+
+    @property
+    def file_nodata(self) -> list[float]:
+        """The files' nodata values (sorted, without None)."""
+        return sorted({p["nodata"] for p in self.profiles if p["nodata"] is not None})
+
+    def footprints(self, crs: CRS) -> np.ndarray:
+        """Each file's bounds in ``crs``: float64 ``(N, 4)`` rows ``xmin, ymin, xmax, ymax``
+        (infinite where a file cannot be projected there: it is then read everywhere)."""
+        key = crs.to_wkt()
+        if key not in self._footprints:
+            boxes = np.empty((len(self.profiles), 4), dtype=np.float64)
+            for i, prof in enumerate(self.profiles):
+                try:
+                    boxes[i] = transform_bounds(prof["crs"], crs, *prof["bounds"], densify_pts=21)
+                except Exception:  # a projection error: test it on every read
+                    boxes[i] = (-np.inf, -np.inf, np.inf, np.inf)
+            boxes[~np.isfinite(boxes).all(axis=1)] = (-np.inf, -np.inf, np.inf, np.inf)
+            self._footprints[key] = boxes
+        return self._footprints[key]
+
+    def files_meeting(self, grid: Grid) -> list[int]:
+        """Indices (into ``paths``, ascending) of the files whose footprint meets ``grid`` (bounding boxes)."""
+        xmin, ymin, xmax, ymax = grid.bounds
+        b = self.footprints(grid.crs)
+        hit = (b[:, 0] < xmax) & (b[:, 2] > xmin) & (b[:, 1] < ymax) & (b[:, 3] > ymin)
+        return [int(i) for i in np.flatnonzero(hit)]
+
+    def meets(self, grid: Grid) -> bool:
+        """Whether any file's footprint meets ``grid``."""
+        return bool(self.files_meeting(grid))
+
+    def read(self, grid: Grid, fill_code: int = 0) -> LabelRead:
+        """Labels on ``grid``, following the overlap rule; ``fill_code`` where no file has a label.
+
+        Raises:
+            LcmapInputError: a file cannot be read (named).
+        """
+        shape = grid.shape
+        codes = np.full(shape, fill_code, dtype=np.int32)
+        has_label = np.zeros(shape, dtype=bool)
+        file_index = np.full(shape, -1, dtype=np.int16)
+        layer = np.empty(shape, dtype=np.int32)
+        for i in self.files_meeting(grid):
+            layer.fill(_UNWRITTEN)
+            path = self.paths[i]
+            src = self._open(path)
+            try:
+                reproject(
+                    source=rasterio.band(src, 1),
+                    destination=layer,
+                    src_nodata=src.nodata,
+                    src_alpha=_alpha_band(src),
+                    dst_transform=grid.transform,
+                    dst_crs=grid.crs,
+                    dst_nodata=_UNWRITTEN,
+                    resampling=Resampling.nearest,
+                )
+            except (rasterio.errors.RasterioError, OSError) as exc:
+                raise LcmapInputError(
+                    f"{self.what} file {path} could not be read ({exc}); it may be truncated or corrupt"
+                ) from exc
+            take = (layer != _UNWRITTEN) & ~has_label
+            if self.no_label_codes.size:
+                take &= ~np.isin(layer, self.no_label_codes)
+            codes[take] = layer[take]
+            file_index[take] = i
+            has_label |= take
+            if has_label.all():
+                break
+        return LabelRead(codes, has_label, file_index)
+
+    def _open(self, path: str) -> Any:
+        key = (os.getpid(), path)
+        if key not in self._handles:
+            self._handles[key] = open_raster(path, self.what)
+        return self._handles[key]
+
+    def close(self) -> None:
+        """Close the handles this process opened."""
+        for (pid, _), handle in list(self._handles.items()):
+            if pid == os.getpid():
+                handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __enter__(self) -> LabelMosaic:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
