@@ -33,6 +33,9 @@ from rasterio.transform import Affine
 
 from lcmap.geodata.legends import MAP_NODATA, Legend
 
+#: GDAL dataset tag holding the legend a map's codes are in (JSON of ``Legend.to_dict()``).
+LEGEND_TAG = "LCMAP_LEGEND"
+
 __all__ = [
     "BIGTIFF_THRESHOLD",
     "VrtSource",
@@ -300,5 +303,5 @@ def read_category_names(path: str | Path, band: int = 1) -> list[str]:
 
 
 def legend_tag(legend: Legend) -> str:
-    """The ``LCMAP_LEGEND`` dataset tag: the legend the map's codes are in, as JSON."""
+    """The value of the :data:`LEGEND_TAG` dataset tag: the legend the map's codes are in, as JSON."""
     return json.dumps(legend.to_dict())

@@ -39,6 +39,7 @@ from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
 from lcmap.geodata.io import Grid, LabelMosaic, open_raster, valid_mask
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
+from lcmap.pipeline.cog import LEGEND_TAG
 from lcmap.pipeline.evaluate_report import format_score, write_report
 from lcmap.pipeline.metrics import MIOU_RULE, confusion_matrix, scores_from_confusion
 
@@ -52,8 +53,6 @@ __all__ = [
     "write_report",
 ]
 
-#: GDAL metadata tag holding ``json.dumps(legend.to_dict())`` of the legend of a map's codes.
-LEGEND_TAG = "LCMAP_LEGEND"
 
 
 # ---------------------------------------------------------------------------------------- inputs

@@ -54,8 +54,7 @@ __all__ = [
     "space_error",
 ]
 
-#: Dataset tag holding the legend the map's codes are in (JSON of ``Legend.to_dict()``).
-LEGEND_TAG = "LCMAP_LEGEND"
+LEGEND_TAG = cog.LEGEND_TAG
 MANIFEST_VERSION = 2  # 2: --legend target sums LR-class probabilities per target class
 #: GDAL block cache while predicting blocks and writing the COG (bytes).
 GDAL_CACHE_BYTES = 64 * 1024 * 1024

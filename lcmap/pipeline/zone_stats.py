@@ -36,8 +36,8 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from lcmap.errors import LcmapInputError
-from lcmap.pipeline.cog import read_category_names
-from lcmap.pipeline.evaluate import LEGEND_TAG, map_legend
+from lcmap.pipeline.cog import LEGEND_TAG, read_category_names
+from lcmap.pipeline.evaluate import map_legend
 from lcmap.pipeline.zonal import DEFAULT_BLOCK_PX, count_pairs, pixel_area_m2_per_row, zone_index_raster
 
 __all__ = ["MapClasses", "ZoneStats", "Zones", "map_classes", "read_zones", "write_stats", "zone_stats"]
