@@ -32,7 +32,8 @@ from lcmap.geodata.legends import IGNORE_INDEX, get_legend
 from lcmap.models import predict_proba, sum_probabilities
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 from lcmap.pipeline.runs import load_trained_model
-from lcmap.pipeline.train import TrainConfig, run_train
+from lcmap.pipeline.config import TrainConfig
+from lcmap.pipeline.train import run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 

@@ -30,7 +30,7 @@ def _parameter(f: dataclasses.Field) -> inspect.Parameter:
     if isinstance(default, (list, dict)):
         default = None
     info = typer.Option(*decls, help=opt.help, metavar=opt.metavar, show_default=default is not None)
-    annotation = Annotated[Optional[opt.cli_type], info]  # noqa: UP045 - typer needs a runtime type
+    annotation = Annotated[Optional[opt.cli_type], info]  # type: ignore[name-defined]  # noqa: UP045 - built at run time
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 

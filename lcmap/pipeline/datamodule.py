@@ -270,15 +270,22 @@ class LandCoverDataModule(pl.LightningDataModule):
             persistent_workers=False,
         )
 
+    def datasets(self) -> tuple[GeoDataset, GeoDataset]:
+        """The training and validation datasets (after :meth:`setup`)."""
+        if self.train_dataset is None or self.val_dataset is None:
+            raise RuntimeError("LandCoverDataModule.setup() has not run yet")
+        return self.train_dataset, self.val_dataset
+
     # -------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
+        train_dataset = self.datasets()[0]
         rank, world = self._rank_world()
         epoch = int(self.trainer.current_epoch) if self.trainer is not None else 0
         length = math.ceil(self.steps_per_epoch * self.batch_size / world)
         sampler = make_random_sampler(
-            self.train_dataset, self.patch_px, length, self.roi, seed=_seed(self.seed, epoch, rank)
+            train_dataset, self.patch_px, length, self.roi, seed=_seed(self.seed, epoch, rank)
         )
-        return self._loader(self.train_dataset, sampler, self.batch_size)
+        return self._loader(train_dataset, sampler, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -288,7 +295,7 @@ class LandCoverDataModule(pl.LightningDataModule):
         shard = windows[rank::world]
         if len(shard) < math.ceil(len(windows) / world):  # keep shards equal for the collective reduce
             shard = shard + windows[: math.ceil(len(windows) / world) - len(shard)]
-        return self._loader(self.val_dataset, shard, self.val_batch_size)
+        return self._loader(self.datasets()[1], shard, self.val_batch_size)
 
     # ------------------------------------------------------------- on-device transforms
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

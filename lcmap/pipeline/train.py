@@ -255,7 +255,7 @@ def _datamodule(config: TrainConfig, inputs: _Inputs, stats: Any) -> Any:
         nodata=inputs.imagery.nodata,
     )
     datamodule.setup("fit")
-    check_patches_fit(datamodule.train_dataset, inputs.roi, config.resolved_patch_px, inputs.aoi_name)
+    check_patches_fit(datamodule.datasets()[0], inputs.roi, config.resolved_patch_px, inputs.aoi_name)
     if not datamodule.val_windows:
         raise LcmapInputError(f"no {config.val_patch_px} px validation window touches {inputs.aoi_name}")
     return datamodule
@@ -273,7 +273,7 @@ def _class_weights(
         legend, patch_px = inputs.legend, config.resolved_patch_px
         n_patches = int(min(512, max(64, config.steps_per_epoch * config.batch_size)))
         counts = sample_label_counts(
-            datamodule.train_dataset, inputs.roi, patch_px, n_patches, len(legend), seed=config.seed + 17,
+            datamodule.datasets()[0], inputs.roi, patch_px, n_patches, len(legend), seed=config.seed + 17,
             num_workers=config.num_workers,
         )  # fmt: skip
         if counts.sum() == 0:
