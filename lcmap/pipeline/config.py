@@ -134,8 +134,8 @@ def _mixed_classes(value: Any) -> dict[int, list[str]]:
                     raise ValueError(f"{item!r} is not CODE=TARGET[,TARGET...]")
                 items.append((code, names.split(",")))
     mixed = {}
-    for code, names in items:
-        clean = [str(n).strip() for n in names if str(n).strip()]
+    for code, target_names in items:
+        clean = [str(n).strip() for n in target_names if str(n).strip()]
         if not clean:
             raise ValueError(f"mixed class {code} names no target class")
         mixed[int(code)] = clean
@@ -353,7 +353,7 @@ class TrainConfig:
         return self._replace(self._normalise_keys(given, "command line"), "command line")
 
     def _replace(self, values: dict[str, Any], source: str) -> TrainConfig:
-        coerced = {}
+        coerced: dict[str, Any] = {}
         for name, value in values.items():
             try:
                 coerced[name] = None if value is None else self.option_of(name).parse(value)
