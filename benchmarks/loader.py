@@ -51,14 +51,20 @@ def plain_reads(queries, imagery_files, label_files, batch_size: int) -> int:
     batch = []
     for q in queries:
         xmin, ymin, xmax, ymax = query_bounds(q)
-        for si, sl in zip(srcs_img, srcs_lbl):
+        for si, sl in zip(srcs_img, srcs_lbl, strict=True):
             b = si.bounds
             if b.left <= (xmin + xmax) / 2 <= b.right and b.bottom <= (ymin + ymax) / 2 <= b.top:
                 w = int(round(xmax - xmin))
-                img = si.read(window=from_bounds(xmin, ymin, xmax, ymax, si.transform), boundless=True,
-                              out_shape=(si.count, w, w))
-                lbl = sl.read(1, window=from_bounds(xmin, ymin, xmax, ymax, sl.transform), boundless=True,
-                              out_shape=(w, w), resampling=Resampling.nearest)
+                img = si.read(
+                    window=from_bounds(xmin, ymin, xmax, ymax, si.transform), boundless=True, out_shape=(si.count, w, w)
+                )
+                lbl = sl.read(
+                    1,
+                    window=from_bounds(xmin, ymin, xmax, ymax, sl.transform),
+                    boundless=True,
+                    out_shape=(w, w),
+                    resampling=Resampling.nearest,
+                )
                 batch.append((torch.from_numpy(img.astype(np.float32)), torch.from_numpy(lbl.astype(np.int64))))
                 break
         if len(batch) == batch_size:
@@ -72,8 +78,14 @@ def plain_reads(queries, imagery_files, label_files, batch_size: int) -> int:
 
 
 def lcmap_loader(ds, queries, batch_size: int, workers: int) -> int:
-    loader = DataLoader(ds, batch_size=batch_size, sampler=_Fixed(queries), num_workers=workers,
-                        collate_fn=stack_samples, persistent_workers=False)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=_Fixed(queries),
+        num_workers=workers,
+        collate_fn=stack_samples,
+        persistent_workers=False,
+    )
     n = 0
     for batch in loader:
         n += batch["image"].shape[0]
@@ -112,10 +124,20 @@ def main() -> None:
     print(f"windows: {len(queries)} x {args.patch_px} px, batch {args.batch_size}, embedded sample (NAIP + NLCD 30 m)")
     print(f"plain rasterio reads      : {results['plain_patches_per_s']:8.1f} patches/s")
     for workers in (0, 2):
-        print(f"lcmap loader, {workers} workers   : {results[f'lcmap_{workers}w_patches_per_s']:8.1f} patches/s"
-              f"   ratio {results[f'ratio_{workers}w']:.2f} (target >= 0.7)")
-    print(json.dumps({"benchmark": "loader", "patches": len(queries), "patch_px": args.patch_px,
-                      **{k: round(v, 3) for k, v in results.items()}}))
+        print(
+            f"lcmap loader, {workers} workers   : {results[f'lcmap_{workers}w_patches_per_s']:8.1f} patches/s"
+            f"   ratio {results[f'ratio_{workers}w']:.2f} (target >= 0.7)"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "loader",
+                "patches": len(queries),
+                "patch_px": args.patch_px,
+                **{k: round(v, 3) for k, v in results.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

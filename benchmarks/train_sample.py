@@ -30,9 +30,10 @@ from rasterio.warp import reproject
 
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
 from lcmap.models import predict_proba, sum_probabilities
+from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 from lcmap.pipeline.runs import load_trained_model
-from lcmap.pipeline.train import TrainConfig, run_train
+from lcmap.pipeline.train import run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 
@@ -49,8 +50,17 @@ def _reference_and_nlcd(i: int) -> tuple[np.ndarray, np.ndarray]:
         transform, crs, shape = r.transform, r.crs, (r.height, r.width)
     with rasterio.open(SAMPLE / "nlcd" / f"patch-{i}.tif") as n:
         nlcd = np.zeros(shape, np.uint8)
-        reproject(n.read(1), nlcd, src_transform=n.transform, src_crs=n.crs, dst_transform=transform,
-                  dst_crs=crs, resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)
+        reproject(
+            n.read(1),
+            nlcd,
+            src_transform=n.transform,
+            src_crs=n.crs,
+            dst_transform=transform,
+            dst_crs=crs,
+            resampling=Resampling.nearest,
+            src_nodata=0,
+            dst_nodata=0,
+        )
     return ref, nlcd_legend.code_to_target_lut()[nlcd]
 
 
@@ -78,8 +88,10 @@ def score_run(ckpt: Path) -> dict:
     names = tm.legend.target.names
     k = len(names)
     out = {}
-    cms = {"train": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
-           "heldout": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64))}
+    cms = {
+        "train": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
+        "heldout": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
+    }
     for p in _patches():
         i, split = p["patch"], p["split"]
         ref, nlcd = _reference_and_nlcd(i)
@@ -108,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["paraformer-tiny", "unet"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1234])
     ap.add_argument("--checkpoints", nargs="+", default=["last", "best"], choices=["last", "best"])
-    ap.add_argument("--no-reference-val", action="store_true",
-                    help="validate on the LR labels instead of the reference (best.ckpt then follows agreement)")
+    ap.add_argument(
+        "--no-reference-val",
+        action="store_true",
+        help="validate on the LR labels instead of the reference (best.ckpt then follows agreement)",
+    )
     ap.add_argument("--out", default="/tmp/lcmap-bench")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--steps-per-epoch", type=int)
@@ -119,10 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer")
     ap.add_argument("--class-weighting")
     ap.add_argument("--augment", type=lambda s: s.lower() in ("1", "true", "yes", "on"))
-    ap.add_argument("--demo-settings", action="store_true",
-                    help="start from the demo's training settings (lcmap.pipeline.demo.DEMO_TRAINING)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="any other TrainConfig option, e.g. --set weight_decay=0.05 val_patch_px=128")
+    ap.add_argument(
+        "--demo-settings",
+        action="store_true",
+        help="start from the demo's training settings (lcmap.pipeline.demo.DEMO_TRAINING)",
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other TrainConfig option, e.g. --set weight_decay=0.05 val_patch_px=128",
+    )
     ap.add_argument("--progress-bar", action="store_true")
     args = ap.parse_args(argv)
 
@@ -136,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 shutil.rmtree(run_dir)
             config = TrainConfig(
-                images=[str(SAMPLE / "naip")], labels=[str(SAMPLE / "nlcd")], legend="nlcd",
-                aoi=str(SAMPLE / "aoi_train.geojson"), model=model, seed=seed, out=str(run_dir),
+                images=[str(SAMPLE / "naip")],
+                labels=[str(SAMPLE / "nlcd")],
+                legend="nlcd",
+                aoi=str(SAMPLE / "aoi_train.geojson"),
+                model=model,
+                seed=seed,
+                out=str(run_dir),
                 progress_bar=args.progress_bar,
             )
             if args.demo_settings:
@@ -146,21 +174,47 @@ def main(argv: list[str] | None = None) -> int:
                 config = config.merged(**DEMO_TRAINING)
             if not args.no_reference_val:
                 config = config.merged(reference=[str(SAMPLE / "reference")], reference_legend="chesapeake")
-            config = config.merged(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                                   batch_size=args.batch_size, patch_px=args.patch_px, lr=args.lr,
-                                   optimizer=args.optimizer, class_weighting=args.class_weighting,
-                                   augment=args.augment)
+            config = config.merged(
+                epochs=args.epochs,
+                steps_per_epoch=args.steps_per_epoch,
+                batch_size=args.batch_size,
+                patch_px=args.patch_px,
+                lr=args.lr,
+                optimizer=args.optimizer,
+                class_weighting=args.class_weighting,
+                augment=args.augment,
+            )
             config = config.merged(**dict(kv.split("=", 1) for kv in args.set))
             t0 = time.perf_counter()
             run_train(config)
             seconds = time.perf_counter() - t0
             for which in args.checkpoints:
                 scores = score_run(run_dir / "checkpoints" / f"{which}.ckpt")
-                results.append({"model": model, "seed": seed, "checkpoint": which, "train_seconds": seconds,
-                                 "config": {k: v for k, v in config.to_dict().items()
-                                            if k in ("epochs", "steps_per_epoch", "batch_size", "patch_px", "lr",
-                                                     "optimizer", "class_weighting", "augment", "label_trust")},
-                                 **scores})
+                results.append(
+                    {
+                        "model": model,
+                        "seed": seed,
+                        "checkpoint": which,
+                        "train_seconds": seconds,
+                        "config": {
+                            k: v
+                            for k, v in config.to_dict().items()
+                            if k
+                            in (
+                                "epochs",
+                                "steps_per_epoch",
+                                "batch_size",
+                                "patch_px",
+                                "lr",
+                                "optimizer",
+                                "class_weighting",
+                                "augment",
+                                "label_trust",
+                            )
+                        },
+                        **scores,
+                    }
+                )
                 _print_row(results[-1])
     print()
     print("RESULT " + json.dumps(results))
@@ -170,19 +224,27 @@ def main(argv: list[str] | None = None) -> int:
 def _print_row(r: dict) -> None:
     names = list(r["train"]["model"]["iou"])
     short = {"water": "water", "tree canopy": "tree", "low vegetation": "lowveg", "built-up": "built"}
-    head = (f"{'model':16s} {'seed':>5s} {'ckpt':4s} {'split':7s} {'OA':>6s} {'mIoU':>6s} "
-            + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
-            + f" | {'NLCD OA':>7s} {'mIoU':>6s} " + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
-            + f" | {'gain':>6s} {'gainRC':>6s} {'train s':>7s}")
+    head = (
+        f"{'model':16s} {'seed':>5s} {'ckpt':4s} {'split':7s} {'OA':>6s} {'mIoU':>6s} "
+        + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
+        + f" | {'NLCD OA':>7s} {'mIoU':>6s} "
+        + " ".join(f"{short.get(n, n)[:6]:>6s}" for n in names)
+        + f" | {'gain':>6s} {'gainRC':>6s} {'train s':>7s}"
+    )
     if not getattr(_print_row, "_done", False):
         print(head)
         _print_row._done = True  # type: ignore[attr-defined]
     for split in ("train", "heldout"):
         m, n = r[split]["model"], r[split]["nlcd"]
-        print(f"{r['model']:16s} {r['seed']:5d} {r['checkpoint']:4s} {split:7s} {_fmt(m['oa']):>6s} {_fmt(m['miou']):>6s} "
-              + " ".join(f"{_fmt(m['iou'][k]):>6s}" for k in names)
-              + f" | {_fmt(n['oa']):>7s} {_fmt(n['miou']):>6s} " + " ".join(f"{_fmt(n['iou'][k]):>6s}" for k in names)
-              + f" | {r[split]['gain_miou']:+.3f} {r[split]['gain_miou_reference_classes']:+.3f} {r['train_seconds']:7.0f}")
+        print(
+            f"{r['model']:16s} {r['seed']:5d} {r['checkpoint']:4s} {split:7s} "
+            + f"{_fmt(m['oa']):>6s} {_fmt(m['miou']):>6s} "
+            + " ".join(f"{_fmt(m['iou'][k]):>6s}" for k in names)
+            + f" | {_fmt(n['oa']):>7s} {_fmt(n['miou']):>6s} "
+            + " ".join(f"{_fmt(n['iou'][k]):>6s}" for k in names)
+            + f" | {r[split]['gain_miou']:+.3f} {r[split]['gain_miou_reference_classes']:+.3f}"
+            + f" {r['train_seconds']:7.0f}"
+        )
     sys.stdout.flush()
 
 

@@ -13,53 +13,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 
 from lcmap import __version__
+from lcmap.cli_options import LIST_HELP, ListOptionsGroup, command_from_options
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, LcmapInputError
-
-#: Raster list options of every command: several values may follow one flag
-#: (``--reference a.tif b.tif``), as well as the flag repeated (``--reference a.tif --reference b.tif``).
-LIST_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline"})
-#: What a raster list option accepts (appended to its help text).
-LIST_HELP = (
-    " Several after one flag or the flag repeated; each a file, a folder, a quoted glob "
-    "(\"tiles/*.tif\"), a .txt list of paths or a .vrt."
-)
-
-
-def expand_list_options(args: list[str], names: frozenset[str] = LIST_OPTIONS) -> list[str]:
-    """``--opt a b c`` -> ``--opt a --opt b --opt c`` for the list options ``names``.
-
-    The values of a list option run up to the next token starting with ``-`` (or ``--``, after
-    which nothing is touched). Click has no variadic options; this turns them into repeated ones.
-    """
-    out: list[str] = []
-    current: str | None = None  # the list option whose values are being read
-    count = 0  # values read after it so far
-    for i, token in enumerate(args):
-        if token == "--":
-            out.extend(args[i:])
-            break
-        if token.startswith("-"):
-            name, eq, _ = token.partition("=")
-            current = name if name in names else None
-            count = 1 if eq else 0
-        elif current is not None:
-            if count:
-                out.append(current)
-            count += 1
-        out.append(token)
-    return out
-
-
-class ListOptionsGroup(TyperGroup):
-    """The ``lcmap`` command group: expands several values after one list option (see
-    :func:`expand_list_options`) before Click parses them (console script and CliRunner alike)."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, expand_list_options(list(args)))
-
+from lcmap.pipeline.config import TrainConfig
 
 app = typer.Typer(
     cls=ListOptionsGroup,
@@ -120,52 +78,17 @@ def _main(
 
 
 @app.command()
-def train(
-    out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.")],
-    images: Annotated[Optional[list[Path]], typer.Option("--images", help="HR imagery (GeoTIFF; any band count; imagery CRS and resolution define the grid)." + LIST_HELP)] = None,
-    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid; where files overlap, the first in sorted path order holding a label wins." + LIST_HELP)] = None,
-    legend: Annotated[Optional[str], typer.Option("--legend", help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.")] = None,
-    aoi: AOIOpt = None,
-    bbox: BBox = None,
-    bbox_crs: BBoxCRS = "EPSG:4326",
-    model: Annotated[Optional[str], typer.Option("--model", help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same options as these flags (flags win).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs.")] = None,
-    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="Optimizer steps (batches) per epoch.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Patches per batch (per device).")] = None,
-    patch_px: Annotated[Optional[int], typer.Option("--patch-px", help="Training patch side in pixels of the imagery grid (multiple of 32).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
-    devices: Annotated[Optional[int], typer.Option("--devices", help="Number of devices (GPUs: DDP when > 1).")] = None,
-    accelerator: Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu or gpu.")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = None,
-    vit_weights: Annotated[Optional[Path], typer.Option("--vit-weights", help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). Without it the ViT trains from scratch.")] = None,
-    reference: Annotated[Optional[list[Path]], typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes)." + LIST_HELP)] = None,
-    reference_legend: Annotated[Optional[str], typer.Option("--reference-legend", help="Legend of --reference.")] = None,
-    class_weighting: Annotated[Optional[str], typer.Option("--class-weighting", help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.")] = None,
-    label_trust: Annotated[Optional[list[str]], typer.Option("--label-trust", help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. --label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.")] = None,
-    mixed_class: Annotated[Optional[list[str]], typer.Option("--mixed-class", help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' for NLCD 'Developed, Open Space'.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = False,
-) -> None:
+@command_from_options(
+    TrainConfig,
+    config_help="YAML file with the same options as these flags (keys: the flag names); flags given on the command line win.",
+)
+def train(config_file: Path | None, given: dict) -> None:
     """Train Paraformer (or the U-Net baseline) on HR imagery with LR labels inside an AOI."""
-    from lcmap.pipeline.train import TrainConfig, run_train
-
-    flags = {
-        "out": out, "images": images, "labels": labels, "legend": legend, "aoi": aoi, "bbox": bbox,
-        "bbox_crs": bbox_crs, "model": model, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-        "batch_size": batch_size, "patch_px": patch_px, "lr": lr, "devices": devices,
-        "accelerator": accelerator, "precision": precision, "vit_weights": vit_weights,
-        "reference": reference, "reference_legend": reference_legend, "seed": seed,
-        "class_weighting": class_weighting, "label_trust": label_trust, "mixed_classes": mixed_class,
-        "num_workers": num_workers, "resume": resume or None,
-    }
-    flags = {k: v for k, v in flags.items() if v is not None and v != []}
+    from lcmap.pipeline.train import run_train
 
     def go():
-        cfg = TrainConfig.from_yaml(config) if config else TrainConfig()
-        cfg = cfg.merged(**flags)
-        run_dir = run_train(cfg)
+        cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+        run_dir = run_train(cfg.merged(**given))
         console.print(f"[green]run written to[/] {run_dir}")
 
     _run(go)

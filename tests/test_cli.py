@@ -12,7 +12,8 @@ import rasterio
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-from lcmap.cli import LIST_OPTIONS, app, expand_list_options
+from lcmap.cli import app
+from lcmap.cli_options import LIST_OPTIONS, expand_list_options
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
 from lcmap.geodata.sample import SAMPLE_DIR, sample_paths
 from lcmap.pipeline.evaluate import LEGEND_TAG

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from torchgeo.datasets import GeoDataset, stack_samples
 
 from lcmap.compat import HAS_PATCH_SAMPLERS, grid_patch_sampler, query_bounds, random_patch_sampler
-from lcmap.geodata.datasets import imagery_valid
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.datasets import imagery_valid
 from lcmap.geodata.legends import IGNORE_INDEX
 
 __all__ = [
@@ -48,8 +48,7 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def make_random_sampler(dataset: GeoDataset, patch_px: int, length: int, roi: shapely.Geometry | None,
-                        seed: int):
+def make_random_sampler(dataset: GeoDataset, patch_px: int, length: int, roi: shapely.Geometry | None, seed: int):
     """:func:`lcmap.compat.random_patch_sampler` without its side effect on the global torch RNG."""
     state = torch.random.get_rng_state()
     try:
@@ -66,8 +65,9 @@ def _footprints(dataset: GeoDataset, roi: shapely.Geometry | None) -> list[shape
     return [g.intersection(roi) for g in geoms if g.intersects(roi)]
 
 
-def check_patches_fit(dataset: GeoDataset, roi: shapely.Geometry | None, patch_px: int,
-                      aoi_source: str = "the AOI") -> None:
+def check_patches_fit(
+    dataset: GeoDataset, roi: shapely.Geometry | None, patch_px: int, aoi_source: str = "the AOI"
+) -> None:
     """Raise a clear error unless at least one ``patch_px`` window can be drawn inside ``roi``.
 
     A window must lie inside one file's footprint clipped to the AOI's bounding box, with its
@@ -120,12 +120,21 @@ def validation_windows(dataset: GeoDataset, size_px: int, roi: shapely.Geometry 
     return windows
 
 
-def sample_label_counts(dataset: GeoDataset, roi: shapely.Geometry | None, patch_px: int, n_patches: int,
-                        num_classes: int, seed: int, batch_size: int = 16, num_workers: int = 0) -> np.ndarray:
+def sample_label_counts(
+    dataset: GeoDataset,
+    roi: shapely.Geometry | None,
+    patch_px: int,
+    n_patches: int,
+    num_classes: int,
+    seed: int,
+    batch_size: int = 16,
+    num_workers: int = 0,
+) -> np.ndarray:
     """Pixels per label class (legend index) over ``n_patches`` random training patches."""
     sampler = make_random_sampler(dataset, patch_px, n_patches, roi, seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=stack_samples)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=stack_samples
+    )
     counts = np.zeros(num_classes, dtype=np.int64)
     state = torch.random.get_rng_state()
     try:
@@ -166,15 +175,21 @@ def dihedral_augment(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 class LandCoverDataModule(pl.LightningDataModule):
     """Random training patches and a fixed validation grid from geo-datasets (see module docs).
 
+    The rasters come opened (their file index); :meth:`setup` pairs them into the training and
+    validation datasets (:class:`~lcmap.geodata.datasets.LabelledImagery`) and lays out the
+    validation windows, once (Lightning calls it again in ``fit``; ``lcmap train`` calls it first
+    to check the AOI and count label pixels for the class weights).
+
     Args:
-        train_dataset: imagery & LR labels (``{"image", "mask"}`` samples).
-        val_dataset: imagery & the validation labels (reference, or the LR labels).
+        imagery: the HR imagery (:class:`~lcmap.geodata.datasets.HRImagery`).
+        labels: the LR labels (:class:`~lcmap.geodata.datasets.LabelRaster`).
         roi: the AOI in the imagery CRS (None: the whole data).
         patch_px: training patch side (px).
         batch_size: patches per step (per device).
         steps_per_epoch: optimiser steps per epoch (all devices together: each of ``n`` devices
             draws ``ceil(steps_per_epoch * batch_size / n)`` patches).
         mean, std: per-band normalisation (imagery units).
+        val_labels: the validation labels (the HR reference), or None to validate on ``labels``.
         val_patch_px: validation window side (px).
         val_batch_size: windows per validation step.
         augment: random flips and 90-degree rotations during training.
@@ -187,14 +202,15 @@ class LandCoverDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_dataset: GeoDataset,
-        val_dataset: GeoDataset,
+        imagery: Any,
+        labels: Any,
         roi: shapely.Geometry | None,
         patch_px: int,
         batch_size: int,
         steps_per_epoch: int,
         mean: Sequence[float],
         std: Sequence[float],
+        val_labels: Any = None,
         val_patch_px: int = 256,
         val_batch_size: int = 2,
         augment: bool = True,
@@ -204,8 +220,11 @@ class LandCoverDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.nodata = nodata
-        self.train_dataset = train_dataset
-        self.val_dataset = val_dataset
+        self.imagery = imagery
+        self.labels = labels
+        self.val_labels = val_labels
+        self.train_dataset: GeoDataset | None = None
+        self.val_dataset: GeoDataset | None = None
         self.roi = roi
         self.patch_px = patch_px
         self.batch_size = batch_size
@@ -217,7 +236,20 @@ class LandCoverDataModule(pl.LightningDataModule):
         self.augment = augment
         self.num_workers = num_workers
         self.seed = seed
-        self._val_windows: list[tuple] | None = None
+        self.val_windows: list[tuple] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Pair imagery and labels (training, validation) and lay out the validation windows (once)."""
+        if self.train_dataset is not None:
+            return
+        from lcmap.geodata.datasets import LabelledImagery
+
+        self.train_dataset = LabelledImagery(self.imagery, self.labels, aoi=self.roi)
+        if self.val_labels is None:
+            self.val_dataset = self.train_dataset
+        else:
+            self.val_dataset = LabelledImagery(self.imagery, self.val_labels, aoi=self.roi)
+        self.val_windows = validation_windows(self.val_dataset, self.val_patch_px, self.roi)
 
     # ------------------------------------------------------------------------ helpers
     def _rank_world(self) -> tuple[int, int]:
@@ -229,24 +261,31 @@ class LandCoverDataModule(pl.LightningDataModule):
     def _loader(self, dataset: GeoDataset, sampler: Any, batch_size: int) -> DataLoader:
         on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=stack_samples, pin_memory=on_gpu, persistent_workers=False,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=stack_samples,
+            pin_memory=on_gpu,
+            persistent_workers=False,
         )
 
-    @property
-    def val_windows(self) -> list[tuple]:
-        if self._val_windows is None:
-            self._val_windows = validation_windows(self.val_dataset, self.val_patch_px, self.roi)
-        return self._val_windows
+    def datasets(self) -> tuple[GeoDataset, GeoDataset]:
+        """The training and validation datasets (after :meth:`setup`)."""
+        if self.train_dataset is None or self.val_dataset is None:
+            raise RuntimeError("LandCoverDataModule.setup() has not run yet")
+        return self.train_dataset, self.val_dataset
 
     # -------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
+        train_dataset = self.datasets()[0]
         rank, world = self._rank_world()
         epoch = int(self.trainer.current_epoch) if self.trainer is not None else 0
         length = math.ceil(self.steps_per_epoch * self.batch_size / world)
-        sampler = make_random_sampler(self.train_dataset, self.patch_px, length, self.roi,
-                                      seed=_seed(self.seed, epoch, rank))
-        return self._loader(self.train_dataset, sampler, self.batch_size)
+        sampler = make_random_sampler(
+            train_dataset, self.patch_px, length, self.roi, seed=_seed(self.seed, epoch, rank)
+        )
+        return self._loader(train_dataset, sampler, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -256,7 +295,7 @@ class LandCoverDataModule(pl.LightningDataModule):
         shard = windows[rank::world]
         if len(shard) < math.ceil(len(windows) / world):  # keep shards equal for the collective reduce
             shard = shard + windows[: math.ceil(len(windows) / world) - len(shard)]
-        return self._loader(self.val_dataset, shard, self.val_batch_size)
+        return self._loader(self.datasets()[1], shard, self.val_batch_size)
 
     # ------------------------------------------------------------- on-device transforms
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

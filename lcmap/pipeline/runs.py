@@ -1,14 +1,20 @@
 """Training-run folders and self-contained checkpoints.
 
-A RUN_DIR written by ``lcmap train`` holds::
+This module is the one owner of the RUN_DIR layout (:class:`RunFolder` writes and reads its files)::
 
     RUN_DIR/
-      config.yaml            the training options (flags and config file merged)
-      legend.yaml            the LR legend the network predicts (its class order = output channels)
-      normalization.json     per-band mean and std of the imagery (digital numbers)
-      checkpoints/last.ckpt  Lightning checkpoint, written every epoch and on Ctrl-C
-      checkpoints/best.ckpt  the best one by the validation score
-      metrics.csv, loss.png  metrics per epoch and the loss curves
+      config.yaml              the options used (flags and config file merged; absolute paths)
+      legend.yaml              the LR legend the network predicts (its class order = output channels)
+      normalization.json       per-band mean and std of the imagery (digital numbers)
+      class_weights.json       CE class weights (and the label frequencies they come from)
+      checkpoints/last.ckpt    Lightning checkpoint, written every epoch and on Ctrl-C
+      checkpoints/best.ckpt    best validation mIoU (vs the reference, else vs the LR labels);
+                               ``lcmap predict --model RUN_DIR`` uses it only when validated
+                               against a reference, else last.ckpt (:func:`resolve_checkpoint`)
+      metrics.csv              every logged metric (logs/version_*/metrics.csv merged)
+      loss.png                 loss curves and validation mIoU per epoch
+      train.log                a readable log of the run
+      logs/                    Lightning's CSV (and TensorBoard, when installed) logs
 
 Every checkpoint is self-contained: its ``hyper_parameters`` carry the model name, the band count,
 the legend and the normalisation, and its ``state_dict`` keys start with ``model.``. So
@@ -17,6 +23,11 @@ the legend and the normalisation, and its ``state_dict`` keys start with ``model
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,23 @@ from torch import nn
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import Legend
+from lcmap.pipeline.config import TrainConfig
+
+log = logging.getLogger("lcmap.train")
+
+__all__ = [
+    "REQUIRED_HPARAMS",
+    "RunFolder",
+    "TrainedModel",
+    "atomic_write_text",
+    "epoch_history",
+    "flatten_metrics",
+    "load_trained_model",
+    "plot_history",
+    "read_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 #: Keys every checkpoint's ``hyper_parameters`` must hold.
 REQUIRED_HPARAMS = ("model_name", "in_channels", "legend", "norm_mean", "norm_std")
@@ -82,13 +110,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _validated_on_reference(run_dir: Path) -> bool:
     """Whether RUN_DIR/config.yaml names an HR reference (unreadable or absent config: False)."""
-    import yaml
-
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        return bool(RunFolder(run_dir).read_config().reference)
+    except LcmapInputError:
         return False
-    return isinstance(config, dict) and bool(config.get("reference"))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -119,7 +144,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     hp = ckpt["hyper_parameters"]
     legend = Legend.from_dict(hp["legend"], source=str(ckpt_path))
     model = build_model(hp["model_name"], int(hp["in_channels"]), len(legend))
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -168,3 +193,185 @@ def save_checkpoint(
     torch.save(ckpt, tmp)
     tmp.replace(path)
     return path
+
+
+# ---------------------------------------------------------------------------------- run folder
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """The files of one RUN_DIR (layout in the module docs): where each lives, how it is written and read.
+
+    Args:
+        path: the RUN_DIR (need not exist yet).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_yaml = self.path / "config.yaml"
+        self.legend_yaml = self.path / "legend.yaml"
+        self.normalization_json = self.path / "normalization.json"
+        self.class_weights_json = self.path / "class_weights.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.last_ckpt = self.checkpoints / "last.ckpt"
+        self.best_ckpt = self.checkpoints / "best.ckpt"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.loss_png = self.path / "loss.png"
+        self.train_log = self.path / "train.log"
+        self.logs = self.path / "logs"
+
+    # ------------------------------------------------------------------------ options
+    def write_config(self, config: TrainConfig) -> None:
+        """Save the options (``resume`` saved as False: the file describes the run, not the call)."""
+        import dataclasses
+
+        dataclasses.replace(config, resume=False).to_yaml(self.config_yaml)
+
+    def read_config(self) -> TrainConfig:
+        """The saved options; LcmapInputError when missing or invalid."""
+        if not self.config_yaml.is_file():
+            raise LcmapInputError(f"{self.config_yaml} is missing; {self.path} is not a run folder of 'lcmap train'")
+        return TrainConfig.from_yaml(self.config_yaml)
+
+    # -------------------------------------------------------- legend, normalisation, weights
+    def write_legend(self, legend: Legend) -> None:
+        legend.to_yaml(self.legend_yaml)
+
+    def write_normalization(self, stats: Any) -> None:
+        """Save a :class:`~lcmap.geodata.normalization.BandStats` (per-band mean/std, imagery units)."""
+        stats.to_json(self.normalization_json)
+
+    def read_normalization(self) -> Any:
+        """The saved :class:`~lcmap.geodata.normalization.BandStats`, or None when absent."""
+        from lcmap.geodata.normalization import BandStats
+
+        return BandStats.from_json(self.normalization_json) if self.normalization_json.is_file() else None
+
+    def write_class_weights(self, record: dict[str, Any]) -> None:
+        """Save the class-weight record (:func:`lcmap.pipeline.class_weights.class_weights_record`)."""
+        atomic_write_text(self.class_weights_json, json.dumps(record, indent=1))
+
+    def read_class_weights(self) -> dict[str, Any] | None:
+        """The saved class-weight record, or None when absent or unreadable."""
+        try:
+            return json.loads(self.class_weights_json.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --------------------------------------------------------------- metrics and plot
+    def write_metrics_and_plot(self) -> None:
+        """``metrics.csv`` (merged logs) and ``loss.png``; a failure is logged, never raised."""
+        try:
+            rows = flatten_metrics(self.path)
+            plot_history(epoch_history(rows), self.loss_png)
+        except Exception as exc:  # noqa: BLE001 - never lose a run over a plot
+            log.warning("could not write metrics.csv/loss.png: %s", exc)
+
+
+def _float(value: str) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def flatten_metrics(run_dir: Path, write: bool = True) -> list[dict[str, str]]:
+    """Merge ``logs/version_*/metrics.csv`` into ``RUN_DIR/metrics.csv``; return its rows.
+
+    A resumed run logs into a new version; rows of an earlier version at or after the step where
+    the next version starts (logged after the checkpoint that was resumed) are dropped.
+    """
+    versions = []
+    for d in (run_dir / "logs").glob("version_*"):
+        f = d / "metrics.csv"
+        suffix = d.name.split("_", 1)[1]
+        if f.is_file() and suffix.isdigit():
+            versions.append((int(suffix), f))
+    versions.sort()
+    tables: list[list[dict[str, str]]] = []
+    for _, f in versions:
+        with open(f, newline="") as fh:
+            tables.append(list(csv.DictReader(fh)))
+    rows: list[dict[str, str]] = []
+    columns: list[str] = []
+    for i, table in enumerate(tables):
+        later = [_float(r.get("step", "")) for t in tables[i + 1 :] for r in t]
+        later_steps = [s for s in later if s is not None]
+        cutoff = min(later_steps) if later_steps else math.inf
+        for r in table:
+            step = _float(r.get("step", ""))
+            if step is not None and step >= cutoff:
+                continue
+            rows.append(r)
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+    if write:
+        first = [c for c in ("epoch", "step") if c in columns]
+        order = first + sorted(c for c in columns if c not in ("epoch", "step"))
+        tmp = run_dir / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=order, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, run_dir / "metrics.csv")
+    return rows
+
+
+def epoch_history(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per-epoch values (epoch means of the training losses, validation scores) from metric rows."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        epoch = _float(r.get("epoch", ""))
+        if epoch is None:
+            continue
+        entry = by_epoch.setdefault(int(epoch), {"epoch": int(epoch)})
+        for key, value in r.items():
+            v = _float(value)
+            if v is None:
+                continue
+            if key.endswith("_epoch"):
+                entry[key[: -len("_epoch")]] = v
+            elif key in ("val_miou", "val_oa", "step"):
+                entry[key] = v
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (per epoch) and validation mIoU into a PNG (matplotlib Agg), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("loss", "total"), ("loss_ce", "CE head 1 (LR labels)"), ("loss_mce", "CE head 2 (PLAT mask)")):
+        pts = [(h["epoch"] + 1, h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss (epoch mean)")
+    ax1.grid(alpha=0.3)
+    if ax1.lines:
+        ax1.legend()
+    for key, label in (("val_miou", "val mIoU"), ("val_oa", "val OA")):
+        pts = [(h["epoch"] + 1, h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation score (target classes)")
+    ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
+    if ax2.lines:
+        ax2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

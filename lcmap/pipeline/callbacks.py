@@ -1,0 +1,155 @@
+"""Lightning callbacks and the checkpoint writer of ``lcmap train``.
+
+- :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside them, then renamed.
+- :class:`SaveOnInterrupt`: Ctrl-C saves ``last.ckpt`` (resumable with ``--resume``).
+- :class:`PatchThroughput`: logs ``patches_per_s`` (training patches per second, all devices).
+- :class:`EpochSummary`: one readable log line per epoch; redraws ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+
+from lcmap.pipeline.runs import epoch_history, flatten_metrics, plot_history
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AtomicCheckpointIO", "EpochSummary", "PatchThroughput", "SaveOnInterrupt"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, then renames it.
+
+    (Lightning's own save goes through an fsspec transaction whose temporary file lives in the
+    system temp folder, so the final move is a copy when that is another file system.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C, save the current state to ``last.ckpt`` (resumable with ``--resume``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0:
+            return
+        try:
+            trainer.save_checkpoint(str(self.path))
+            log.info("Ctrl-C: saved %s at step %d", self.path, trainer.global_step)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Ctrl-C: could not save %s (%s); the previous last.ckpt is kept", self.path, exc)
+
+
+class PatchThroughput(Callback):
+    """Logs ``patches_per_s``: training patches per second over all devices, an exponential moving
+    average of the time between consecutive training batches (validation and loader start-up left out).
+    """
+
+    def __init__(self) -> None:
+        self._last_batch_time: float | None = None
+        self._rate_ema: float | None = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_batch_time = None  # do not count validation / dataloader start-up as step time
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            bs = int(batch["image"].shape[0])
+            rate = bs * trainer.world_size / max(now - self._last_batch_time, 1e-6)
+            self._rate_ema = rate if self._rate_ema is None else 0.8 * self._rate_ema + 0.2 * rate
+            pl_module.log(
+                "patches_per_s",
+                self._rate_ema,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=bs,
+                sync_dist=trainer.world_size > 1,
+            )
+        self._last_batch_time = now
+
+
+class EpochSummary(Callback):
+    """One readable log line per epoch, and loss.png redrawn after every epoch (rank 0)."""
+
+    KEYS = ("loss", "loss_ce", "loss_mce", "plat_kept", "patches_per_s")
+
+    def __init__(self, run_dir: Path, epochs: int) -> None:
+        self.run_dir = run_dir
+        self.epochs = epochs
+        self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, float] = {}
+        self._n = 0
+        self._t0 = time.perf_counter()
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.is_global_zero and (self.run_dir / "metrics.csv").is_file():
+            try:
+                self.history = epoch_history(flatten_metrics(self.run_dir, write=False))
+            except Exception:  # noqa: BLE001
+                self.history = []
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._sums, self._n, self._t0 = {}, 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        metrics = trainer.callback_metrics
+        self._n += 1
+        for key in self.KEYS:
+            value = metrics.get(f"{key}_step")
+            if value is not None:
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+                self._sums[f"n_{key}"] = self._sums.get(f"n_{key}", 0.0) + 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        row: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        for key in self.KEYS:
+            if self._sums.get(f"n_{key}"):
+                row[key] = self._sums[key] / self._sums[f"n_{key}"]
+        for key in ("val_miou", "val_oa"):
+            if key in trainer.callback_metrics:
+                row[key] = float(trainer.callback_metrics[key])
+        row["seconds"] = time.perf_counter() - self._t0
+        self.history = [h for h in self.history if h["epoch"] != row["epoch"]] + [row]
+        best = max((h["val_miou"] for h in self.history if h.get("val_miou") is not None), default=None)
+        parts = [f"epoch {row['epoch'] + 1}/{self.epochs}", f"step {row['step']}"]
+        if "loss" in row:
+            shown = [k for k in ("loss_ce", "loss_mce", "plat_kept") if k in row]
+            detail = ", ".join(f"{k.replace('loss_', '')} {row[k]:.3f}" for k in shown)
+            parts.append(f"loss {row['loss']:.3f}" + (f" ({detail})" if detail else ""))
+        if "val_miou" in row:
+            parts.append(f"val_miou {row['val_miou']:.3f} (best {best:.3f})")
+        if "patches_per_s" in row:
+            parts.append(f"{row['patches_per_s']:.1f} patches/s")
+        parts.append(f"{row['seconds']:.0f} s")
+        log.info("  ".join(parts))
+        try:
+            plot_history(self.history, self.run_dir / "loss.png")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not draw loss.png: %s", exc)

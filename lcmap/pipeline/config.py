@@ -1,0 +1,453 @@
+"""The options of ``lcmap train``, declared once.
+
+Each :class:`TrainConfig` field is declared with :func:`option`: its default, its help (with
+units), how a value from YAML or the command line becomes the field's type, and its flag. The same
+declaration gives the dataclass field, the config-file key (the field name, ``_`` or ``-``), the
+command-line flag and its help (:mod:`lcmap.cli_options` builds the ``lcmap train`` flags from it).
+
+Merging: ``TrainConfig.from_yaml(path).merged(**flags)``: the flags given win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lcmap.errors import LcmapInputError
+from lcmap.geodata.yaml_files import read_yaml
+
+__all__ = ["Option", "TrainConfig", "option"]
+
+MODEL_CHOICES = ("paraformer", "paraformer-tiny", "unet")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+ACCELERATORS = ("auto", "cpu", "gpu")
+OPTIMIZERS = ("adamw", "sgd")
+CLASS_WEIGHTINGS = ("inv_sqrt_freq", "inv_freq", "none")
+
+#: Default peak learning rate per optimiser (used when ``lr`` is not given).
+DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.01}
+#: Default training patch side per model (px), when ``patch_px`` is not given.
+DEFAULT_PATCH_PX = {"paraformer": 224, "paraformer-tiny": 128, "unet": 128}
+#: Options a resumed run may change (the others must describe the same run).
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "devices",
+    "accelerator",
+    "precision",
+    "num_workers",
+    "progress_bar",
+    "images",
+    "labels",
+    "reference",
+)
+
+
+# ------------------------------------------------------------------------------ value parsers
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _lower(value: Any) -> str:
+    return str(value).strip().lower()
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError("not a whole number")
+    return int(float(value))
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("not true/false")
+
+
+def _bbox(value: Any) -> list[float]:
+    return [float(v) for v in (value.replace(",", " ").split() if isinstance(value, str) else value)]
+
+
+def _devices(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return int(value)
+
+
+def _precision(value: Any) -> str:
+    text = str(value).strip().lower()
+    return {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "16": "16-mixed"}.get(text, text)
+
+
+def _label_trust(value: Any) -> dict[int, float]:
+    """``{21: 0.2}``, ``"21=0.2,22=0.5"`` or ``["21=0.2", ...]`` -> ``{code: factor}`` (factors in [0, 1])."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        parts = [value] if isinstance(value, str) else list(value)
+        items = []
+        for part in parts:
+            for item in str(part).replace(",", " ").split():
+                code, sep, factor = item.partition("=")
+                if not sep:
+                    raise ValueError(f"{item!r} is not CODE=FACTOR")
+                items.append((code, factor))
+    trust = {}
+    for code, factor in items:
+        code_i, factor_f = int(code), float(factor)
+        if not 0.0 <= factor_f <= 1.0:
+            raise ValueError(f"trust of class {code_i} must be between 0 and 1, got {factor_f}")
+        trust[code_i] = factor_f
+    return trust
+
+
+def _mixed_classes(value: Any) -> dict[int, list[str]]:
+    """``{21: [built-up, low vegetation]}``, ``"21=built-up,low vegetation"`` (several joined by
+    ``;``) or a list of such strings -> ``{code: [target names]}``."""
+    if isinstance(value, dict):
+        items = [(k, v if isinstance(v, (list, tuple)) else str(v).split(",")) for k, v in value.items()]
+    else:
+        parts = [value] if isinstance(value, str) else list(value)
+        items = []
+        for part in parts:
+            for item in str(part).split(";"):
+                if not item.strip():
+                    continue
+                code, sep, names = item.partition("=")
+                if not sep:
+                    raise ValueError(f"{item!r} is not CODE=TARGET[,TARGET...]")
+                items.append((code, names.split(",")))
+    mixed = {}
+    for code, target_names in items:
+        clean = [str(n).strip() for n in target_names if str(n).strip()]
+        if not clean:
+            raise ValueError(f"mixed class {code} names no target class")
+        mixed[int(code)] = clean
+    return mixed
+
+
+# ------------------------------------------------------------------------------ declaration
+@dataclass(frozen=True)
+class Option:
+    """How one :class:`TrainConfig` field is given in a config file and on the command line.
+
+    Attributes:
+        help: the flag's help text (with units).
+        parse: turns a YAML or flag value into the field's type (raises ValueError/TypeError).
+        cli_type: the flag's value type for the command line (``list[str]`` for a repeatable
+            flag, ``bool`` for an on/off switch).
+        flag: the flag's name (default ``--`` + the field name with ``-``).
+        switch: for a ``bool``: the flag is ``--x/--no-x`` (True) or only ``--x`` (False).
+        metavar: the value's placeholder in ``--help``.
+    """
+
+    help: str
+    parse: Callable[[Any], Any]
+    cli_type: Any
+    flag: str | None = None
+    switch: bool = True
+    metavar: str | None = None
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    parse: Callable[[Any], Any],
+    cli_type: Any,
+    default_factory: Any = MISSING,
+    flag: str | None = None,
+    switch: bool = True,
+    metavar: str | None = None,
+) -> Any:
+    """A dataclass field carrying its :class:`Option` in ``metadata["option"]``."""
+    meta = {"option": Option(help, parse, cli_type, flag, switch, metavar)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``lcmap train`` (config-file keys = field names with ``_`` or ``-``).
+
+    Each field's help (``TrainConfig.option_of(name).help``) says what it is and in which unit;
+    ``lcmap train --help`` prints them.
+    """
+
+    images: list[str] = option(
+        default_factory=list, parse=_as_list, cli_type=list[str], metavar="PATH",
+        help="HR imagery (GeoTIFF; any band count; imagery CRS and resolution define the grid).",
+    )  # fmt: skip
+    labels: list[str] = option(
+        default_factory=list, parse=_as_list, cli_type=list[str], metavar="PATH",
+        help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid; "
+        "where files overlap, the first in sorted path order holding a label wins.",
+    )  # fmt: skip
+    legend: str = option(
+        "nlcd", parse=_text, cli_type=str,
+        help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.",
+    )  # fmt: skip
+    aoi: str | None = option(
+        None, parse=_text, cli_type=str, metavar="PATH",
+        help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS (instead of --bbox).",
+    )  # fmt: skip
+    bbox: list[float] | None = option(
+        None, parse=_bbox, cli_type=tuple[float, float, float, float],
+        help="Training area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM); "
+        "default: the whole data.",
+    )  # fmt: skip
+    bbox_crs: str = option(
+        "EPSG:4326", parse=_text, cli_type=str, help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917."
+    )
+    model: str = option(
+        "paraformer-tiny", parse=_lower, cli_type=str,
+        help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).",
+    )  # fmt: skip
+    epochs: int = option(8, parse=_whole, cli_type=int, help="Number of epochs.")
+    steps_per_epoch: int = option(
+        30, parse=_whole, cli_type=int,
+        help="Optimizer steps (batches) per epoch on one device; an epoch draws steps-per-epoch x batch-size "
+        "random patches, shared among the devices.",
+    )  # fmt: skip
+    batch_size: int = option(8, parse=_whole, cli_type=int, help="Patches per batch (per device).")
+    patch_px: int | None = option(
+        None, parse=_whole, cli_type=int,
+        help="Training patch side in pixels of the imagery grid (multiple of 32; default 128, 224 for paraformer).",
+    )  # fmt: skip
+    val_patch_px: int = option(
+        256, parse=_whole, cli_type=int, help="Validation window side in pixels of the imagery grid (multiple of 32)."
+    )
+    devices: int | str = option(
+        1, parse=_devices, cli_type=str, metavar="N|auto",
+        help="Number of devices, or auto (all); several GPUs train with DDP.",
+    )  # fmt: skip
+    accelerator: str = option("auto", parse=_lower, cli_type=str, help="auto, cpu or gpu.")
+    precision: str = option(
+        "32", parse=_precision, cli_type=str, help="32, bf16-mixed or 16-mixed (mixed precision on GPU only)."
+    )
+    lr: float | None = option(
+        None, parse=float, cli_type=float, help="Peak learning rate (default 2e-3 for adamw, 0.01 for sgd)."
+    )
+    optimizer: str = option(
+        "adamw", parse=_lower, cli_type=str,
+        help="adamw (warm-up + cosine decay) or sgd (momentum 0.9, poly decay, as the paper).",
+    )  # fmt: skip
+    weight_decay: float = option(
+        1e-4, parse=float, cli_type=float, help="Weight decay (decoupled for adamw, L2 for sgd)."
+    )
+    class_weighting: str = option(
+        "inv_sqrt_freq", parse=_lower, cli_type=str,
+        help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.",
+    )  # fmt: skip
+    augment: bool = option(
+        True, parse=_bool, cli_type=bool, help="Random flips and 90-degree rotations of the training patches."
+    )
+    label_trust: dict[int, float] = option(
+        default_factory=dict, parse=_label_trust, cli_type=list[str], metavar="CODE=FACTOR",
+        help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. "
+        "--label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.",
+    )  # fmt: skip
+    mixed_classes: dict[int, list[str]] = option(
+        default_factory=dict, parse=_mixed_classes, cli_type=list[str], flag="--mixed-class",
+        metavar="CODE=TARGET[,TARGET]",
+        help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the "
+        "classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' "
+        "for NLCD 'Developed, Open Space'.",
+    )  # fmt: skip
+    vit_weights: str | None = option(
+        None, parse=_text, cli_type=str, metavar="PATH",
+        help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). "
+        "Without it the ViT trains from scratch.",
+    )  # fmt: skip
+    reference: list[str] | None = option(
+        None, parse=_as_list, cli_type=list[str], metavar="PATH",
+        help="Optional HR reference land cover for validation (mIoU over target classes); "
+        "without it validation measures agreement with the LR labels.",
+    )  # fmt: skip
+    reference_legend: str | None = option(
+        None, parse=_text, cli_type=str, help="Legend of --reference (name or YAML file); required with it."
+    )
+    resume: bool = option(
+        False, parse=_bool, cli_type=bool, switch=False,
+        help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.",
+    )  # fmt: skip
+    seed: int = option(1234, parse=_whole, cli_type=int, help="Random seed.")
+    num_workers: int = option(0, parse=_whole, cli_type=int, help="DataLoader worker processes.")
+    progress_bar: bool = option(
+        True, parse=_bool, cli_type=bool,
+        help="Show the progress bar (on a terminal only; otherwise one log line per epoch).",
+    )  # fmt: skip
+    out: str | None = option(
+        None, parse=_text, cli_type=str, metavar="RUN_DIR",
+        help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.",
+    )  # fmt: skip
+
+    # ---------------------------------------------------------------- declaration access
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def option_of(cls, name: str) -> Option:
+        """The :class:`Option` declared for field ``name``."""
+        return next(f.metadata["option"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of field ``name`` (``--patch-px``)."""
+        return cls.option_of(name).flag or "--" + name.replace("_", "-")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def _normalise_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        known = set(cls.field_names())
+        out: dict[str, Any] = {}
+        unknown = []
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                unknown.append(str(key))
+            else:
+                out[name] = value
+        if unknown:
+            raise LcmapInputError(
+                f"{source}: unknown option(s) {', '.join(sorted(unknown))}. Valid options: "
+                f"{', '.join(cls.field_names())}"
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+        return cls()._replace(cls._normalise_keys(data, source), source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML config file (keys: the field names); unknown keys are an error."""
+        path = Path(path)
+        data = read_yaml(path, "config file")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise LcmapInputError(f"config file {path} must hold a mapping of option: value")
+        return cls.from_dict(data, source=str(path))
+
+    def merged(self, **flags: Any) -> TrainConfig:
+        """A copy with ``flags`` applied; None values mean "not given" and are skipped."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return self._replace(self._normalise_keys(given, "command line"), "command line")
+
+    def _replace(self, values: dict[str, Any], source: str) -> TrainConfig:
+        coerced: dict[str, Any] = {}
+        for name, value in values.items():
+            try:
+                coerced[name] = None if value is None else self.option_of(name).parse(value)
+            except (TypeError, ValueError) as exc:
+                raise LcmapInputError(f"{source}: option {name} = {value!r} is invalid ({exc})") from exc
+        return dataclasses.replace(self, **coerced)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the options as YAML, atomically (a temporary file renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def resolved_patch_px(self) -> int:
+        return int(self.patch_px) if self.patch_px is not None else DEFAULT_PATCH_PX.get(self.model, 128)
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def check(self) -> None:
+        """Raise :class:`LcmapInputError` for missing or invalid options."""
+        problems = []
+        if not self.images:
+            problems.append("no imagery given (--images)")
+        if not self.labels:
+            problems.append("no labels given (--labels)")
+        if not self.out:
+            problems.append("no RUN_DIR given (--out)")
+        for name, allowed in (
+            ("model", MODEL_CHOICES),
+            ("precision", PRECISIONS),
+            ("accelerator", ACCELERATORS),
+            ("optimizer", OPTIMIZERS),
+            ("class_weighting", CLASS_WEIGHTINGS),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{self.flag_of(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("patch_px", "val_patch_px"):
+            value = getattr(self, name)
+            if value is not None and (value < 32 or value % 32):
+                problems.append(f"{self.flag_of(name)} {value}: must be a positive multiple of 32 px")
+        for name in ("epochs", "steps_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{self.flag_of(name)} must be >= 1")
+        if self.num_workers < 0:
+            problems.append("--num-workers must be >= 0")
+        if self.lr is not None and not self.lr > 0:
+            problems.append("--lr must be > 0")
+        if self.bbox is not None and len(self.bbox) != 4:
+            problems.append("--bbox takes 4 numbers: W S E N")
+        if self.aoi is not None and self.bbox is not None:
+            problems.append("give either --aoi or --bbox, not both")
+        if self.reference and not self.reference_legend:
+            problems.append("--reference needs --reference-legend (e.g. chesapeake, or a YAML legend)")
+        if self.vit_weights is not None and self.model == "unet":
+            problems.append("--vit-weights applies to Paraformer models only, not to the U-Net")
+        if self.vit_weights is not None and not Path(self.vit_weights).is_file():
+            problems.append(
+                f"--vit-weights {self.vit_weights} does not exist (a local file is needed; nothing is downloaded)"
+            )
+        if isinstance(self.devices, str) and self.devices != "auto":
+            problems.append(f"--devices {self.devices!r}: a number or 'auto'")
+        elif isinstance(self.devices, int) and self.devices < 1:
+            problems.append("--devices must be >= 1")
+        if problems:
+            raise LcmapInputError("invalid training options: " + "; ".join(problems))
+
+    def with_absolute_paths(self) -> TrainConfig:
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        def absolute_legend(name: str | None) -> str | None:
+            if name is None:
+                return None
+            p = Path(name)
+            return str(p.resolve()) if p.suffix.lower() in (".yaml", ".yml") or p.exists() else name
+
+        return dataclasses.replace(
+            self,
+            images=[absolute(p) for p in self.images],  # type: ignore[misc]
+            labels=[absolute(p) for p in self.labels],  # type: ignore[misc]
+            aoi=absolute(self.aoi),
+            vit_weights=absolute(self.vit_weights),
+            reference=None if self.reference is None else [absolute(p) for p in self.reference],  # type: ignore[misc]
+            legend=absolute_legend(self.legend),  # type: ignore[arg-type]
+            reference_legend=absolute_legend(self.reference_legend),
+            out=absolute(self.out),
+        )
