@@ -104,7 +104,10 @@ def _transition_rgb(scheme: TargetScheme, from_index: int, to_index: int) -> tup
     to_rgb = scheme.classes[to_index].color
     if from_index != to_index:
         return to_rgb
-    return tuple(round(_UNCHANGED_SHARE * c + (1 - _UNCHANGED_SHARE) * g) for c, g in zip(to_rgb, _GREY))  # type: ignore[return-value]
+    r, g, b = (
+        round(_UNCHANGED_SHARE * c + (1 - _UNCHANGED_SHARE) * grey) for c, grey in zip(to_rgb, _GREY, strict=True)
+    )
+    return (r, g, b)
 
 
 def change_categories(
@@ -275,8 +278,16 @@ def map_changes(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _map_changes(map_path: Path, old_paths: list[Path], old_legend: Legend, out: Path, work: Path,
-                 map_legend_override: Legend | str | Path | None, block_px: int, progress: bool) -> ChangeResult:
+def _map_changes(
+    map_path: Path,
+    old_paths: list[Path],
+    old_legend: Legend,
+    out: Path,
+    work: Path,
+    map_legend_override: Legend | str | Path | None,
+    block_px: int,
+    progress: bool,
+) -> ChangeResult:
     try:
         src = rasterio.open(map_path)
     except RasterioError as exc:
@@ -301,9 +312,22 @@ def _map_changes(map_path: Path, old_paths: list[Path], old_legend: Legend, out:
         area_m2 = np.zeros(n * n + 1, dtype=np.float64)
         map_lut = legend.index_to_target_lut()
         raw = work / "changes-raw.tif"
-        profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs=crs,
-                       transform=transform, nodata=MAP_NODATA, tiled=True, blockxsize=512, blockysize=512,
-                       compress="ZSTD", zstd_level=1, BIGTIFF="IF_SAFER")
+        profile = dict(
+            driver="GTiff",
+            width=width,
+            height=height,
+            count=1,
+            dtype="uint8",
+            crs=crs,
+            transform=transform,
+            nodata=MAP_NODATA,
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+            compress="ZSTD",
+            zstd_level=1,
+            BIGTIFF="IF_SAFER",
+        )
         windows = list(_windows(height, width, block_px))
         with (
             LabelMosaic(old_paths, old_legend, crs, transform, width, height, what="old product") as old,
@@ -348,28 +372,48 @@ def _map_changes(map_path: Path, old_paths: list[Path], old_legend: Legend, out:
     )
     colormap, names, entries = change_categories(transitions, scheme)
     tags = {
-        CHANGES_TAG: json.dumps({
-            "code": f"from_index * {n} + to_index + 1; 0 = nodata",
-            "classes": scheme.names,
-            "from": [p.name for p in old_paths],
-            "from_legend": old_legend.name,
-            "to": map_path.name,
-        }),
+        CHANGES_TAG: json.dumps(
+            {
+                "code": f"from_index * {n} + to_index + 1; 0 = nodata",
+                "classes": scheme.names,
+                "from": [p.name for p in old_paths],
+                "from_legend": old_legend.name,
+                "to": map_path.name,
+            }
+        ),
     }
     with rasterio.open(map_path) as src:
         if src.tags().get(IMAGERY_DATETIME_TAG):
             tags[IMAGERY_DATETIME_TAG] = src.tags()[IMAGERY_DATETIME_TAG]
     vrt = cog.write_mosaic_vrt(
-        work / "changes.vrt", width=width, height=height, crs=crs, transform=transform, dtype="uint8",
-        nodata=MAP_NODATA, sources=[cog.VrtSource(str(raw), 1, 0, 0, width, height)], colormap=colormap,
-        category_names=names, tags=tags, description="land-cover change (old -> new)",
+        work / "changes.vrt",
+        width=width,
+        height=height,
+        crs=crs,
+        transform=transform,
+        dtype="uint8",
+        nodata=MAP_NODATA,
+        sources=[cog.VrtSource(str(raw), 1, 0, 0, width, height)],
+        colormap=colormap,
+        category_names=names,
+        tags=tags,
+        description="land-cover change (old -> new)",
     )
     paths = _output_paths(out)
     summary = summary_markdown(transitions, scheme, map_path, old_paths, old_legend.name, crs, transform)
-    cog.write_cog(vrt, out, resampling="mode", sidecars={
-        ".qml": cog.write_qml(entries), ".csv": transitions_csv(transitions), ".md": summary,
-    })
-    stac = write_stac_item(out, class_pixels={t.code: t.pixels for t in transitions}, derived_from=[map_path, *old_paths])
+    cog.write_cog(
+        vrt,
+        out,
+        resampling="mode",
+        sidecars={
+            ".qml": cog.write_qml(entries),
+            ".csv": transitions_csv(transitions),
+            ".md": summary,
+        },
+    )
+    stac = write_stac_item(
+        out, class_pixels={t.code: t.pixels for t in transitions}, derived_from=[map_path, *old_paths]
+    )
     return ChangeResult(out, paths["csv"], paths["md"], paths["qml"], stac, transitions)
 
 
@@ -394,8 +438,15 @@ def transitions_csv(transitions: Sequence[Transition]) -> str:
     return buf.getvalue()
 
 
-def summary_markdown(transitions: Sequence[Transition], scheme: TargetScheme, map_path: Path,
-                     old_paths: Sequence[Path], old_legend: str, crs: CRS, transform: Affine) -> str:
+def summary_markdown(
+    transitions: Sequence[Transition],
+    scheme: TargetScheme,
+    map_path: Path,
+    old_paths: Sequence[Path],
+    old_legend: str,
+    crs: CRS,
+    transform: Affine,
+) -> str:
     """A short markdown report: totals, the pairs by area, and each class's area before and after."""
     total = sum(t.km2 for t in transitions)
     changed = sum(t.km2 for t in transitions if t.changed)
@@ -403,7 +454,8 @@ def summary_markdown(transitions: Sequence[Transition], scheme: TargetScheme, ma
     lines = [
         f"# Land-cover change: {', '.join(p.name for p in old_paths)} -> {map_path.name}",
         "",
-        f"- old product: {', '.join(str(p) for p in old_paths)} (legend {old_legend}), resampled nearest onto the map grid",
+        f"- old product: {', '.join(str(p) for p in old_paths)} (legend {old_legend}), "
+        "resampled nearest onto the map grid",
         f"- new map: {map_path}",
         f"- grid: {crs.to_string()}, pixel {abs(transform.a):g} x {abs(transform.e):g} CRS units",
         f"- compared area (both have a class): {total:.6f} km²",

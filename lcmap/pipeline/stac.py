@@ -35,6 +35,7 @@ from rasterio.errors import RasterioError
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
+from lcmap.pipeline.evaluate import LEGEND_TAG
 
 __all__ = [
     "IMAGERY_DATETIME_TAG",
@@ -46,8 +47,6 @@ __all__ = [
 
 #: GDAL metadata tag with the imagery's acquisition date: ISO 8601, or ``START/END`` for a range.
 IMAGERY_DATETIME_TAG = "LCMAP_IMAGERY_DATETIME"
-
-_LEGEND_TAG = "LCMAP_LEGEND"  # the same tag as lcmap.pipeline.evaluate.LEGEND_TAG
 
 _MEDIA_TYPES = {
     ".md": "text/markdown",
@@ -77,6 +76,10 @@ def _href(target: Path, folder: Path) -> str:
         return str(target.resolve())
 
 
+def _rgb(rgba: Sequence[int]) -> tuple[int, int, int]:
+    return (int(rgba[0]), int(rgba[1]), int(rgba[2]))
+
+
 def _slug(name: str) -> str:
     """A classification ``name`` (letters, digits, ``-``, ``_``) from a class title."""
     slug = re.sub(r"[^0-9A-Za-z]+", "_", name.replace("->", "to")).strip("_").lower()
@@ -86,9 +89,9 @@ def _slug(name: str) -> str:
 def map_classes(src: Any, path: str | Path) -> list[tuple[int, str, tuple[int, int, int]]]:
     """``(code, name, rgb)`` of the classes of a map's band 1, nodata first when it has a name.
 
-    From the raster's GDAL category names and colour table; when it has none, from its
-    ``LCMAP_LEGEND`` tag (the legend's target or native codes, whichever the names match is not
-    known, so the tag is taken as the codes' legend). Empty when neither is there.
+    From the raster's GDAL category names and colour table (what GDAL and QGIS show); when it has
+    no category names (e.g. ``MAP.tif.aux.xml`` was not copied), from its ``LCMAP_LEGEND`` tag,
+    the legend of its codes. Empty when neither is there.
     """
     names = cog.read_category_names(path)
     try:
@@ -96,25 +99,26 @@ def map_classes(src: Any, path: str | Path) -> list[tuple[int, str, tuple[int, i
     except ValueError:  # no colour table
         colormap = {}
     if any(names):
-        return [(code, name, tuple(colormap.get(code, (128, 128, 128, 255))[:3]))  # type: ignore[misc]
-                for code, name in enumerate(names) if name]
-    text = src.tags().get(_LEGEND_TAG)
+        return [(code, name, _rgb(colormap.get(code, (128, 128, 128, 255)))) for code, name in enumerate(names) if name]
+    text = src.tags().get(LEGEND_TAG)
     if not text:
         return []
     try:
-        legend = Legend.from_dict(json.loads(text), source=f"{path} ({_LEGEND_TAG} tag)")
+        legend = Legend.from_dict(json.loads(text), source=f"{path} ({LEGEND_TAG} tag)")
     except json.JSONDecodeError as exc:
-        raise LcmapInputError(f"map {path}: its {_LEGEND_TAG} tag is not valid JSON ({exc})") from exc
+        raise LcmapInputError(f"map {path}: its {LEGEND_TAG} tag is not valid JSON ({exc})") from exc
     return [(MAP_NODATA, "nodata", (0, 0, 0))] + [(c.code, c.name, c.color) for c in legend.classes]
 
 
-def _parse_datetime(value: DatetimeLike, what: str) -> tuple[dt.datetime | None, dt.datetime | None, dt.datetime | None]:
+def _parse_datetime(
+    value: DatetimeLike, what: str
+) -> tuple[dt.datetime | None, dt.datetime | None, dt.datetime | None]:
     """``(datetime, start, end)``: one instant, or a range (datetime None)."""
     from pystac.utils import str_to_datetime
 
     def one(v: dt.datetime | str) -> dt.datetime:
         d = v if isinstance(v, dt.datetime) else str_to_datetime(str(v).strip())
-        return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+        return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
 
     try:
         if isinstance(value, tuple):
@@ -182,12 +186,20 @@ def build_stac_item(
             when = _parse_datetime(imagery_datetime, "imagery date")
         else:
             source = "created"
-            mtime = dt.datetime.fromtimestamp(map_path.stat().st_mtime, tz=dt.timezone.utc)
+            mtime = dt.datetime.fromtimestamp(map_path.stat().st_mtime, tz=dt.UTC)
             when = (mtime, None, None)
         item = create_stac_item(
-            src, input_datetime=when[0] or when[1], id=map_path.stem, asset_name="data", asset_roles=["data"],
-            asset_media_type=pystac.MediaType.COG, asset_href=_href(map_path, folder), with_proj=True,
-            with_raster=False, geom_densify_pts=21, geom_precision=8,
+            src,
+            input_datetime=when[0] or when[1],
+            id=map_path.stem,
+            asset_name="data",
+            asset_roles=["data"],
+            asset_media_type=pystac.MediaType.COG,
+            asset_href=_href(map_path, folder),
+            with_proj=True,
+            with_raster=False,
+            geom_densify_pts=21,
+            geom_precision=8,
         )
         classes = map_classes(src, map_path)
         nodata = src.nodata
@@ -198,8 +210,10 @@ def build_stac_item(
         item.datetime = None
         item.common_metadata.start_datetime, item.common_metadata.end_datetime = when[1], when[2]
     item.properties["lcmap:datetime_source"] = source
-    item.common_metadata.created = dt.datetime.now(dt.timezone.utc)
-    item.common_metadata.title = f"lcmap {'change map' if 'LCMAP_CHANGES' in tags else 'land-cover map'} {map_path.stem}"
+    item.common_metadata.created = dt.datetime.now(dt.UTC)
+    item.common_metadata.title = (
+        f"lcmap {'change map' if 'LCMAP_CHANGES' in tags else 'land-cover map'} {map_path.stem}"
+    )
     item.properties["lcmap:version"] = __version__
     if gsd_m is not None:
         item.common_metadata.gsd = float(gsd_m)
@@ -207,8 +221,9 @@ def build_stac_item(
 
     data = item.assets["data"]
     data.title = item.common_metadata.title
-    band = RasterBand.create(data_type=DataType(dtype), nodata=nodata, sampling=Sampling.AREA,
-                             spatial_resolution=item.common_metadata.gsd)
+    band = RasterBand.create(
+        data_type=DataType(dtype), nodata=nodata, sampling=Sampling.AREA, spatial_resolution=item.common_metadata.gsd
+    )
     RasterExtension.ext(data, add_if_missing=True).apply(bands=[band])
     if classes:
         total = sum(v for k, v in (class_pixels or {}).items() if k != nodata)
@@ -216,11 +231,17 @@ def build_stac_item(
         for code, name, rgb in classes:
             is_nodata = nodata is not None and code == nodata
             count = None if class_pixels is None or is_nodata else int(class_pixels.get(code, 0))
-            entries.append(Classification.create(
-                value=int(code), name=_slug(name), title=name, color_hint="{:02X}{:02X}{:02X}".format(*rgb),
-                nodata=True if is_nodata else None, count=count,
-                percentage=None if count is None or not total else 100.0 * count / total,
-            ))
+            entries.append(
+                Classification.create(
+                    value=int(code),
+                    name=_slug(name),
+                    title=name,
+                    color_hint="{:02X}{:02X}{:02X}".format(*rgb),
+                    nodata=True if is_nodata else None,
+                    count=count,
+                    percentage=None if count is None or not total else 100.0 * count / total,
+                )
+            )
         ClassificationExtension.ext(data, add_if_missing=True).classes = entries
 
     sidecars = [
@@ -233,14 +254,23 @@ def build_stac_item(
         sidecars.append((f"report-{i + 1}", Path(extra), ["metadata"], Path(extra).name))
     for key, path, roles, title in sidecars:
         if path.is_file():
-            item.add_asset(key, pystac.Asset(href=_href(path, folder), media_type=_MEDIA_TYPES.get(path.suffix.lower()),
-                                             roles=roles, title=title))
+            item.add_asset(
+                key,
+                pystac.Asset(
+                    href=_href(path, folder), media_type=_MEDIA_TYPES.get(path.suffix.lower()), roles=roles, title=title
+                ),
+            )
         elif key.startswith("report-"):
             raise LcmapInputError(f"report {path} does not exist")
-    for path in derived_from:
-        path = Path(path)
-        item.add_link(pystac.Link(rel="derived_from", target=_href(path, folder),
-                                  media_type=_MEDIA_TYPES.get(path.suffix.lower()), title=path.name))
+    for input_path in map(Path, derived_from):
+        item.add_link(
+            pystac.Link(
+                rel="derived_from",
+                target=_href(input_path, folder),
+                media_type=_MEDIA_TYPES.get(input_path.suffix.lower()),
+                title=input_path.name,
+            )
+        )
     return item
 
 
