@@ -457,7 +457,8 @@ def summary_markdown(
         f"- old product: {', '.join(str(p) for p in old_paths)} (legend {old_legend}), "
         "resampled nearest onto the map grid",
         f"- new map: {map_path}",
-        f"- grid: {crs.to_string()}, pixel {abs(transform.a):g} x {abs(transform.e):g} CRS units",
+        f"- grid: {crs.to_string()}, pixel {abs(transform.a):g} x {abs(transform.e):g} "
+        f"{crs.linear_units if crs.is_projected else 'degrees'}",
         f"- compared area (both have a class): {total:.6f} km²",
         f"- changed: {changed:.6f} km² ({share:.1%} of the compared area)",
         "",
