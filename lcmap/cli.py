@@ -206,11 +206,13 @@ def changes(
     out: Annotated[Path, typer.Option("--out", help="Change map COG (CHANGES.tif); CHANGES.qml, .csv (pixels, km2), .md and .stac.json are written beside it.")],
     map_legend: Annotated[Optional[str], typer.Option("--map-legend", help="Legend of the map's codes when it has no LCMAP_LEGEND tag (e.g. 4class for codes 1-4).")] = None,
     block_px: Annotated[int, typer.Option("--block-px", help="Side of the square window read at a time, pixels of the map grid (memory; rounded up to 512).")] = 2048,
+    more_old: Annotated[Optional[list[Path]], typer.Argument(help="Further old product files, so that '--old A.tif B.tif' works like '--old A.tif --old B.tif'.", show_default=False)] = None,
 ) -> None:
     """Map from -> to transitions on the target classes between an older product and a new map."""
     from lcmap.pipeline.changes import map_changes
 
-    result = _run(map_changes, map_path, old, old_legend, out, map_legend_override=map_legend, block_px=block_px)
+    olds = [*old, *(more_old or [])]
+    result = _run(map_changes, map_path, olds, old_legend, out, map_legend_override=map_legend, block_px=block_px)
     changed = sum(t.km2 for t in result.transitions if t.changed)
     total = sum(t.km2 for t in result.transitions)
     console.print(f"changed {changed:.4f} km2 of {total:.4f} km2 compared ({len(result.transitions)} from -> to pairs)")

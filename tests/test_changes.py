@@ -287,6 +287,21 @@ def test_cli_changes_exit_codes(hand_case):
     assert ok.exit_code == 0, ok.output
     assert (d / "cli.tif").is_file() and (d / "cli.stac.json").is_file()
     assert "0.0017" in ok.output  # changed km²
+    # '--old A B' is '--old A --old B' (A alone has no class: it would fail)
+    short = [
+        "changes",
+        "--map",
+        str(hand_case["map"]),
+        "--old",
+        *map(str, hand_case["old"]),
+        "--old-legend",
+        "nlcd",
+        "--out",
+        str(d / "cli2.tif"),
+    ]
+    ok2 = runner.invoke(app, short, env={"COLUMNS": "400"})
+    assert ok2.exit_code == 0, ok2.output
+    assert (d / "cli2.csv").read_text() == (d / "cli.csv").read_text()
     help_text = runner.invoke(app, ["changes", "--help"], env={"COLUMNS": "200"}).output
     assert "pixels" in help_text and "CRS" in help_text
 
