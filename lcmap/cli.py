@@ -190,6 +190,38 @@ def stats(
     _run(go)
 
 
+@app.command()
+def changes(
+    map_path: Annotated[Path, typer.Option("--map", help="New map GeoTIFF written by 'lcmap predict' (its 1 m grid is the change map's grid).")],
+    old: Annotated[list[Path], typer.Option("--old", help="Older land-cover product, any CRS/resolution (resampled nearest onto the map grid). Where files overlap, the first in sorted path order holding a class wins." + LIST_HELP)],
+    old_legend: Annotated[str, typer.Option("--old-legend", help="Legend of --old: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, 4class, or a YAML file.")],
+    out: Annotated[Path, typer.Option("--out", help="Change map COG (CHANGES.tif); CHANGES.qml, .csv (pixels, km2), .md and .stac.json are written beside it.")],
+    map_legend: Annotated[Optional[str], typer.Option("--map-legend", help="Legend of the map's codes when it has no LCMAP_LEGEND tag (e.g. 4class for codes 1-4).")] = None,
+    block_px: Annotated[int, typer.Option("--block-px", help="Side of the square window read at a time, pixels of the map grid (memory; rounded up to 512).")] = 2048,
+) -> None:
+    """Map from -> to transitions on the target classes between an older product and a new map."""
+    from lcmap.pipeline.changes import map_changes
+
+    result = _run(map_changes, map_path, old, old_legend, out, map_legend_override=map_legend, block_px=block_px)
+    changed = sum(t.km2 for t in result.transitions if t.changed)
+    total = sum(t.km2 for t in result.transitions)
+    console.print(f"changed {changed:.4f} km2 of {total:.4f} km2 compared ({len(result.transitions)} from -> to pairs)")
+    console.print(f"[green]change map written to[/] {result.out} (table {result.csv.name}, STAC {result.stac.name})")
+
+
+@app.command()
+def stac(
+    map_path: Annotated[Path, typer.Option("--map", help="Map or change map COG; MAP.stac.json is (re)written beside it.")],
+    imagery_datetime: Annotated[Optional[str], typer.Option("--datetime", help="Imagery date, ISO 8601 (2020-04-15) or START/END (UTC when no zone); default: the map's LCMAP_IMAGERY_DATETIME tag, else the file's time.")] = None,
+    report: Annotated[Optional[list[Path]], typer.Option("--report", help="Further files to list as metadata assets (e.g. an evaluation report.md); repeatable.")] = None,
+) -> None:
+    """Write the STAC Item (MAP.stac.json) of an existing map: footprint, projection, classes, assets."""
+    from lcmap.pipeline.stac import write_stac_item
+
+    path = _run(write_stac_item, map_path, imagery_datetime=imagery_datetime, reports=report or ())
+    console.print(f"[green]STAC Item written to[/] {path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -24,7 +24,7 @@ __all__ = ["LIST_HELP", "LIST_OPTIONS", "ListOptionsGroup", "command_from_option
 
 #: Raster list options of every command: several values may follow one flag
 #: (``--reference a.tif b.tif``), as well as the flag repeated (``--reference a.tif --reference b.tif``).
-LIST_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline"})
+LIST_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline", "--old"})
 #: What a raster list option accepts (appended to its help text).
 LIST_HELP = (
     " Several after one flag or the flag repeated; each a file, a folder, a quoted glob "

@@ -42,6 +42,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.legends import IGNORE_INDEX, Legend
 
 __all__ = [
     "RASTER_SUFFIXES",
@@ -360,6 +361,23 @@ class LabelMosaic:
             if has_label.all():
                 break
         return LabelRead(codes, has_label, file_index)
+
+    def read_target(self, grid: Grid, legend: Legend) -> np.ndarray:
+        """Target-class indices (uint8 ``grid.shape``) of the labels on ``grid``, the files' codes being in
+        ``legend``; IGNORE_INDEX where there is no label or the class has no target.
+
+        Raises:
+            UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
+        """
+        labels = self.read(grid, fill_code=int(legend.nodata[0]) if legend.nodata else 0)
+        out = np.full(grid.shape, IGNORE_INDEX, dtype=np.uint8)
+        if not labels.has_label.any():
+            return out
+        lut = legend.index_to_target_lut()
+        for k in np.unique(labels.file_index[labels.has_label]):
+            sel = labels.file_index == k
+            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)])]
+        return out
 
     def _open(self, path: str) -> Any:
         key = (os.getpid(), path)

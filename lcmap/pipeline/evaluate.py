@@ -110,23 +110,6 @@ def _bbox_meets(bbox: tuple[int, int, int, int] | None, window: Window) -> bool:
     )
 
 
-def _target_indices(mosaic: LabelMosaic, legend: Legend, grid: Grid) -> np.ndarray:
-    """Target indices (uint8) of ``mosaic``'s labels on ``grid``; IGNORE_INDEX where no class.
-
-    Raises:
-        UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
-    """
-    labels = mosaic.read(grid, fill_code=int(legend.nodata[0]) if legend.nodata else 0)
-    out = np.full(grid.shape, IGNORE_INDEX, dtype=np.uint8)
-    if not labels.has_label.any():
-        return out
-    lut = legend.index_to_target_lut()
-    for k in np.unique(labels.file_index[labels.has_label]):
-        sel = labels.file_index == k
-        out[sel] = lut[legend.encode(labels.codes[sel], source=mosaic.paths[int(k)])]
-    return out
-
-
 def read_target_on_grid(
     paths: Sequence[str | Path] | str | Path,
     legend: Legend,
@@ -147,7 +130,7 @@ def read_target_on_grid(
     if window is not None:
         grid = grid.window(window)
     with LabelMosaic(paths, what="reference", no_label_codes=legend.nodata) as mosaic:
-        return _target_indices(mosaic, legend, grid)
+        return mosaic.read_target(grid, legend)
 
 
 def _read_map_target(
@@ -304,10 +287,10 @@ def evaluate_map(
                 if aoi_geom is not None and valid.any():
                     valid &= rasterize_aoi(aoi_geom, win_grid.transform, valid.shape)
                 if valid.any():
-                    truth = _target_indices(ref_mosaic, ref_legend, win_grid)
+                    truth = ref_mosaic.read_target(win_grid, ref_legend)
                     valid &= truth != IGNORE_INDEX
                 if valid.any() and base_mosaic is not None and base_legend is not None:
-                    base = _target_indices(base_mosaic, base_legend, win_grid)
+                    base = base_mosaic.read_target(win_grid, base_legend)
                     valid &= base != IGNORE_INDEX
                 if valid.any():
                     cm_map += confusion_matrix(truth[valid], pred[valid], num_classes)
