@@ -135,3 +135,12 @@ def test_train_help_shows_units_and_flags():
     for flag in ("--bbox-crs", "--optimizer", "--weight-decay", "--augment", "--val-patch-px", "--mixed-class"):
         assert flag in text
     assert "pixels" in text
+
+
+def test_a_config_key_may_be_spelled_as_its_flag(tmp_path):
+    from lcmap.pipeline.config import TrainConfig
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text('mixed-class: ["21=built-up,low vegetation"]\npatch_px: 64\n')
+    cfg = TrainConfig.from_yaml(cfg_file)
+    assert cfg.mixed_classes == {21: ["built-up", "low vegetation"]} and cfg.patch_px == 64

@@ -318,10 +318,13 @@ class TrainConfig:
     @classmethod
     def _normalise_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
         known = set(cls.field_names())
+        # a key may also be spelled as its flag (mixed_class / mixed-class for mixed_classes)
+        by_flag = {cls.flag_of(n)[2:].replace("-", "_"): n for n in known}
         out: dict[str, Any] = {}
         unknown = []
         for key, value in data.items():
             name = str(key).replace("-", "_")
+            name = name if name in known else by_flag.get(name, name)
             if name not in known:
                 unknown.append(str(key))
             else:
@@ -339,7 +342,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML config file (keys: the field names); unknown keys are an error."""
+        """Read a YAML config file (keys: the field names or the flags' names); unknown keys are an error."""
         path = Path(path)
         data = read_yaml(path, "config file")
         if data is None:
