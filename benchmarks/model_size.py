@@ -69,21 +69,29 @@ def main() -> None:
     torch.manual_seed(0)
 
     result: dict[str, object] = {
-        "patch_px": PATCH_PX, "bands": args.bands, "classes": args.classes,
+        "patch_px": PATCH_PX,
+        "bands": args.bands,
+        "classes": args.classes,
         "flops_unit": "GFLOPs = FLOPs/1e9, 1 MAC = 2 FLOPs (FlopCounterMode: conv/matmul/attention only)",
-        "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
     }
     for name in ("paraformer", "paraformer-tiny"):
         with torch.device("meta"):
             counts = build_paraformer(name, args.bands, args.classes).branch_parameters()
         gflops = count_gflops(name, args.bands, args.classes)
         cfg = CONFIGS[name]
-        print(f"{name}: {counts['total'] / 1e6:.2f} M parameters "
-              f"(CNN {counts['cnn'] / 1e6:.2f} M, ViT {counts['vit'] / 1e6:.2f} M incl. token projection, "
-              f"decoder {counts['decoder'] / 1e6:.2f} M); {gflops:.1f} GFLOPs per {PATCH_PX} px "
-              f"{args.bands}-band patch (FLOPs, 2 per MAC; {gflops / 2:.1f} GMACs)")
-        print(f"  config: width {cfg.cnn_width}, pyramid {cfg.downsample_channels}, ViT {cfg.hidden_size} x "
-              f"{cfg.num_layers} layers x {cfg.num_heads} heads (MLP {cfg.mlp_dim}), decoder {cfg.decoder_channels}")
+        print(
+            f"{name}: {counts['total'] / 1e6:.2f} M parameters "
+            f"(CNN {counts['cnn'] / 1e6:.2f} M, ViT {counts['vit'] / 1e6:.2f} M incl. token projection, "
+            f"decoder {counts['decoder'] / 1e6:.2f} M); {gflops:.1f} GFLOPs per {PATCH_PX} px "
+            f"{args.bands}-band patch (FLOPs, 2 per MAC; {gflops / 2:.1f} GMACs)"
+        )
+        print(
+            f"  config: width {cfg.cnn_width}, pyramid {cfg.downsample_channels}, ViT {cfg.hidden_size} x "
+            f"{cfg.num_layers} layers x {cfg.num_heads} heads (MLP {cfg.mlp_dim}), decoder {cfg.decoder_channels}"
+        )
         result[name] = {"params": counts, "gflops_per_patch": round(gflops, 2)}
 
     model = build_paraformer("paraformer-tiny", args.bands, args.classes)
@@ -92,11 +100,13 @@ def main() -> None:
     for batch in (1, 8):
         x = torch.randn(batch, args.bands, PATCH_PX, PATCH_PX)
         with torch.no_grad():
-            t, t_min = time_it(lambda: model(x), args.repeats)
+            t, t_min = time_it(lambda x=x: model(x), args.repeats)
         timings[f"forward_ms_per_patch_b{batch}"] = round(1000 * t / batch, 1)
         timings[f"forward_ms_per_patch_b{batch}_min"] = round(1000 * t_min / batch, 1)
-        print(f"paraformer-tiny CPU forward ({args.threads} threads, batch {batch}): "
-              f"{1000 * t / batch:.1f} ms per {PATCH_PX} px patch (median; min {1000 * t_min / batch:.1f})")
+        print(
+            f"paraformer-tiny CPU forward ({args.threads} threads, batch {batch}): "
+            f"{1000 * t / batch:.1f} ms per {PATCH_PX} px patch (median; min {1000 * t_min / batch:.1f})"
+        )
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(8, args.bands, 128, 128)
@@ -112,8 +122,10 @@ def main() -> None:
     t, t_min = time_it(step, args.repeats)
     timings["train_step_s_8x128"] = round(t, 3)
     timings["train_step_s_8x128_min"] = round(t_min, 3)
-    print(f"paraformer-tiny CPU training step ({args.threads} threads, 8 x 128 px, fwd+bwd+SGD): {t:.3f} s "
-          f"median, {t_min:.3f} s min ({1 / t:.2f} steps/s)")
+    print(
+        f"paraformer-tiny CPU training step ({args.threads} threads, 8 x 128 px, fwd+bwd+SGD): {t:.3f} s "
+        f"median, {t_min:.3f} s min ({1 / t:.2f} steps/s)"
+    )
     result["paraformer-tiny"]["cpu"] = timings  # type: ignore[index]
     print(json.dumps(result))
 

@@ -35,8 +35,9 @@ def query_bounds(query: Any) -> tuple[float, float, float, float]:
 
 
 if HAS_PATCH_SAMPLERS:  # torchgeo >= 0.10
-    from torchgeo.samplers import GriddedPatchSampler as _Grid
-    from torchgeo.samplers import RandomPatchSampler as _Random
+    # (mypy runs against torchgeo 0.8, which lacks these names)
+    from torchgeo.samplers import GriddedPatchSampler as _Grid  # type: ignore[attr-defined]
+    from torchgeo.samplers import RandomPatchSampler as _Random  # type: ignore[attr-defined]
 
     def random_patch_sampler(dataset, size_px: int, length: int, roi=None, seed: int = 0):
         """Random patches of ``size_px`` pixels whose centres lie inside ``roi`` (a polygon)."""
@@ -64,7 +65,7 @@ else:  # torchgeo 0.8 / 0.9
             self._roi = prep(roi) if roi is not None else None
             self._seed_generator = generator
 
-        def __iter__(self) -> Iterator[tuple[slice, ...]]:
+        def __iter__(self) -> Iterator[tuple[slice, slice, slice]]:
             produced, tries = 0, 0
             while produced < self.length:
                 for query in super().__iter__():

@@ -24,17 +24,34 @@ def write_raster(
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"crs": crs} if crs else {}
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-        dtype=data.dtype, transform=transform or from_origin(500_000, 4_000_000, 1, 1),
-        nodata=nodata, **kwargs,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        transform=transform or from_origin(500_000, 4_000_000, 1, 1),
+        nodata=nodata,
+        **kwargs,
     ) as dst:
         dst.write(data)
     return path
 
 
-def fake_imagery(path: Path, h: int = 64, w: int = 64, bands: int = 4, dtype=np.uint8,
-                 x0: float = 500_000, y0: float = 4_000_000, res: float = 1.0, crs: str = UTM17,
-                 seed: int = 0, nodata: float | None = None) -> Path:
+def fake_imagery(
+    path: Path,
+    h: int = 64,
+    w: int = 64,
+    bands: int = 4,
+    dtype=np.uint8,
+    x0: float = 500_000,
+    y0: float = 4_000_000,
+    res: float = 1.0,
+    crs: str = UTM17,
+    seed: int = 0,
+    nodata: float | None = None,
+) -> Path:
     rng = np.random.default_rng(seed)
     hi = 255 if dtype == np.uint8 else 4000
     data = rng.integers(1, hi, size=(bands, h, w)).astype(dtype)

@@ -106,12 +106,19 @@ def test_gradients_reach_both_heads_and_both_branches() -> None:
 # ----------------------------------------------------------------------------- ViT weights
 
 
-def _timm_vit(hidden: int = TINY.hidden_size, depth: int = TINY.num_layers,
-              heads: int = TINY.num_heads, img_size: int = 224) -> VisionTransformer:
+def _timm_vit(
+    hidden: int = TINY.hidden_size, depth: int = TINY.num_layers, heads: int = TINY.num_heads, img_size: int = 224
+) -> VisionTransformer:
     torch.manual_seed(1)
     vit = VisionTransformer(
-        img_size=img_size, patch_size=16, embed_dim=hidden, depth=depth, num_heads=heads,
-        mlp_ratio=TINY.mlp_dim / TINY.hidden_size, qkv_bias=True, num_classes=10,
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=TINY.mlp_dim / TINY.hidden_size,
+        qkv_bias=True,
+        num_classes=10,
     )
     with torch.no_grad():  # timm zero-inits biases / norms: randomise so the copy check means something
         for p in vit.parameters():
@@ -142,8 +149,8 @@ def _to_google_npz(vit: VisionTransformer, path) -> None:
         out[g + "LayerNorm_2/bias"] = sd[b + "norm2.bias"]
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
         for j, n in enumerate(("query", "key", "value")):
-            out[g + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * d:(j + 1) * d].T.reshape(d, h, d // h)
-            out[g + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * d:(j + 1) * d].reshape(h, d // h)
+            out[g + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * d : (j + 1) * d].T.reshape(d, h, d // h)
+            out[g + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * d : (j + 1) * d].reshape(h, d // h)
         out[g + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(h, d // h, d)
         out[g + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
         for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
@@ -173,9 +180,16 @@ def test_npz_writer_matches_timm_reader(tmp_path) -> None:
     """The test's Google-layout writer is read back identically by timm's own npz loader."""
     vit = _timm_vit()
     _to_google_npz(vit, tmp_path / "vit.npz")
-    other = VisionTransformer(img_size=224, patch_size=16, embed_dim=vit.embed_dim, depth=len(vit.blocks),
-                              num_heads=vit.blocks[0].attn.num_heads, mlp_ratio=4.0, qkv_bias=True,
-                              num_classes=10)
+    other = VisionTransformer(
+        img_size=224,
+        patch_size=16,
+        embed_dim=vit.embed_dim,
+        depth=len(vit.blocks),
+        num_heads=vit.blocks[0].attn.num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=10,
+    )
     _load_weights(other, str(tmp_path / "vit.npz"))
     for key, value in vit.state_dict().items():
         torch.testing.assert_close(other.state_dict()[key], value, msg=key)
@@ -205,7 +219,7 @@ def test_load_vit_weights_all_formats(tmp_path, fmt: str) -> None:
     vit.eval()
     with torch.no_grad():
         ours, ref = tokens, tokens
-        for a, b in zip(model.vit.blocks, vit.blocks):
+        for a, b in zip(model.vit.blocks, vit.blocks, strict=True):
             ours, ref = a(ours), b(ref)
     torch.testing.assert_close(ours, ref)
 

@@ -26,8 +26,7 @@ def test_environment_yml_matches_pyproject() -> None:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda_deps = {_name(d) for d in env["dependencies"] if isinstance(d, str)} - CONDA_ONLY
     assert pip_deps == conda_deps, (
-        f"only in pyproject: {sorted(pip_deps - conda_deps)}; only in environment.yml: "
-        f"{sorted(conda_deps - pip_deps)}"
+        f"only in pyproject: {sorted(pip_deps - conda_deps)}; only in environment.yml: {sorted(conda_deps - pip_deps)}"
     )
 
 

@@ -49,9 +49,21 @@ def write(path: Path, data: np.ndarray, transform, nodata, **tags) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     count = data.shape[0]
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=count,
-        dtype=data.dtype, crs=CRS, transform=transform, nodata=nodata, compress="deflate",
-        predictor=2, tiled=True, blockxsize=256, blockysize=256,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=count,
+        dtype=data.dtype,
+        crs=CRS,
+        transform=transform,
+        nodata=nodata,
+        compress="deflate",
+        predictor=2,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
     ) as dst:
         dst.write(data)
         dst.update_tags(**tags)
@@ -94,32 +106,72 @@ def main(src: Path) -> None:
         y0 = TILE_ORIGIN_Y - int(row["y_coord"])
         transform = from_origin(x0, y0, 1.0, 1.0)
         naip = np.clip(np.round(arr[0:4]), 0, 255).astype(np.uint8)
-        write(OUT / "naip" / f"patch-{k}.tif", naip, transform, None, SOURCE=provenance,
-              BANDS="red,green,blue,nir", YEAR="2014")
+        write(
+            OUT / "naip" / f"patch-{k}.tif",
+            naip,
+            transform,
+            None,
+            SOURCE=provenance,
+            BANDS="red,green,blue,nir",
+            YEAR="2014",
+        )
         lc = arr[8].astype(np.uint8)
         lc[lc == 15] = 0
-        write(OUT / "reference" / f"patch-{k}.tif", lc[None], transform, 0, SOURCE=provenance,
-              LEGEND="chesapeake")
+        write(OUT / "reference" / f"patch-{k}.tif", lc[None], transform, 0, SOURCE=provenance, LEGEND="chesapeake")
         nlcd30, gx0, gy0 = majority_30m(arr[9].astype(np.uint8), x0, y0)
-        write(OUT / "nlcd" / f"patch-{k}.tif", nlcd30[None], from_origin(gx0, gy0, NLCD_RES_M, NLCD_RES_M),
-              0, SOURCE=provenance + "; NLCD 2011 aggregated to 30 m cells by majority", LEGEND="nlcd")
+        write(
+            OUT / "nlcd" / f"patch-{k}.tif",
+            nlcd30[None],
+            from_origin(gx0, gy0, NLCD_RES_M, NLCD_RES_M),
+            0,
+            SOURCE=provenance + "; NLCD 2011 aggregated to 30 m cells by majority",
+            LEGEND="nlcd",
+        )
         split = "heldout" if k in HELD_OUT else "train"
         poly = [[x0, y0 - h], [x0 + w, y0 - h], [x0 + w, y0], [x0, y0], [x0, y0 - h]]
-        features[split].append({"type": "Feature", "properties": {"patch": k, "split": split},
-                                "geometry": {"type": "Polygon", "coordinates": [poly]}})
-        meta.append({"patch": k, "split": split, "x_offset_px": int(row["x_coord"]),
-                     "y_offset_px": int(row["y_coord"]), "bounds": [x0, y0 - h, x0 + w, y0]})
+        features[split].append(
+            {
+                "type": "Feature",
+                "properties": {"patch": k, "split": split},
+                "geometry": {"type": "Polygon", "coordinates": [poly]},
+            }
+        )
+        meta.append(
+            {
+                "patch": k,
+                "split": split,
+                "x_offset_px": int(row["x_coord"]),
+                "y_offset_px": int(row["y_coord"]),
+                "bounds": [x0, y0 - h, x0 + w, y0],
+            }
+        )
     crs_member = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::26917"}}
-    for name, feats in (("train", features["train"]), ("heldout", features["heldout"]),
-                        ("all", features["train"] + features["heldout"])):
-        (OUT / f"aoi_{name}.geojson").write_text(json.dumps(
-            {"type": "FeatureCollection", "crs": crs_member, "features": feats}, indent=1))
-    (OUT / "sample.json").write_text(json.dumps({
-        "crs": CRS, "tile": "m_3708020_sw_17_1", "location_is_approximate": True,
-        "tile_origin_utm": [TILE_ORIGIN_X, TILE_ORIGIN_Y], "held_out": list(HELD_OUT),
-        "imagery": "naip", "labels": "nlcd", "labels_legend": "nlcd", "reference": "reference",
-        "reference_legend": "chesapeake", "patches": meta,
-    }, indent=1))
+    for name, feats in (
+        ("train", features["train"]),
+        ("heldout", features["heldout"]),
+        ("all", features["train"] + features["heldout"]),
+    ):
+        (OUT / f"aoi_{name}.geojson").write_text(
+            json.dumps({"type": "FeatureCollection", "crs": crs_member, "features": feats}, indent=1)
+        )
+    (OUT / "sample.json").write_text(
+        json.dumps(
+            {
+                "crs": CRS,
+                "tile": "m_3708020_sw_17_1",
+                "location_is_approximate": True,
+                "tile_origin_utm": [TILE_ORIGIN_X, TILE_ORIGIN_Y],
+                "held_out": list(HELD_OUT),
+                "imagery": "naip",
+                "labels": "nlcd",
+                "labels_legend": "nlcd",
+                "reference": "reference",
+                "reference_legend": "chesapeake",
+                "patches": meta,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {len(rows)} patches to {OUT}")
 
 

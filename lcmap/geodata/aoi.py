@@ -74,9 +74,7 @@ def aoi_from_file(path: str | Path) -> AOI:
     except Exception as exc:
         raise LcmapInputError(f"AOI file {path} could not be read as vector data: {exc}") from exc
     if frame.crs is None:
-        raise LcmapInputError(
-            f"AOI file {path} has no CRS. Save it with one (GeoJSON is EPSG:4326 by standard)."
-        )
+        raise LcmapInputError(f"AOI file {path} has no CRS. Save it with one (GeoJSON is EPSG:4326 by standard).")
     polys = frame.geometry[frame.geometry.notna()]
     polys = polys[polys.geom_type.isin(["Polygon", "MultiPolygon"])]
     if polys.empty:
@@ -89,9 +87,7 @@ def aoi_from_file(path: str | Path) -> AOI:
 def aoi_from_bbox(west: float, south: float, east: float, north: float, crs: str | CRS = "EPSG:4326") -> AOI:
     """A rectangular AOI from bounds in ``crs`` (default longitude/latitude, EPSG:4326)."""
     if not (east > west and north > south):
-        raise LcmapInputError(
-            f"--bbox {west} {south} {east} {north}: expected W S E N with E > W and N > S"
-        )
+        raise LcmapInputError(f"--bbox {west} {south} {east} {north}: expected W S E N with E > W and N > S")
     try:
         crs = CRS.from_user_input(crs)
     except Exception as exc:
@@ -114,9 +110,7 @@ def resolve_aoi(
     return None
 
 
-def rasterize_aoi(
-    geometry: shapely.Geometry | None, transform: Affine, shape: tuple[int, int]
-) -> np.ndarray:
+def rasterize_aoi(geometry: shapely.Geometry | None, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
     """Boolean mask ``(height, width)``: True for pixels whose centre lies inside ``geometry``.
 
     ``geometry`` must be in the CRS of ``transform``; None means "everything inside".
@@ -125,6 +119,4 @@ def rasterize_aoi(
         return np.ones(shape, dtype=bool)
     if geometry.is_empty:
         return np.zeros(shape, dtype=bool)
-    return rasterize(
-        [(geometry, 1)], out_shape=shape, transform=transform, fill=0, dtype="uint8"
-    ).astype(bool)
+    return rasterize([(geometry, 1)], out_shape=shape, transform=transform, fill=0, dtype="uint8").astype(bool)

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +125,12 @@ class StdConvGNReLU(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
         super().__init__(
             StdConv2d(
-                in_channels, out_channels, kernel_size, stride=stride,
-                padding=kernel_size // 2, bias=False,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                bias=False,
             ),
             nn.GroupNorm(_groups(out_channels), out_channels, eps=1e-6),
             nn.ReLU(inplace=True),
@@ -166,9 +171,7 @@ class CNNBranch(nn.Module):
         num_blocks: number of multi-kernel blocks (5 in the paper).
     """
 
-    def __init__(
-        self, in_channels: int, width: int, down_channels: tuple[int, int, int], num_blocks: int = 5
-    ) -> None:
+    def __init__(self, in_channels: int, width: int, down_channels: tuple[int, int, int], num_blocks: int = 5) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
@@ -213,9 +216,7 @@ class TransformerBranch(nn.Module):
     def __init__(self, in_channels: int, cfg: ParaformerConfig) -> None:
         super().__init__()
         if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(
-                f"ViT hidden size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads"
-            )
+            raise ValueError(f"ViT hidden size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
         self.base_grid = cfg.base_grid
         self.hidden_size = cfg.hidden_size
         self.token_proj = nn.Conv2d(in_channels, cfg.hidden_size, 1)
@@ -230,7 +231,7 @@ class TransformerBranch(nn.Module):
                 qkv_bias=True,
                 proj_drop=cfg.dropout,
                 attn_drop=cfg.attention_dropout,
-                norm_layer=norm_layer,
+                norm_layer=norm_layer,  # type: ignore[arg-type]  # timm calls it; a partial is fine
             )
             for _ in range(cfg.num_layers)
         )
@@ -303,9 +304,7 @@ class Decoder(nn.Module):
         self.head2_reduce = ConvBNReLU(fused2, c_head2, 3)
         self.head2_out = nn.Conv2d(c_head2, num_classes, 3, padding=1)
 
-    def forward(
-        self, tokens: Tensor, full: Tensor, half: Tensor, quarter: Tensor, sixteenth: Tensor
-    ) -> list[Tensor]:
+    def forward(self, tokens: Tensor, full: Tensor, half: Tensor, quarter: Tensor, sixteenth: Tensor) -> list[Tensor]:
         """Token map ``(B, D, H/16, W/16)`` and CNN features -> ``[head1, head2]`` ``(B, K, H, W)``."""
         x = self.from_tokens(tokens)
         x = self.fuse16(torch.cat([x, sixteenth], dim=1))
@@ -331,9 +330,7 @@ class Paraformer(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, cfg: ParaformerConfig) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 1:
-            raise ValueError(
-                f"Paraformer needs >= 1 band and >= 1 class, got {in_channels} and {num_classes}"
-            )
+            raise ValueError(f"Paraformer needs >= 1 band and >= 1 class, got {in_channels} and {num_classes}")
         self.cfg = cfg
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -358,19 +355,14 @@ class Paraformer(nn.Module):
         if c != self.in_channels:
             raise ValueError(f"Paraformer was built for {self.in_channels} bands, got {c}")
         if h % PATCH or w % PATCH:
-            raise ValueError(
-                f"Paraformer input size {h}x{w} px is not a multiple of {PATCH} px in height and width"
-            )
+            raise ValueError(f"Paraformer input size {h}x{w} px is not a multiple of {PATCH} px in height and width")
         full, half, quarter, sixteenth = self.cnn(x)
         tokens = self.vit(sixteenth)
         return self.decoder(tokens, full, half, quarter, sixteenth)
 
     def branch_parameters(self) -> dict[str, int]:
         """Parameter counts: ``cnn``, ``vit`` (incl. token projection), ``decoder`` and ``total``."""
-        counts = {
-            name: sum(p.numel() for p in getattr(self, name).parameters())
-            for name in ("cnn", "vit", "decoder")
-        }
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in ("cnn", "vit", "decoder")}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
@@ -380,7 +372,7 @@ def build_paraformer(
     in_channels: int,
     num_classes: int,
     vit_weights: str | Path | None = None,
-    **overrides: object,
+    **overrides: Any,
 ) -> Paraformer:
     """Build a Paraformer by size name, optionally loading pretrained ViT weights.
 
@@ -406,7 +398,10 @@ def build_paraformer(
         info = load_vit_weights(model, vit_weights)
         log.info(
             "loaded ViT weights from %s: %d tensors loaded, %d skipped, %d missing",
-            vit_weights, info["loaded"], info["skipped"], info["missing"],
+            vit_weights,
+            info["loaded"],
+            info["skipped"],
+            info["missing"],
         )
     return model
 

@@ -14,9 +14,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.net = smp.Unet(
-            encoder_name="resnet18", encoder_weights=None, in_channels=in_channels, classes=num_classes
-        )
+        self.net = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=in_channels, classes=num_classes)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [self.net(x)]

@@ -81,8 +81,12 @@ def load_vit_weights(paraformer_model: nn.Module, path: str | Path) -> dict[str,
         )
     loaded, missing, unused = _copy_into(vit, state, path, file_heads)
     if missing:
-        log.warning("ViT weights file %s lacks %d model tensors (kept at init): %s",
-                    path, len(missing), ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        log.warning(
+            "ViT weights file %s lacks %d model tensors (kept at init): %s",
+            path,
+            len(missing),
+            ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""),
+        )
     return {"loaded": loaded, "skipped": skipped + unused, "missing": len(missing), "format": fmt}
 
 
@@ -96,17 +100,13 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
         raise LcmapInputError(f"could not read ViT weights file {path} as a PyTorch checkpoint: {exc}") from exc
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"model": {...}}, possibly nested
         if isinstance(obj, dict):
-            inner = next(
-                (obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None
-            )
+            inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
             if inner is not None:
                 obj = inner
                 continue
         break
     if not isinstance(obj, dict):
-        raise LcmapInputError(
-            f"ViT weights file {path} holds a {type(obj).__name__}, not a state dict of tensors"
-        )
+        raise LcmapInputError(f"ViT weights file {path} holds a {type(obj).__name__}, not a state dict of tensors")
     return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
@@ -125,11 +125,7 @@ def _select_timm(raw: dict[str, Tensor], path: Path) -> tuple[dict[str, Tensor],
     Returns:
         The tensors renamed to ``blocks.N.*``, ``norm.*``, ``pos_embed``, and the number skipped.
     """
-    prefixes = [
-        m.group(1)
-        for k in raw
-        if (m := re.match(r"^(|.*\.)blocks\.0\.norm1\.weight$", k)) is not None
-    ]
+    prefixes = [m.group(1) for k in raw if (m := re.match(r"^(|.*\.)blocks\.0\.norm1\.weight$", k)) is not None]
     if not prefixes:
         sample = ", ".join(list(raw)[:5])
         raise LcmapInputError(
@@ -141,7 +137,7 @@ def _select_timm(raw: dict[str, Tensor], path: Path) -> tuple[dict[str, Tensor],
     for key, value in raw.items():
         if not key.startswith(prefix):
             continue
-        rel = key[len(prefix):]
+        rel = key[len(prefix) :]
         if rel.startswith("blocks.") or rel.startswith("norm.") or rel == "pos_embed":
             state[rel] = value
     return state, len(raw) - len(state)
@@ -185,7 +181,7 @@ def _read_npz(path: Path) -> tuple[dict[str, Tensor], int, set[int]]:
     for key in arrays:
         if not key.startswith(pre):
             continue
-        rel = key[len(pre):]
+        rel = key[len(pre) :]
         if m := re.match(r"^encoderblock_(\d+)/(.+)$", rel):
             blocks.setdefault(int(m.group(1)), {})[m.group(2)] = get(key)
         elif m := re.match(r"^encoderblock/(.+)$", rel):
@@ -226,7 +222,7 @@ def _convert_npz_blocks(
                 f"(sub-modules {sorted(names)}); expected 2 LayerNorm, 1 attention and 1 MLP block"
             )
         b = f"blocks.{i}."
-        for ln, tgt in zip(lns, ("norm1", "norm2")):
+        for ln, tgt in zip(lns, ("norm1", "norm2"), strict=True):
             state[b + tgt + ".weight"] = t(arrs[f"{ln}/scale"])
             state[b + tgt + ".bias"] = t(arrs[f"{ln}/bias"])
         a = mha[0]
@@ -266,9 +262,7 @@ def _fit_pos_embed(pe: Tensor, base_grid: int, hidden: int, path: Path) -> Tenso
         if g > 0 and g * g == n - k:
             break
     else:
-        raise LcmapInputError(
-            f"ViT weights file {path}: {n} position embeddings do not form a square token grid"
-        )
+        raise LcmapInputError(f"ViT weights file {path}: {n} position embeddings do not form a square token grid")
     grid = pe[:, k:].reshape(1, g, g, hidden).permute(0, 3, 1, 2).float()
     if g != base_grid:
         grid = F.interpolate(
@@ -277,10 +271,9 @@ def _fit_pos_embed(pe: Tensor, base_grid: int, hidden: int, path: Path) -> Tenso
     return grid.flatten(2).transpose(1, 2)
 
 
-def _copy_into(
-    vit: nn.Module, state: dict[str, Tensor], path: Path, file_heads: set[int]
-) -> tuple[int, list[str], int]:
-    """Check the file's encoder (and its head counts, when known) against ``vit`` and copy it.
+def _copy_into(vit: Any, state: dict[str, Tensor], path: Path, file_heads: set[int]) -> tuple[int, list[str], int]:
+    """Check the file's encoder (and its head counts, when known) against ``vit`` (a Paraformer
+    ``TransformerBranch``: ``hidden_size``, ``base_grid``, ``blocks``) and copy it.
 
     Returns:
         ``(loaded, missing, unused)``: tensors copied, names of model tensors absent from the
@@ -324,8 +317,12 @@ def _copy_into(
             )
     unexpected = sorted(k for k in state if k not in targets)
     if unexpected:
-        log.warning("ViT weights file %s: %d encoder tensors the model has no place for (ignored): %s",
-                    path, len(unexpected), ", ".join(unexpected[:6]))
+        log.warning(
+            "ViT weights file %s: %d encoder tensors the model has no place for (ignored): %s",
+            path,
+            len(unexpected),
+            ", ".join(unexpected[:6]),
+        )
     loaded = 0
     with torch.no_grad():
         for key, param in targets.items():
