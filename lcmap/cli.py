@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -32,12 +32,12 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 BBox = Annotated[
-    tuple[float, float, float, float] | None,
+    Optional[tuple[float, float, float, float]],
     typer.Option("--bbox", help="Area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM)."),
 ]
 BBoxCRS = Annotated[str, typer.Option("--bbox-crs", help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917.")]
 AOIOpt = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
 ]
 
@@ -77,30 +77,30 @@ def _main(
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.")],
-    images: Annotated[list[Path] | None, typer.Option("--images", help="HR imagery files or folders (GeoTIFF; any band count; imagery CRS and resolution define the grid).")] = None,
-    labels: Annotated[list[Path] | None, typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid.")] = None,
-    legend: Annotated[str | None, typer.Option("--legend", help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.")] = None,
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="HR imagery files or folders (GeoTIFF; any band count; imagery CRS and resolution define the grid).")] = None,
+    labels: Annotated[Optional[list[Path]], typer.Option("--labels", help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid.")] = None,
+    legend: Annotated[Optional[str], typer.Option("--legend", help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.")] = None,
     aoi: AOIOpt = None,
     bbox: BBox = None,
     bbox_crs: BBoxCRS = "EPSG:4326",
-    model: Annotated[str | None, typer.Option("--model", help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file with the same options as these flags (flags win).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
-    steps_per_epoch: Annotated[int | None, typer.Option("--steps-per-epoch", help="Optimizer steps (batches) per epoch.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Patches per batch (per device).")] = None,
-    patch_px: Annotated[int | None, typer.Option("--patch-px", help="Training patch side in pixels of the imagery grid (multiple of 32).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
-    devices: Annotated[int | None, typer.Option("--devices", help="Number of devices (GPUs: DDP when > 1).")] = None,
-    accelerator: Annotated[str | None, typer.Option("--accelerator", help="auto, cpu or gpu.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = None,
-    vit_weights: Annotated[Path | None, typer.Option("--vit-weights", help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). Without it the ViT trains from scratch.")] = None,
-    reference: Annotated[list[Path] | None, typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes).")] = None,
-    reference_legend: Annotated[str | None, typer.Option("--reference-legend", help="Legend of --reference.")] = None,
-    class_weighting: Annotated[str | None, typer.Option("--class-weighting", help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.")] = None,
-    label_trust: Annotated[list[str] | None, typer.Option("--label-trust", help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. --label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.")] = None,
-    mixed_class: Annotated[list[str] | None, typer.Option("--mixed-class", help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' for NLCD 'Developed, Open Space'.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
-    num_workers: Annotated[int | None, typer.Option("--num-workers", help="DataLoader worker processes.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same options as these flags (flags win).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs.")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option("--steps-per-epoch", help="Optimizer steps (batches) per epoch.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Patches per batch (per device).")] = None,
+    patch_px: Annotated[Optional[int], typer.Option("--patch-px", help="Training patch side in pixels of the imagery grid (multiple of 32).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", help="Number of devices (GPUs: DDP when > 1).")] = None,
+    accelerator: Annotated[Optional[str], typer.Option("--accelerator", help="auto, cpu or gpu.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="32, bf16-mixed or 16-mixed (mixed precision on GPU only).")] = None,
+    vit_weights: Annotated[Optional[Path], typer.Option("--vit-weights", help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). Without it the ViT trains from scratch.")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option("--reference", help="Optional HR reference land cover for validation (mIoU over target classes).")] = None,
+    reference_legend: Annotated[Optional[str], typer.Option("--reference-legend", help="Legend of --reference.")] = None,
+    class_weighting: Annotated[Optional[str], typer.Option("--class-weighting", help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.")] = None,
+    label_trust: Annotated[Optional[list[str]], typer.Option("--label-trust", help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. --label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.")] = None,
+    mixed_class: Annotated[Optional[list[str]], typer.Option("--mixed-class", help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' for NLCD 'Developed, Open Space'.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader worker processes.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.")] = False,
 ) -> None:
     """Train Paraformer (or the U-Net baseline) on HR imagery with LR labels inside an AOI."""
@@ -139,11 +139,11 @@ def predict(
     block_px: Annotated[int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
     confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
     precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
-    devices: Annotated[int | None, typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.errors import Interrupted
@@ -167,8 +167,8 @@ def evaluate(
     reference: Annotated[list[Path], typer.Option("--reference", help="HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour).")],
     reference_legend: Annotated[str, typer.Option("--reference-legend", help="Legend of --reference (e.g. chesapeake, or a YAML file).")],
     out: Annotated[Path, typer.Option("--out", help="REPORT_DIR for metrics.json, report.md, confusion.png.")],
-    baseline: Annotated[list[Path] | None, typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training).")] = None,
-    baseline_legend: Annotated[str | None, typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
+    baseline: Annotated[Optional[list[Path]], typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training).")] = None,
+    baseline_legend: Annotated[Optional[str], typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
     aoi: AOIOpt = None,
 ) -> None:
     """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
@@ -197,7 +197,7 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")] = Path("lcmap-demo"),
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")] = None,
 ) -> None:
     """Train paraformer-tiny on the embedded real sample (NAIP 1 m + NLCD 30 m), map it, score it."""
     from lcmap.pipeline.demo import run_demo
