@@ -110,15 +110,22 @@ def predict(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
     confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
+    precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
+    devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
+    from lcmap.errors import Interrupted
     from lcmap.pipeline.predict import predict_map
 
-    result = _run(
-        predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
-        overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
-        scheduler=scheduler, confidence=confidence, legend=legend,
-    )
+    try:  # Typer would turn Ctrl-C into exit 130 before main() could say what was kept
+        result = _run(
+            predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
+            overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
+            scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
+        )
+    except Interrupted as exc:
+        console.print(f"[yellow]interrupted[/]: {exc}")
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
     console.print(f"[green]map written to[/] {result.path}")
 
 

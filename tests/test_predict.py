@@ -295,13 +295,14 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mapfile, "write_block", real_write)
     ran = []
-    real_predict = execution.predict_block
+    real_predict = execution.predict_group
 
-    def counting(st, job, block):
-        ran.append(block.name)
-        return real_predict(st, job, block)
+    def counting(st, job, blocks):
+        for item in real_predict(st, job, blocks):
+            ran.append(item[0].name)
+            yield item
 
-    monkeypatch.setattr(execution, "predict_block", counting)
+    monkeypatch.setattr(execution, "predict_group", counting)
     result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
     assert result.blocks_resumed == 3 and len(ran) == 16 - 3 and not set(ran) & set(written)
     assert result.blocks_run == 16 - 3

@@ -1,14 +1,18 @@
-"""Running the block tasks: in this process, or on Dask (a local cluster or a scheduler address).
+"""Running the tasks: in this process, or on Dask (a local cluster or a scheduler address).
 
-Each block is one task (:func:`run_block`: predict it, write its file); Dask gets them through
+A task is a group of blocks (:func:`lcmap.pipeline.tiling.block_groups`; :func:`run_group`:
+predict them in one pass, write each block's file as its rows finish); Dask gets them through
 ``client.submit`` (no ``map_overlap``), a few in flight per worker thread, so the task graph
-stays small whatever the area. The :class:`~lcmap.pipeline.inference.PredictJob` is broadcast
-once to every worker; each worker loads the model itself
-(:func:`lcmap.pipeline.inference.worker_state`). The imagery and checkpoint paths must
-therefore be readable by every worker, and the output folder writable by them.
+stays small whatever the area. Each worker loads the model once, in the :class:`ModelPlugin`
+worker plugin that :func:`run_distributed` registers (:func:`run_synchronous` uses the same
+loader, :func:`lcmap.pipeline.inference.load_worker_state`, without Dask); the imagery and
+checkpoint paths must therefore be readable by every worker, and the output folder writable.
 
-A local cluster is sized to this machine (:func:`local_cluster_shape`); with ``cuda`` every task
-asks for the worker resource ``GPU=1``. :class:`Progress` shows blocks and area done.
+A local cluster is sized to this machine (:func:`local_cluster_shape`), quiet (Dask logs at
+WARNING, no dashboard); with ``cuda`` every task asks for the worker resource ``GPU=1``. A
+scheduler that goes away mid-run, or cannot be reached, is reported in one message
+(:class:`~lcmap.errors.LcmapInputError`); finished blocks stay in ``MAP.tif.partial``.
+:class:`Progress` shows blocks and the area done (the area with imagery inside the AOI).
 """
 
 from __future__ import annotations
@@ -17,48 +21,108 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import rasterio
 import shapely
 import torch
+from distributed import Client, LocalCluster, as_completed, get_worker
+from distributed.comm.core import CommClosedError
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.datasets import HRImagery
 from lcmap.pipeline import mapfile
-from lcmap.pipeline.inference import PredictJob, predict_block, worker_state
+from lcmap.pipeline.inference import PredictJob, WorkerState, load_worker_state, predict_group
 from lcmap.pipeline.runs import TrainedModel
 from lcmap.pipeline.tiling import Block, OutputGrid
 
-__all__ = ["RunCounts", "Progress", "run_block", "run_synchronous", "run_distributed", "local_cluster_shape"]
+__all__ = [
+    "RunCounts",
+    "Progress",
+    "ModelPlugin",
+    "SchedulerLost",
+    "run_group",
+    "run_synchronous",
+    "run_distributed",
+    "dask_client",
+    "local_cluster_shape",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunCounts:
-    """What the block tasks of one run did: blocks run, windows run, seconds inside the model."""
+    """What the tasks of one run did: blocks run, windows run, seconds inside the model."""
 
     blocks_run: int = 0
     windows: int = 0
     seconds_forward: float = 0.0
 
     def add(self, task: dict[str, Any]) -> None:
-        """Count one finished task (what :func:`run_block` returned)."""
+        """Count one finished task (what :func:`run_group` returned)."""
         self.windows += task["windows"]
         self.seconds_forward += task["seconds_forward"]
-        self.blocks_run += 1
+        self.blocks_run += len(task["blocks"])
 
 
-def run_block(job: PredictJob, block: Block) -> dict[str, Any]:
-    """The task: predict one block and write its file; returns small statistics
-    (``block`` name, ``seconds``, ``windows``, ``seconds_forward``)."""
+class SchedulerLost(Exception):
+    """The Dask scheduler went away (or the connection to it broke) while blocks were running."""
+
+
+def run_group(st: WorkerState, job: PredictJob, blocks: list[Block]) -> dict[str, Any]:
+    """Predict a group of blocks and write each block's file; returns small statistics
+    (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``)."""
     t0 = time.perf_counter()
+    names, windows, forward = [], 0, 0.0
     # a fixed GDAL block cache (default: 5% of RAM), so that memory does not grow with the area read
     with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
-        st = worker_state(job)
-        codes, conf, stats = predict_block(st, job, block)
-        mapfile.write_block(mapfile.block_path(job.blocks_dir, block), job.grid, block, codes, conf)
-    return {"block": block.name, "seconds": time.perf_counter() - t0, **stats}
+        for block, codes, conf, stats in predict_group(st, job, blocks):
+            mapfile.write_block(mapfile.block_path(job.blocks_dir, block), job.grid, block, codes, conf)
+            names.append(block.name)
+            windows += stats["windows"]
+            forward += stats["seconds_forward"]
+    return {"blocks": names, "seconds": time.perf_counter() - t0, "windows": windows, "seconds_forward": forward}
+
+
+# ------------------------------------------------------------------------ the worker plugin
+def plugin_name(job: PredictJob) -> str:
+    """The name of ``job``'s :class:`ModelPlugin` on the workers."""
+    return f"lcmap-model-{job.cache_key or 'job'}"
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model and opens the imagery once per Dask worker (on setup, and on every worker
+    that joins later); tasks find it with :func:`worker_state`. Removed when the run ends."""
+
+    def __init__(self, job: PredictJob):
+        self.job = job
+        self.name = plugin_name(job)
+        self.state: WorkerState | None = None
+
+    def setup(self, worker: Any) -> None:
+        try:
+            index: int | None = int(worker.name)
+        except (TypeError, ValueError):
+            index = None
+        self.state = load_worker_state(self.job, device_index=index)
+
+    def teardown(self, worker: Any) -> None:
+        self.state = None
+
+
+def _task(job: PredictJob, blocks: list[Block], name: str) -> dict[str, Any]:
+    """The Dask task: this worker's plugin state, then :func:`run_group`."""
+    plugin = get_worker().plugins.get(name)
+    state = getattr(plugin, "state", None)
+    if state is None:  # not registered here (yet)
+        raise RuntimeError(f"worker plugin {name} is missing on {get_worker().address}")
+    return run_group(state, job, blocks)
 
 
 # ------------------------------------------------------------------------------- progress
@@ -74,17 +138,18 @@ def _km2_per_px(grid: OutputGrid) -> float | None:
 
 
 class Progress:
-    """Blocks done, and the area done: pixels inside the AOI (the whole block without an AOI)."""
+    """Blocks done, and the area done: pixels of ``area_wkb`` (the imagery's footprint inside the
+    AOI, in the grid's CRS; the whole block without it)."""
 
     def __init__(
-        self, enabled: bool, blocks: list[Block], done: set[str], grid: OutputGrid, aoi_wkb: bytes | None = None
+        self, enabled: bool, blocks: list[Block], done: set[str], grid: OutputGrid, area_wkb: bytes | None = None
     ):
         self.enabled = enabled
         self.km2_px = _km2_per_px(grid)
-        if aoi_wkb is None:
+        if area_wkb is None:
             self.sizes = {b.name: b.height * b.width for b in blocks}
         else:
-            geom = shapely.from_wkb(aoi_wkb)
+            geom = shapely.from_wkb(area_wkb)
             px_area = grid.res_x * grid.res_y
             self.sizes = {
                 b.name: shapely.box(*grid.bounds(b.r0, b.c0, b.r0 + b.height, b.c0 + b.width)).intersection(geom).area
@@ -133,14 +198,17 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------ schedulers
-def local_cluster_shape(device: str, n_tasks: int) -> tuple[int, int]:
-    """(workers, torch threads per worker) for a LocalCluster on this machine."""
+def local_cluster_shape(device: str, n_tasks: int, devices: int | None = None) -> tuple[int, int]:
+    """(workers, torch threads per worker) for a LocalCluster on this machine; ``devices``: GPUs
+    to use with ``cuda`` (default: all visible)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
     if device.startswith("cuda"):
         n = 1 if ":" in device else max(1, torch.cuda.device_count())
+        if devices:
+            n = min(n, devices)
     else:
         # single-threaded processes up to 4 cores (intra-op threads that wait on each other are
         # slow as soon as the machine is shared), then 4 torch threads per process (memory)
@@ -152,84 +220,126 @@ def local_cluster_shape(device: str, n_tasks: int) -> tuple[int, int]:
 
 def run_synchronous(
     job: PredictJob,
-    todo: list[Block],
+    todo: list[list[Block]],
     progress: Progress,
     counts: RunCounts,
     model: TrainedModel | None = None,
     imagery: HRImagery | None = None,
 ) -> None:
-    """Run the blocks ``todo`` one after the other in this process (``model``/``imagery``: already
-    loaded, reused as this process's worker state)."""
-    worker_state(job, preloaded=model, imagery=imagery)
-    for block in todo:
-        counts.add(run_block(job, block))
-        progress.advance(block.name)
+    """Run the groups ``todo`` one after the other in this process (``model``/``imagery``: already
+    loaded by planning, reused)."""
+    st = load_worker_state(job, preloaded=model, imagery=imagery)
+    for group in todo:
+        res = run_group(st, job, group)
+        counts.add(res)
+        for name in res["blocks"]:
+            progress.advance(name)
+
+
+@contextmanager
+def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: int | None = None) -> Iterator[Any]:
+    """A Dask client: ``scheduler`` None starts a quiet local cluster (no dashboard, Dask logs at
+    WARNING), else connects to that address (within 10 s).
+
+    Raises:
+        LcmapInputError: the scheduler cannot be reached, or ``cuda`` without a GPU worker.
+    """
+    gpu = job.device.startswith("cuda")
+    cluster = None
+    quiet = ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker", "distributed.core")
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        if scheduler is None:
+            n, threads = local_cluster_shape(job.device, n_tasks, devices)
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+                resources={"GPU": 1} if gpu else None,
+                env={"OMP_NUM_THREADS": str(threads)},
+            )
+            client = Client(cluster)
+        else:
+            try:
+                client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                raise LcmapInputError(
+                    f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({type(exc).__name__}). "
+                    "Start one with 'dask scheduler' (and workers with 'dask worker ADDRESS'), check the "
+                    "address, or leave --scheduler out to use a local cluster."
+                ) from None
+        try:
+            if gpu:
+                workers = client.scheduler_info().get("workers", {})
+                if not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+                    raise LcmapInputError(
+                        f"--device cuda with --scheduler {scheduler}: no worker declares a GPU resource; start "
+                        "the workers with 'dask worker ... --resources GPU=1' (one per GPU)"
+                    )
+            yield client
+        finally:
+            try:
+                client.close()
+            except Exception:  # the scheduler may be gone already
+                pass
+            if cluster is not None:
+                try:
+                    cluster.close()
+                except Exception:
+                    pass
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def run_distributed(
-    job: PredictJob, todo: list[Block], progress: Progress, counts: RunCounts, scheduler: str | None
+    client: Any, job: PredictJob, todo: list[list[Block]], progress: Progress, counts: RunCounts
 ) -> None:
-    """Run the blocks ``todo`` on Dask: ``scheduler`` None starts a local cluster, else its address.
+    """Run the groups ``todo`` on ``client``'s cluster (local threads set ``job.torch_threads``).
 
     Raises:
-        LcmapInputError: the scheduler is unreachable, or ``cuda`` without a GPU worker.
+        SchedulerLost: the scheduler went away or the connection broke mid-run.
     """
-    from distributed import Client, LocalCluster, as_completed
-
     gpu = job.device.startswith("cuda")
-    cluster = None
-    if scheduler is None:
-        n, threads = local_cluster_shape(job.device, len(todo))
-        job = replace(job, torch_threads=threads)
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-            resources={"GPU": 1} if gpu else None,
-        )
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise LcmapInputError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({exc})") from exc
+    plugin = ModelPlugin(job)
     try:
-        workers = client.scheduler_info().get("workers", {})
-        if gpu and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-            raise LcmapInputError(
-                f"--device cuda with --scheduler {scheduler}: no worker declares a GPU resource; start "
-                "the workers with 'dask worker ... --resources GPU=1' (one per GPU)"
-            )
+        client.register_plugin(plugin, name=plugin.name)
         slots = max(1, sum(client.nthreads().values()))
-        job_future = client.scatter(job, broadcast=True, hash=False)
         token = uuid.uuid4().hex[:8]
         pending = iter(todo)
         ac = as_completed()
         extra = {"resources": {"GPU": 1}} if gpu else {}
 
         def submit() -> bool:
-            block = next(pending, None)
-            if block is None:
+            group = next(pending, None)
+            if group is None:
                 return False
             ac.add(
-                client.submit(
-                    run_block, job_future, block, key=f"lcmap-block-{block.name}-{token}", pure=False, **extra
-                )
+                client.submit(_task, job, group, plugin.name, key=f"lcmap-{group[0].name}-{token}", pure=False, **extra)
             )
             return True
 
-        for _ in range(2 * slots):  # a few blocks in flight per worker thread, not all of them
+        for _ in range(2 * slots):  # a few tasks in flight per worker thread, not all of them
             if not submit():
                 break
         for fut in ac:
             res = fut.result()
             fut.release()
             counts.add(res)
-            progress.advance(res["block"])
+            for name in res["blocks"]:
+                progress.advance(name)
             submit()
+    except (CancelledError, CommClosedError, OSError) as exc:
+        if isinstance(exc, OSError) and client.status == "running":
+            raise  # e.g. a full disk on a worker
+        raise SchedulerLost(str(exc)) from exc
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        if client.status == "running":
+            try:
+                client.unregister_worker_plugin(plugin.name)
+            except Exception:
+                pass

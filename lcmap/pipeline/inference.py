@@ -1,50 +1,68 @@
-"""Block inference: the model and imagery of a worker process, and the class codes of one block.
+"""Block inference: the model and imagery of a worker process, and the class codes of a group of blocks.
 
-A block task (:func:`predict_block`) lists the global windows that touch its block, reads their
-imagery itself, one strip of ``tile`` rows at a time (its halo included; the next strip is read
-in a background thread while the model runs), feeds pixels outside the imagery's valid area as
-the band mean, runs the model in batches of ``batch_size`` windows and blends the probabilities
-(:class:`lcmap.pipeline.tiling.BlockBlender`). With ``--legend target`` a target class's
-probability is the sum of its LR classes' (e.g. NLCD 52 + 71 + 81 + 82 + ... for low
-vegetation), so the map holds the most probable *target* class. Every pixel sums the same
-windows in the same global order whatever the block size or the schedule, and batches are
+A task (:func:`predict_group`) blends a group of blocks (:func:`lcmap.pipeline.tiling.block_groups`)
+in one pass, so windows are computed twice only on the group's border. It lists the global
+windows that touch the group, reads their imagery itself, one strip of ``tile`` rows at a time
+(its halo included; the next strip is read and normalised in a background thread while the model
+runs, into preallocated buffers: :class:`StripReader` reads files that lie on the output grid
+straight with rasterio, others through TorchGeo), feeds pixels outside the imagery's valid area
+as the band mean, copies windows into a preallocated batch (pinned memory, non-blocking copies
+on CUDA), runs the model in batches of ``batch_size`` windows (``bf16`` autocast on request) and
+blends the probabilities on the model's device (:class:`lcmap.pipeline.tiling.RowBlender`);
+finished block rows are handed back block by block. With ``--legend target`` a target class's
+probability is the sum of its LR classes' (e.g. NLCD 52 + 71 + 81 + 82 + ... for low vegetation),
+so the map holds the most probable *target* class. Every pixel sums the same windows in the
+same global order whatever the block size, the grouping or the schedule, and batches are
 always padded to ``batch_size``, so the map is bit-identical for any block size and scheduler.
 
-The model is loaded once per worker process (:func:`worker_state`: the per-process cache keyed
-by checkpoint, device and imagery), never shipped inside tasks; :class:`PredictJob` (small) is
-all a task receives besides its :class:`~lcmap.pipeline.tiling.Block`.
+The model is loaded once per worker process (:func:`load_worker_state`; on Dask by the worker
+plugin of :mod:`lcmap.pipeline.execution`), never shipped inside tasks; :class:`PredictJob`
+(small) is all a task receives besides its blocks.
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
+import rasterio
 import shapely
 import torch
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 from lcmap.geodata.aoi import rasterize_aoi
-from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
-from lcmap.geodata.legends import MAP_NODATA
+from lcmap.geodata.datasets import HRImagery, imagery_valid, open_imagery, read_imagery
 from lcmap.models import predict_proba, sum_probabilities
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
     Block,
-    BlockBlender,
     OutputGrid,
+    RowBlender,
     WindowGrid,
     cut_blocks,
+    group_region,
     window_from_strip,
 )
 
-__all__ = ["PredictJob", "WorkerState", "worker_state", "predict_block"]
+__all__ = [
+    "PredictJob",
+    "WorkerState",
+    "StripReader",
+    "load_worker_state",
+    "predict_group",
+    "predict_block",
+    "PRECISIONS",
+]
+
+#: ``--precision``: ``32`` (float32) or ``bf16`` (bfloat16 autocast, CUDA only).
+PRECISIONS = ("32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -68,85 +86,197 @@ class PredictJob:
     aoi_wkb: bytes | None
     blocks_dir: str
     cache_key: str = ""
+    precision: str = "32"
+    #: blocks per task (rows, columns): :func:`lcmap.pipeline.tiling.block_groups`
+    group: tuple[int, int] = (1, 1)
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
         return cut_blocks(self.grid.height, self.grid.width, self.block_size)
 
 
-# -------------------------------------------------------- per-worker model cache (one place)
+# ------------------------------------------------------------------- per-worker state
 @dataclass
 class WorkerState:
     """What a worker process keeps between tasks: the model on its device, the normalisation,
-    the opened imagery and the AOI (prepared for fast tests)."""
+    the imagery reader and the AOI (prepared for fast tests)."""
 
     model: torch.nn.Module
     device: torch.device
     mean: np.ndarray  # (C, 1, 1) float32
     std: np.ndarray
     imagery: HRImagery
+    reader: StripReader
     aoi: shapely.Geometry | None = None
-    aoi_key: bytes | None = None
+    buffers: dict[Any, Any] = field(default_factory=dict)
 
 
-_STATE: dict[tuple, WorkerState] = {}
-_STATE_LOCK = threading.Lock()
-
-
-def _worker_device(device: str) -> torch.device:
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        try:  # one GPU per worker of a LocalCluster (worker names 0..n-1)
-            from distributed import get_worker
-
-            return torch.device(f"cuda:{int(get_worker().name) % torch.cuda.device_count()}")
-        except (ImportError, ValueError, TypeError):
-            pass
+def worker_device(device: str, index: int | None = None) -> torch.device:
+    """The torch device of a worker: ``cuda`` with several GPUs -> ``cuda:<index % GPUs>``."""
+    if device == "cuda" and index is not None and torch.cuda.device_count() > 1:
+        return torch.device(f"cuda:{index % torch.cuda.device_count()}")
     return torch.device(device)
 
 
-def worker_state(
-    job: PredictJob, preloaded: TrainedModel | None = None, imagery: HRImagery | None = None
+def load_worker_state(
+    job: PredictJob,
+    preloaded: TrainedModel | None = None,
+    imagery: HRImagery | None = None,
+    device_index: int | None = None,
 ) -> WorkerState:
-    """This process's model and imagery for ``job`` (loaded on first use, then cached).
+    """Load the model and open the imagery of ``job`` for this process.
 
-    ``preloaded``/``imagery``: already loaded by the caller (the synchronous scheduler reuses
-    what planning loaded). One job per process at a time: a new job frees the previous model.
+    ``preloaded``/``imagery``: already loaded by the caller (the synchronous scheduler reuses what
+    planning loaded); ``device_index``: this worker's number (one GPU per worker with ``cuda``).
     """
-    key = (job.checkpoint, job.device, job.image_files, job.cache_key)
-    with _STATE_LOCK:
-        st = _STATE.get(key)
-        if st is None:
-            if job.torch_threads:
-                torch.set_num_threads(job.torch_threads)
-            device = _worker_device(job.device)
-            tm = preloaded if preloaded is not None else load_trained_model(job.checkpoint, "cpu")
-            model = tm.model.to(device).eval()
-            ds = imagery if imagery is not None else open_imagery(list(job.image_files))
-            _STATE.clear()  # one job per process at a time: free the previous model
-            st = WorkerState(
-                model=model,
-                device=device,
-                mean=tm.mean.reshape(-1, 1, 1).astype(np.float32),
-                std=tm.std.reshape(-1, 1, 1).astype(np.float32),
-                imagery=ds,
-            )
-            _STATE[key] = st
-        if st.aoi_key != job.aoi_wkb:
-            st.aoi = shapely.from_wkb(job.aoi_wkb) if job.aoi_wkb else None
-            if st.aoi is not None:
-                shapely.prepare(st.aoi)
-            st.aoi_key = job.aoi_wkb
-    return st
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    device = worker_device(job.device, device_index)
+    tm = preloaded if preloaded is not None else load_trained_model(job.checkpoint, "cpu")
+    model = tm.model.to(device).eval()
+    ds = imagery if imagery is not None else open_imagery(list(job.image_files))
+    mean = tm.mean.reshape(-1, 1, 1).astype(np.float32)
+    std = tm.std.reshape(-1, 1, 1).astype(np.float32)
+    aoi = shapely.from_wkb(job.aoi_wkb) if job.aoi_wkb else None
+    if aoi is not None:
+        shapely.prepare(aoi)
+    return WorkerState(
+        model=model,
+        device=device,
+        mean=mean,
+        std=std,
+        imagery=ds,
+        reader=StripReader(ds, job.grid, mean, std),
+        aoi=aoi,
+    )
 
 
 # ------------------------------------------------------------------------------ reading
-def _block_aoi_mask(st: WorkerState, job: PredictJob, block: Block) -> np.ndarray:
-    """``(block.height, block.width)`` bool: pixels whose centre is inside the AOI."""
+class StripReader:
+    """Normalised imagery of output rows/columns, into preallocated buffers.
+
+    Files on the output grid (same CRS and pixel size, whole-pixel offsets) are read straight
+    with rasterio (handles kept open per process; files overlapping: the first file with a valid
+    pixel wins, as in TorchGeo's merge); a strip that touches any other file is read through
+    TorchGeo (:func:`lcmap.geodata.datasets.read_imagery`, which warps). Invalid pixels (no file,
+    or every band equal to the imagery's nodata) are 0 after normalisation (the band mean).
+    """
+
+    def __init__(self, imagery: HRImagery, grid: OutputGrid, mean: np.ndarray, std: np.ndarray):
+        self.ds, self.grid, self.mean, self.std = imagery, grid, mean, std
+        self.nodata = imagery.nodata
+        self.files: list[tuple[str, int, int, int, int]] | None = None  # path, r0, c0, r1, c1 (output px)
+        self.other: list[tuple[float, float, float, float]] = []  # bounds of files not on the grid
+        self._handles: dict[str, Any] = {}
+        #: bytes of imagery read (uncompressed), for the benchmark's bytes per km²
+        self.bytes_read = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _index(self) -> None:
+        g = self.grid
+        crs = g.crs
+        files, other = [], []
+        for path in self.ds.files:
+            with rasterio.open(path) as src:
+                b = src.bounds
+                on_grid = (
+                    src.crs == crs
+                    and abs(src.res[0] - g.res_x) < 1e-9 * g.res_x
+                    and abs(src.res[1] - g.res_y) < 1e-9 * g.res_y
+                    and not src.transform.b
+                    and not src.transform.d
+                )
+                c0f = (b.left - g.x0) / g.res_x
+                r0f = (g.y0 - b.top) / g.res_y
+                if on_grid and abs(c0f - round(c0f)) < 1e-6 and abs(r0f - round(r0f)) < 1e-6:
+                    c0, r0 = int(round(c0f)), int(round(r0f))
+                    files.append((path, r0, c0, r0 + src.height, c0 + src.width))
+                else:
+                    other.append(tuple(b))
+        self.files, self.other = files, other
+
+    def _src(self, path: str):
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = rasterio.open(path)
+        return h
+
+    def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Read output rows [r0, r1) x cols [c0, c1), clipped to the imagery extent, into ``out``.
+
+        Args:
+            out: a float32 buffer ``(C, >= h, >= w)``.
+
+        Returns:
+            ``(image (C, h, w) float32 view of out, valid (h, w) bool, row0, col0)`` of what was read.
+        """
+        g = self.grid
+        r0, r1 = max(r0, g.img_r0), min(r1, g.img_r1)
+        c0, c1 = max(c0, g.img_c0), min(c1, g.img_c1)
+        h, w = r1 - r0, c1 - c0
+        image = out[:, :h, :w]
+        if self.files is None:
+            self._index()
+        assert self.files is not None
+        if self.other and self._touches_other(r0, c0, r1, c1):
+            raw, valid = self._read_torchgeo(r0, c0, r1, c1, h, w)
+            np.subtract(raw, self.mean, out=image)
+        else:
+            valid = np.zeros((h, w), bool)
+            image[:] = 0.0
+            for path, fr0, fc0, fr1, fc1 in self.files:
+                a, z = max(r0, fr0), min(r1, fr1)
+                c, d = max(c0, fc0), min(c1, fc1)
+                if z <= a or d <= c:
+                    continue
+                data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
+                self.bytes_read += data.nbytes
+                ok = imagery_valid(data, self.nodata)
+                dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
+                dst = image[:, a - r0 : z - r0, c - c0 : d - c0]
+                if dst_valid.any():  # overlapping files: the first valid pixel wins
+                    ok &= ~dst_valid
+                    np.copyto(dst, data - self.mean, where=ok[None])
+                elif ok.all():
+                    np.subtract(data, self.mean, out=dst)
+                else:
+                    np.copyto(dst, data - self.mean, where=ok[None])
+                dst_valid |= ok
+        np.divide(image, self.std, out=image)
+        # imagery nodata inside the extent (gaps between mosaic files, nodata holes) -> the band mean,
+        # i.e. 0 after normalisation, not the raw nodata value (~ -3 sigma: an input never seen on land)
+        if not valid.all():
+            image[:, ~valid] = 0.0
+        return image, valid, r0, c0
+
+    def _touches_other(self, r0: int, c0: int, r1: int, c1: int) -> bool:
+        xmin, ymin, xmax, ymax = self.grid.bounds(r0, c0, r1, c1)
+        return any(b[0] < xmax and b[2] > xmin and b[1] < ymax and b[3] > ymin for b in self.other)
+
+    def _read_torchgeo(self, r0: int, c0: int, r1: int, c1: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        raw, valid = read_imagery(self.ds, *self.grid.bounds(r0, c0, r1, c1))
+        self.bytes_read += raw.nbytes
+        if raw.shape[1:] != (h, w):  # defensive: rounding in the reader
+            fixed = np.full((raw.shape[0], h, w), self.nodata, np.float32)
+            fv = np.zeros((h, w), bool)
+            hh, ww = min(h, raw.shape[1]), min(w, raw.shape[2])
+            fixed[:, :hh, :ww] = raw[:, :hh, :ww]
+            fv[:hh, :ww] = valid[:hh, :ww]
+            raw, valid = fixed, fv
+        return raw, valid
+
+
+def _aoi_mask(st: WorkerState, job: PredictJob, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+    """``(h, w)`` bool: output pixels [r0, r0 + h) x [c0, c0 + w) whose centre is inside the AOI."""
     g = job.grid
-    shape = (block.height, block.width)
+    shape = (h, w)
     if st.aoi is None:
         return np.ones(shape, bool)
-    xmin, ymin, xmax, ymax = g.bounds(block.r0, block.c0, block.r0 + block.height, block.c0 + block.width)
+    xmin, ymin, xmax, ymax = g.bounds(r0, c0, r0 + h, c0 + w)
     box = shapely.box(xmin, ymin, xmax, ymax)
     if st.aoi.contains(box):
         return np.ones(shape, bool)
@@ -156,112 +286,174 @@ def _block_aoi_mask(st: WorkerState, job: PredictJob, block: Block) -> np.ndarra
     return rasterize_aoi(part, from_origin(xmin, ymax, g.res_x, g.res_y), shape)
 
 
-def read_strip(
-    st: WorkerState, job: PredictJob, r0: int, r1: int, c0: int, c1: int
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Normalised imagery and validity for output rows [r0, r1) x cols [c0, c1), clipped to the
-    imagery extent; returns ``(image (C,h,w) float32, valid (h,w) bool, row0, col0)`` of what was
-    read. Invalid pixels are 0 (the band mean after normalisation)."""
-    g = job.grid
-    r0, r1 = max(r0, g.img_r0), min(r1, g.img_r1)
-    c0, c1 = max(c0, g.img_c0), min(c1, g.img_c1)
-    image, valid = read_imagery(st.imagery, *g.bounds(r0, c0, r1, c1))
-    h, w = r1 - r0, c1 - c0
-    if image.shape[1:] != (h, w):  # defensive: rounding in the reader
-        fixed = np.full((image.shape[0], h, w), st.imagery.nodata, np.float32)
-        fv = np.zeros((h, w), bool)
-        hh, ww = min(h, image.shape[1]), min(w, image.shape[2])
-        fixed[:, :hh, :ww] = image[:, :hh, :ww]
-        fv[:hh, :ww] = valid[:hh, :ww]
-        image, valid = fixed, fv
-    image = (image - st.mean) / st.std
-    # imagery nodata inside the extent (gaps between mosaic files, nodata holes) -> the band mean,
-    # i.e. 0 after normalisation, not the raw nodata value (~ -3 sigma: an input never seen on land)
-    image = np.where(valid[None], image, 0.0)
-    return image.astype(np.float32, copy=False), valid, r0, c0
+def _buffer(st: WorkerState, key: str, shape: tuple[int, ...], pin: bool = False) -> Any:
+    """A float32 buffer of at least ``shape`` kept by the worker (numpy; torch if ``pin``)."""
+    buf = st.buffers.get(key)
+    if buf is None or any(a < b for a, b in zip(buf.shape, shape, strict=True)):
+        if pin:
+            buf = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        else:
+            buf = np.empty(shape, np.float32)
+        st.buffers[key] = buf
+    return buf
 
 
-# ---------------------------------------------------------------------------- one block
-def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Class codes (and confidence) of one block.
+# ---------------------------------------------------------------------------- one task
+def predict_group(
+    st: WorkerState, job: PredictJob, blocks: list[Block]
+) -> Iterator[tuple[Block, np.ndarray, np.ndarray | None, dict]]:
+    """Class codes (and confidence) of a group of blocks, block by block as their rows finish.
 
-    Returns:
-        ``(codes (h, w) job.dtype, conf (h, w) uint8 | None, stats)``; ``stats``: ``windows``
+    Yields:
+        ``(block, codes (h, w) job.dtype, conf (h, w) uint8 | None, stats)`` for each block of
+        ``blocks``; ``stats`` (on the last block of each block row, else zeros): ``windows``
         (windows run) and ``seconds_forward`` (time inside the model; meaningful on CPU only).
     """
     wg = job.windows
     T, S = wg.tile, wg.stride
-    b = block
-    need = _block_aoi_mask(st, job, b)
-    codes = np.full((b.height, b.width), MAP_NODATA, dtype=job.dtype)
-    conf = np.full((b.height, b.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None
-    if not need.any():
-        return codes, conf, {"windows": 0, "seconds_forward": 0.0}
-    rows = wg.touching(b.r0, b.r0 + b.height, wg.n_rows)
-    cols = wg.touching(b.c0, b.c0 + b.width, wg.n_cols)
+    region = group_region(blocks)
+    wanted = {(b.r0, b.c0): b for b in blocks}
+    rows = wg.touching(region.r0, region.r0 + region.height, wg.n_rows)
+    cols = wg.touching(region.c0, region.c0 + region.width, wg.n_cols)
     strip_c0, strip_c1 = cols.start * S, (cols.stop - 1) * S + T
     n_classes = len(job.code_lut)
     group = torch.tensor(job.class_group, dtype=torch.int64, device=st.device) if job.class_group is not None else None
-    blender = BlockBlender(wg, b, need, job.code_lut, job.dtype, job.confidence, st.device)
-    inside = need.copy()
+    cuda = st.device.type == "cuda"
+    stats = {"windows": 0, "seconds_forward": 0.0}
+    done: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
+
+    # finished rows -> block-row buffers -> blocks
+    cur: dict[str, Any] = {"r0": None}
+
+    def sink(r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
+        while len(codes):
+            if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
+                start = region.r0 + (r - region.r0) // job.block_size * job.block_size
+                h = min(job.block_size, region.r0 + region.height - start)
+                cur.update(r0=start, h=h, codes=np.zeros((h, region.width), job.dtype))
+                cur["conf"] = np.full((h, region.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None
+            n = min(len(codes), cur["r0"] + cur["h"] - r)
+            cur["codes"][r - cur["r0"] : r - cur["r0"] + n] = codes[:n]
+            if conf is not None and cur["conf"] is not None:
+                cur["conf"][r - cur["r0"] : r - cur["r0"] + n] = conf[:n]
+            r, codes = r + n, codes[n:]
+            conf = conf[n:] if conf is not None else None
+            if r == cur["r0"] + cur["h"]:
+                for (br0, bc0), b in sorted(wanted.items()):
+                    if br0 == cur["r0"]:
+                        cs = slice(bc0 - region.c0, bc0 - region.c0 + b.width)
+                        bconf = cur["conf"][:, cs] if cur["conf"] is not None else None
+                        done.append((b, np.ascontiguousarray(cur["codes"][:, cs]), bconf))
+
+    blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink)
+    if st.aoi is not None and not st.aoi.intersects(shapely.box(*job.grid.bounds(
+        region.r0, region.c0, region.r0 + region.height, region.c0 + region.width
+    ))):  # fmt: skip
+        blender.finish()  # nothing to read or run: nodata
+        yield from _flush(done, stats)
+        return
+    n_strip_rows = T
+    n_strip_cols = strip_c1 - strip_c0
+    C = st.mean.shape[0]
+    strips_buf = [_buffer(st, f"strip{k}", (C, n_strip_rows, n_strip_cols)) for k in range(2)]
+    batch_cpu = _buffer(st, "batch", (job.batch_size, C, T, T), pin=cuda)
+    batch_np = batch_cpu.numpy() if isinstance(batch_cpu, torch.Tensor) else batch_cpu
+    batch_t = batch_cpu if isinstance(batch_cpu, torch.Tensor) else torch.from_numpy(batch_cpu)
+
+    def read(k: int, row: int) -> tuple:
+        """Strip of window row ``row`` into buffer ``k``, with the rows' need (AOI and valid imagery)."""
+        image, valid, sr0, sc0 = st.reader.read(row * S, row * S + T, strip_c0, strip_c1, strips_buf[k])
+        need = np.zeros((T, region.width), bool)
+        ra, rb = max(row * S, region.r0, sr0), min(row * S + T, region.r0 + region.height, sr0 + valid.shape[0])
+        ca, cb = max(region.c0, sc0), min(region.c0 + region.width, sc0 + valid.shape[1])
+        if rb > ra and cb > ca:
+            inside = _aoi_mask(st, job, ra, ca, rb - ra, cb - ca)
+            need[ra - row * S : rb - row * S, ca - region.c0 : cb - region.c0] = (
+                inside & valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
+            )
+        return image, sr0, sc0, need
 
     def strips() -> Iterator[tuple[int, tuple]]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmap-read") as pool:
-
-            def read(row: int | None) -> Future | None:
-                """Start reading the strip of window row ``row`` in the background (None: no more)."""
-                if row is None:
-                    return None
-                return pool.submit(read_strip, st, job, row * S, row * S + T, strip_c0, strip_c1)
-
-            it = iter(rows)
+            it = iter(enumerate(rows))
             nxt = next(it, None)
-            fut = read(nxt)
+            fut: Future | None = pool.submit(read, nxt[0] % 2, nxt[1]) if nxt is not None else None
             while fut is not None:
-                i = cast(int, nxt)  # fut is not None: nxt was a row
+                i = cast(tuple, nxt)[1]
                 data = fut.result()
                 nxt = next(it, None)
-                fut = read(nxt)
+                fut = pool.submit(read, nxt[0] % 2, nxt[1]) if nxt is not None else None
                 yield i, data
 
-    def windows() -> Iterator[tuple[int, int, np.ndarray]]:
-        for i, (strip, valid, sr0, sc0) in strips():
-            # validity of the block rows this strip covers
-            ra, rb = max(i * S, b.r0), min(i * S + T, b.r0 + b.height)
-            v = valid[ra - sr0 : rb - sr0, b.c0 - sc0 : b.c0 - sc0 + b.width]
-            need[ra - b.r0 : rb - b.r0] = inside[ra - b.r0 : rb - b.r0] & v
-            for j in cols:
-                ca, cb = max(j * S, b.c0), min(j * S + T, b.c0 + b.width)
-                if not need[ra - b.r0 : rb - b.r0, ca - b.c0 : cb - b.c0].any():
-                    continue  # no pixel of this block inside the AOI with valid imagery
-                yield i, j, window_from_strip(job.grid, wg, strip, sr0, sc0, i, j)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if job.precision == "bf16" and cuda else contextlib.nullcontext()
+    )
+    pending: list[tuple[int, int, np.ndarray]] = []
+    copy_done: list[Any] = [None]
 
-    n_run = 0
-    forward = [0.0]
-    batch: list[tuple[int, int, np.ndarray]] = []
-
-    def run(batch: list[tuple[int, int, np.ndarray]]) -> None:
-        tiles = [t for _, _, t in batch]
-        tiles += [tiles[-1]] * (job.batch_size - len(tiles))  # fixed batch shape: reproducible
-        x = torch.from_numpy(np.stack(tiles)).to(st.device)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
+    def run() -> None:
+        n = len(pending)
+        for k in range(n, job.batch_size):  # fixed batch shape: reproducible
+            batch_np[k] = batch_np[n - 1]
+        if cuda:
+            x = batch_t[: job.batch_size].to(st.device, non_blocking=True)
+            copy_done[0] = torch.cuda.Event()
+            copy_done[0].record()
+        else:
+            x = batch_t[: job.batch_size]
+        t0 = time.perf_counter()
+        with autocast:
             probs = predict_proba(st.model, x).float()
-            if group is not None:  # P(target class) = sum of its LR classes' probabilities
-                probs = sum_probabilities(probs, group, n_classes)
-            forward[0] += time.perf_counter() - t0
-            for k, (i, j, _) in enumerate(batch):
-                blender.add(i, j, probs[k])
+        if group is not None:  # P(target class) = sum of its LR classes' probabilities
+            probs = sum_probabilities(probs, group, n_classes)
+        stats["seconds_forward"] += time.perf_counter() - t0
+        for k, (i, j, need) in enumerate(pending):
+            blender.add(i, j, probs[k], need)
+        stats["windows"] += n
+        pending.clear()
 
     with torch.inference_mode():
-        for item in windows():
-            batch.append(item)
-            if len(batch) == job.batch_size:
-                run(batch)
-                n_run += len(batch)
-                batch = []
-        if batch:
-            run(batch)
-            n_run += len(batch)
-        codes, conf = blender.finish()
-    return codes, conf, {"windows": n_run, "seconds_forward": forward[0]}
+        for i, (strip, sr0, sc0, need) in strips():
+            ra, rb = max(i * S, region.r0), min(i * S + T, region.r0 + region.height)
+            for j in cols:
+                ca, cb = max(j * S, region.c0), min(j * S + T, region.c0 + region.width)
+                if not need[ra - i * S : rb - i * S, ca - region.c0 : cb - region.c0].any():
+                    continue  # no pixel of this group inside the AOI with valid imagery
+                if not pending and copy_done[0] is not None:
+                    copy_done[0].synchronize()  # the pinned batch is free again
+                window_into(batch_np[len(pending)], job.grid, wg, strip, sr0, sc0, i, j)
+                pending.append((i, j, need))
+                if len(pending) == job.batch_size:
+                    run()
+                    yield from _flush(done, stats)
+        if pending:
+            run()
+        blender.finish()
+        yield from _flush(done, stats)
+
+
+def _flush(done: list, stats: dict) -> Iterator[tuple[Block, np.ndarray, np.ndarray | None, dict]]:
+    while done:
+        b, codes, conf = done.pop(0)
+        yield b, codes, conf, dict(stats)
+        stats["windows"], stats["seconds_forward"] = 0, 0.0
+
+
+def window_into(
+    dst: np.ndarray, grid: OutputGrid, windows: WindowGrid, strip: np.ndarray, sr0: int, sc0: int, i: int, j: int
+) -> None:
+    """Copy window (i, j) from a strip into ``dst`` ``(C, tile, tile)``, mirror-padded beyond the
+    imagery extent (:func:`lcmap.pipeline.tiling.window_from_strip`) only where it overhangs."""
+    T, S = windows.tile, windows.stride
+    wr0, wc0 = i * S, j * S
+    g = grid
+    if wr0 >= g.img_r0 and wc0 >= g.img_c0 and wr0 + T <= g.img_r1 and wc0 + T <= g.img_c1:
+        np.copyto(dst, strip[:, wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T])
+    else:
+        np.copyto(dst, window_from_strip(grid, windows, strip, sr0, sc0, i, j))
+
+
+def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Class codes (and confidence) of one block: ``(codes (h, w), conf (h, w) | None, stats)``."""
+    _, codes, conf, stats = next(iter(predict_group(st, job, [block])))
+    return codes, conf, stats

@@ -9,17 +9,21 @@ steps (:func:`predict_map`); each step is documented in its own module:
 - :mod:`lcmap.pipeline.inference`: one block task: read its imagery, run the model in padded
   batches, sum LR-class probabilities per target class (``--legend target``), blend; the
   per-worker model cache;
-- :mod:`lcmap.pipeline.execution`: the block tasks in this process or on Dask (a local cluster
-  or a scheduler address), and the progress bar;
+- :mod:`lcmap.pipeline.execution`: the tasks (groups of blocks) in this process or on Dask (a
+  local cluster or a scheduler address), the worker plugin that loads the model, and the
+  progress bar;
 - :mod:`lcmap.pipeline.mapfile` (and :mod:`lcmap.pipeline.cog`): block files written
   atomically, the manifest that lets a re-run resume, the final COG with its legend tag,
   category names and ``MAP.qml``.
 
-The map is bit-identical for any ``block_px`` and any scheduler.
+Only blocks that touch the imagery's footprint inside the AOI are planned (imagery with gaps
+costs only where it lies); the others are nodata in the COG. The map is bit-identical for any
+``block_px``, grouping of blocks into tasks, and scheduler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,14 +39,14 @@ import shapely
 import torch
 from rasterio.crs import CRS
 
-from lcmap.errors import LcmapInputError
+from lcmap.errors import Interrupted, LcmapInputError
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
 from lcmap.pipeline import execution, mapfile
-from lcmap.pipeline.inference import PredictJob
+from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
-from lcmap.pipeline.tiling import WindowGrid, block_side_px, output_grid
+from lcmap.pipeline.tiling import Block, WindowGrid, block_groups, block_side_px, group_shape, output_grid
 
 __all__ = ["predict_map", "plan_prediction", "Plan", "PredictResult", "TILE_MULTIPLE"]
 
@@ -62,6 +66,20 @@ class Plan:
     fingerprint: dict[str, Any]
     model: TrainedModel | None = field(default=None, repr=False)
     imagery: HRImagery | None = field(default=None, repr=False)
+    #: the imagery's footprint inside the AOI, in the output CRS (WKB)
+    area_wkb: bytes | None = field(default=None, repr=False)
+
+    def blocks(self) -> list[Block]:
+        """The blocks to predict: those that touch the imagery's footprint inside the AOI."""
+        blocks = self.job.blocks()
+        if self.area_wkb is None:
+            return blocks
+        area = shapely.from_wkb(self.area_wkb)
+        shapely.prepare(area)
+        g = self.job.grid
+        return [
+            b for b in blocks if area.intersects(shapely.box(*g.bounds(b.r0, b.c0, b.r0 + b.height, b.c0 + b.width)))
+        ]
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,13 @@ def _resolve_device(device: str) -> str:
     return d
 
 
+def _blocks_on_disk(blocks_dir: Path) -> int:
+    try:
+        return sum(1 for _ in blocks_dir.glob("r*_c*.tif"))
+    except OSError:
+        return 0
+
+
 def plan_prediction(
     model: str | Path,
     images: str | Path | Sequence[str | Path],
@@ -168,6 +193,7 @@ def plan_prediction(
     confidence: bool = False,
     legend: str = "target",
     torch_threads: int | None = None,
+    precision: str = "32",
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
@@ -191,6 +217,13 @@ def plan_prediction(
     if legend not in ("target", "native"):
         raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
     dev = _resolve_device(device)
+    if precision not in PRECISIONS:
+        raise LcmapInputError(f"--precision {precision!r}: choose 32 or bf16 (bfloat16 on CUDA GPUs)")
+    if precision == "bf16" and not dev.startswith("cuda"):
+        raise LcmapInputError(
+            "--precision bf16 runs the model in bfloat16 on CUDA GPUs only; this run is on the CPU "
+            "(--device cpu, or no GPU visible): leave --precision out (float32)"
+        )
 
     out = Path(out).expanduser().absolute()
     _check_output_folder(out)
@@ -232,6 +265,8 @@ def plan_prediction(
     block_size = block_side_px(block_px, wg)
     partial = out.with_name(out.name + ".partial")
     aoi_wkb = shapely.to_wkb(geom) if geom is not None else None
+    footprint = shapely.union_all(list(ds.index.geometry.values))  # the files' extents, imagery CRS
+    area = footprint.intersection(geom) if geom is not None else footprint
     job = PredictJob(
         checkpoint=str(checkpoint.absolute()),
         image_files=tuple(os.path.abspath(f) for f in ds.files),
@@ -247,6 +282,7 @@ def plan_prediction(
         confidence=bool(confidence),
         aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
+        precision=precision,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path
@@ -261,6 +297,7 @@ def plan_prediction(
         fingerprint=fingerprint,
         model=tm,
         imagery=ds,
+        area_wkb=shapely.to_wkb(area),
     )
 
 
@@ -282,6 +319,8 @@ def predict_map(
     confidence: bool = False,
     legend: str = "target",
     progress: bool = True,
+    precision: str = "32",
+    devices: int | None = None,
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -320,7 +359,10 @@ def predict_map(
             vegetation, 4 built-up by default), the target class of highest summed LR-class
             probability; where LR classes without a target win, 0; ``native``: the
             codes of the model's own (LR) legend. 0 is nodata either way.
-        progress: show a progress bar (blocks and km²).
+        progress: show a progress bar (blocks and km² with imagery inside the AOI).
+        precision: ``32`` (float32) or ``bf16`` (the model in bfloat16 autocast; CUDA only).
+        devices: with ``cuda`` and a local cluster, how many GPUs to use (one worker each;
+            default: all visible).
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -328,8 +370,10 @@ def predict_map(
     Raises:
         LcmapInputError: bad input (checkpoint missing/corrupt, band count different from the
             model's, AOI/bbox outside the imagery, bad tile/overlap/legend/device, output folder
-            not writable, scheduler unreachable) or a full disk (with the space needed). Nothing
-            is written at ``out`` in that case.
+            not writable, scheduler unreachable, ``bf16`` on CPU) or a full disk (with the space
+            needed), or the scheduler went away mid-run (finished blocks kept: run again to
+            resume). Nothing is written at ``out`` in that case.
+        Interrupted: Ctrl-C; the message says what was kept and how to resume.
     """
     t0 = time.perf_counter()
     plan = plan_prediction(
@@ -346,7 +390,10 @@ def predict_map(
         device=device,
         confidence=confidence,
         legend=legend,
+        precision=precision,
     )
+    if devices is not None and devices < 1:
+        raise LcmapInputError(f"--devices {devices}: must be at least 1")
     sched = None if scheduler in (None, "", "local") else str(scheduler)
     if sched is not None and sched != "synchronous" and "://" not in sched and ":" not in sched:
         raise LcmapInputError(
@@ -354,33 +401,61 @@ def predict_map(
             "or nothing for a local cluster"
         )
     job = plan.job
-    done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
-    blocks = job.blocks()
-    todo = [b for b in blocks if b.name not in done]
-    console = None
-    if progress:
-        from rich.console import Console
+    blocks = plan.blocks()
+    n_rows = max((b.row for b in blocks), default=0) + 1
+    n_cols = max((b.col for b in blocks), default=0) + 1
+    with contextlib.ExitStack() as stack:
+        client = None
+        if sched != "synchronous":  # connect first: an unreachable scheduler leaves nothing behind
+            client = stack.enter_context(execution.dask_client(sched, job, len(blocks), devices))
+        done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
+        todo_blocks = [b for b in blocks if b.name not in done]
+        slots = max(1, sum(client.nthreads().values())) if client is not None else 1
+        shape = group_shape(n_rows, n_cols, 2 * slots if slots > 1 else 1)
+        job = replace(job, group=shape)
+        todo = block_groups(todo_blocks, *shape)
+        console = None
+        if progress:
+            from rich.console import Console
 
-        console = Console(stderr=True)
-        if done:
-            console.print(f"resuming: {len(blocks) - len(todo)} of {len(blocks)} blocks already done in {plan.partial}")
-    bar = execution.Progress(
-        progress, blocks, {b.name for b in blocks if b.name in done}, job.grid, job.aoi_wkb if progress else None
-    )
-    counts = execution.RunCounts()
-    try:
-        if todo:
-            if sched == "synchronous":
-                execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery)
-            else:
-                plan.model = plan.imagery = None  # the workers load their own; free this process's copy
-                execution.run_distributed(job, todo, bar, counts, sched)
-    except BaseException as exc:
-        if mapfile.is_enospc(exc):
-            raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
-        raise
-    finally:
-        bar.close()
+            console = Console(stderr=True)
+            if done:
+                console.print(
+                    f"resuming: {len(blocks) - len(todo_blocks)} of {len(blocks)} blocks already done in {plan.partial}"
+                )
+        bar = execution.Progress(
+            progress, blocks, {b.name for b in blocks if b.name in done}, job.grid, plan.area_wkb if progress else None
+        )
+        counts = execution.RunCounts()
+        try:
+            if todo:
+                if client is None:
+                    execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery)
+                else:
+                    plan.model = plan.imagery = None  # the workers load their own; free this process's copy
+                    execution.run_distributed(client, job, todo, bar, counts)
+        except execution.SchedulerLost:
+            kept = len(blocks) - len(todo_blocks) + counts.blocks_run
+            raise LcmapInputError(
+                f"the Dask scheduler {sched} went away (or the connection to it broke) while predicting; "
+                f"{kept} of {len(blocks)} blocks finished are kept in {plan.partial}. Start the scheduler "
+                "and workers again (or leave --scheduler out) and run the same command to resume."
+            ) from None
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            kept = len(blocks) - len(todo_blocks) + counts.blocks_run
+            kept = max(kept, _blocks_on_disk(Path(job.blocks_dir)))
+            raise Interrupted(
+                f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}. "
+                "Run the same command again to resume from there."
+            ) from None
+        except BaseException as exc:
+            if mapfile.is_enospc(exc):
+                raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
+            raise
+        finally:
+            bar.close()
     t1 = time.perf_counter()
     try:
         mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
@@ -394,7 +469,7 @@ def predict_map(
         path=plan.out,
         confidence_path=mapfile.confidence_path(plan.out) if job.confidence else None,
         blocks=len(blocks),
-        blocks_resumed=len(blocks) - len(todo),
+        blocks_resumed=len(blocks) - len(todo_blocks),
         blocks_run=counts.blocks_run,
         windows=counts.windows,
         seconds_forward=counts.seconds_forward,

@@ -40,6 +40,12 @@ __all__ = [
     "WindowGrid",
     "Block",
     "BlockBlender",
+    "RowBlender",
+    "block_groups",
+    "group_region",
+    "group_shape",
+    "MAX_GROUP",
+    "model_px_per_map_px",
     "output_grid",
     "block_side_px",
     "cut_blocks",
@@ -224,6 +230,53 @@ def cut_blocks(height: int, width: int, block_size: int) -> list[Block]:
     return out
 
 
+def block_groups(blocks: list[Block], rows: int, cols: int) -> list[list[Block]]:
+    """``blocks`` grouped into tasks of up to ``rows`` x ``cols`` blocks (by block row/column),
+    row-major inside a group. A task blends its whole group in one pass, so only the windows on
+    the group's border are computed twice (by two tasks): bigger groups, fewer halo windows,
+    and the same memory (the accumulation holds ``tile`` rows of the group's width)."""
+    groups: dict[tuple[int, int], list[Block]] = {}
+    for b in blocks:
+        groups.setdefault((b.row // rows, b.col // cols), []).append(b)
+    return [sorted(g, key=lambda b: (b.row, b.col)) for _, g in sorted(groups.items())]
+
+
+#: Blocks per task (rows, columns) at most: 4 x 4032 px wide keeps the accumulation at
+#: ``K x 512 x 16128`` float32 (132 MB for 4 classes) and the halo windows at ~3 %.
+MAX_GROUP = (24, 4)
+
+
+def group_shape(n_block_rows: int, n_block_cols: int, tasks_wanted: int = 1) -> tuple[int, int]:
+    """Blocks per task (rows, columns): :data:`MAX_GROUP`, halved (rows first) until there are
+    ``tasks_wanted`` tasks or a task is one block."""
+    gr, gc = min(MAX_GROUP[0], n_block_rows), min(MAX_GROUP[1], n_block_cols)
+    while -(-n_block_rows // gr) * -(-n_block_cols // gc) < tasks_wanted and (gr > 1 or gc > 1):
+        if gr >= gc and gr > 1:
+            gr = (gr + 1) // 2
+        else:
+            gc = (gc + 1) // 2
+    return max(1, gr), max(1, gc)
+
+
+def group_region(group: list[Block]) -> Block:
+    """The rectangle of output pixels covered by a group of blocks (as a :class:`Block`)."""
+    r0 = min(b.r0 for b in group)
+    c0 = min(b.c0 for b in group)
+    r1 = max(b.r0 + b.height for b in group)
+    c1 = max(b.c0 + b.width for b in group)
+    return Block(group[0].row, group[0].col, r0, c0, r1 - r0, c1 - c0)
+
+
+def model_px_per_map_px(windows: WindowGrid, regions: list[Block]) -> float:
+    """Model pixels computed per map pixel when each region runs every window touching it."""
+    n = 0
+    for r in regions:
+        n += len(windows.touching(r.r0, r.r0 + r.height, windows.n_rows)) * len(
+            windows.touching(r.c0, r.c0 + r.width, windows.n_cols)
+        )
+    return n * windows.tile**2 / (windows.height * windows.width)
+
+
 def window_from_strip(
     grid: OutputGrid, windows: WindowGrid, strip: np.ndarray, sr0: int, sc0: int, i: int, j: int
 ) -> np.ndarray:
@@ -249,46 +302,49 @@ def window_from_strip(
 
 
 # --------------------------------------------------------------------------------- blending
-class BlockBlender:
-    """Rolling accumulator of weighted probabilities over a block, ``tile`` rows at a time.
+class RowBlender:
+    """Rolling accumulator of weighted probabilities over a region, ``tile`` rows at a time.
 
-    Feed every window that touches the block, in global (i, j) order, with :meth:`add`; then
-    :meth:`finish` gives the class codes and the confidence. Only pixels where ``need`` is True
-    get a class; the others stay nodata.
+    Feed every window that touches the region, in global (i, j) order, with :meth:`add`; rows
+    are finalised (class codes, confidence) as soon as no later window touches them and handed
+    to ``sink(row0, codes (n, width), conf (n, width) | None)`` (numpy; pixels not needed hold
+    nodata). Memory: ``K x tile x width`` float32 on ``device`` whatever the region's height.
 
     Args:
         windows: the global window grid.
-        block: the block being blended.
-        need: ``(block.height, block.width)`` bool; the caller may update rows of it until
-            they are finalised (rows are finalised once no later window touches them).
+        region: the output rows/columns blended (a :class:`Block`, or a band of blocks).
         code_lut: code written for each map channel (argmax index -> code).
         dtype: numpy dtype of the codes (``uint8``/``uint16``).
         confidence: also produce the confidence (percent, uint8; nodata :data:`CONFIDENCE_NODATA`).
-        device: where the accumulation runs (the model's device).
+        device: where the accumulation and the argmax run (the model's device).
+        sink: receives the finalised rows.
     """
 
     def __init__(
         self,
         windows: WindowGrid,
-        block: Block,
-        need: np.ndarray,
+        region: Block,
         code_lut: tuple[int, ...],
         dtype: str,
         confidence: bool,
         device: torch.device,
+        sink,
     ):
-        self.windows, self.block, self.need = windows, block, need
+        assert MAP_NODATA == 0
+        self.windows, self.region, self.sink = windows, region, sink
         self.T = windows.tile
         self.device = device
         n_classes = len(code_lut)
-        self.acc = torch.zeros((n_classes, self.T, block.width), dtype=torch.float32, device=device)
-        self.wsum = torch.zeros((self.T, block.width), dtype=torch.float32, device=device)
+        self.acc = torch.zeros((n_classes, self.T, region.width), dtype=torch.float32, device=device)
+        self.wsum = torch.zeros((self.T, region.width), dtype=torch.float32, device=device)
+        self.tmp = torch.empty((n_classes, self.T, self.T), dtype=torch.float32, device=device)
         self.buf_r: int | None = None  # output row of buffer row 0
-        self.fin = block.r0  # next output row to finalise
-        self.lut = torch.tensor(code_lut, dtype=torch.int64, device=device)
+        self.need: np.ndarray | None = None  # (tile, width) bool of rows [buf_r, buf_r + tile)
+        self.fin = region.r0  # next output row to finalise
+        lut_dtype = torch.uint8 if dtype == "uint8" else torch.int32
+        self.lut = torch.tensor(code_lut, dtype=lut_dtype, device=device)
         self.dtype = dtype
-        self.codes = np.full((block.height, block.width), MAP_NODATA, dtype=dtype)
-        self.conf = np.full((block.height, block.width), CONFIDENCE_NODATA, np.uint8) if confidence else None
+        self.confidence = confidence
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self.n_rows, self.n_cols = windows.n_rows, windows.n_cols
 
@@ -307,56 +363,124 @@ class BlockBlender:
             self._weights[key] = w
         return w
 
+    def _nodata(self, a: int, z: int) -> None:
+        """Hand rows [a, z) to the sink as nodata (no window ran over them), ``tile`` rows at a time."""
+        w = self.region.width
+        for r in range(a, z, self.T):
+            n = min(self.T, z - r)
+            conf = np.full((n, w), CONFIDENCE_NODATA, np.uint8) if self.confidence else None
+            self.sink(r, np.zeros((n, w), self.dtype), conf)
+
     def _finalise(self, upto: int) -> None:
-        """Write output rows [fin, upto) (those in the buffer; others are not needed)."""
-        b = self.block
+        """Hand rows [fin, upto) to the sink (rows outside the buffer: nodata, not needed)."""
+        b = self.region
         end = min(upto, b.r0 + b.height)
-        if self.buf_r is not None:
+        if end <= self.fin:
+            return
+        a = z = end
+        if self.buf_r is not None and self.need is not None:
             a = max(self.fin, self.buf_r)
-            z = min(end, self.buf_r + self.T)
-            if z > a:
-                acc = self.acc[:, a - self.buf_r : z - self.buf_r]
-                top, arg = acc.max(dim=0)
-                rows = slice(a - b.r0, z - b.r0)
-                need = self.need[rows]
-                codes = self.lut[arg].cpu().numpy().astype(self.dtype)
-                self.codes[rows] = np.where(need, codes, MAP_NODATA)
-                if self.conf is not None:
-                    wsum = self.wsum[a - self.buf_r : z - self.buf_r].clamp_min(1e-12)
-                    pct = torch.round(top / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
-                    self.conf[rows] = np.where(need, pct, CONFIDENCE_NODATA)
-        self.fin = max(self.fin, end)
+            z = max(a, min(end, self.buf_r + self.T))
+        self._nodata(self.fin, min(a, end))
+        if z > a and self.buf_r is not None and self.need is not None:
+            acc = self.acc[:, a - self.buf_r : z - self.buf_r]
+            top, arg = acc.max(dim=0)
+            need = self.need[a - self.buf_r : z - self.buf_r]
+            codes = np.zeros((z - a, b.width), self.dtype)
+            np.copyto(codes, self.lut[arg].cpu().numpy(), where=need, casting="unsafe")
+            conf = None
+            if self.confidence:
+                wsum = self.wsum[a - self.buf_r : z - self.buf_r].clamp_min(1e-12)
+                pct = torch.round(top / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
+                conf = np.full((z - a, b.width), CONFIDENCE_NODATA, np.uint8)
+                np.copyto(conf, pct, where=need)
+            self.sink(a, codes, conf)
+        self._nodata(z, end)
+        self.fin = end
 
-    def add(self, i: int, j: int, probs: torch.Tensor) -> None:
-        """Blend window (i, j)'s probabilities ``(K, tile, tile)`` (K map channels) into the block.
+    def add(self, i: int, j: int, probs: torch.Tensor, need: np.ndarray) -> None:
+        """Blend window (i, j)'s probabilities ``(K, tile, tile)`` (K map channels) into the region.
 
-        Windows must come in global (i, j) order. Adds ``probs * weight`` to the accumulator and
-        ``weight`` to the weight sum over the window's part inside the block.
+        Windows must come in global (i, j) order. ``need``: ``(tile, region.width)`` bool, the
+        pixels of output rows ``[i * stride, i * stride + tile)`` that get a class (rows outside
+        the region: anything). Adds ``probs * weight`` to the accumulator and ``weight`` to the
+        weight sum over the window's part inside the region.
         """
         T, S = self.T, self.windows.stride
-        b = self.block
+        b = self.region
         wr0, wc0 = i * S, j * S
         if self.buf_r is None or wr0 != self.buf_r:
             self._finalise(wr0)
             shift = T if self.buf_r is None else wr0 - self.buf_r
             if shift < T:
-                self.acc[:, : T - shift] = self.acc[:, shift:].clone()
-                self.wsum[: T - shift] = self.wsum[shift:].clone()
-                self.acc[:, T - shift :] = 0
-                self.wsum[T - shift :] = 0
+                keep = T - shift
+                src_a, src_w = self.acc[:, shift:], self.wsum[shift:]
+                if shift < keep:  # overlapping ranges
+                    src_a, src_w = src_a.clone(), src_w.clone()
+                self.acc[:, :keep] = src_a
+                self.wsum[:keep] = src_w
+                self.acc[:, keep:] = 0
+                self.wsum[keep:] = 0
             else:
                 self.acc.zero_()
                 self.wsum.zero_()
             self.buf_r = wr0
+        self.need = need
         ra, rb = max(wr0, b.r0), min(wr0 + T, b.r0 + b.height)
         ca, cb = max(wc0, b.c0), min(wc0 + T, b.c0 + b.width)
         w = self.weight(i, j)[ra - wr0 : rb - wr0, ca - wc0 : cb - wc0]
         p = probs[:, ra - wr0 : rb - wr0, ca - wc0 : cb - wc0]
         # mul and add as two separately rounded operations: identical for every block layout
-        self.acc[:, ra - wr0 : rb - wr0, ca - b.c0 : cb - b.c0] += p * w
+        tmp = self.tmp[:, : rb - ra, : cb - ca]
+        torch.mul(p, w, out=tmp)
+        self.acc[:, ra - wr0 : rb - wr0, ca - b.c0 : cb - b.c0] += tmp
         self.wsum[ra - wr0 : rb - wr0, ca - b.c0 : cb - b.c0] += w
+
+    def finish(self) -> None:
+        """Hand the remaining rows to the sink."""
+        self._finalise(self.region.r0 + self.region.height)
+
+
+class BlockBlender:
+    """One block blended whole (a :class:`RowBlender` whose rows are collected in arrays).
+
+    Feed every window that touches the block, in global (i, j) order, with :meth:`add`; then
+    :meth:`finish` gives the class codes and the confidence. Only pixels where ``need``
+    (``(block.height, block.width)`` bool) is True get a class; the others stay nodata.
+    """
+
+    def __init__(
+        self,
+        windows: WindowGrid,
+        block: Block,
+        need: np.ndarray,
+        code_lut: tuple[int, ...],
+        dtype: str,
+        confidence: bool,
+        device: torch.device,
+    ):
+        self.block, self.need_all = block, need
+        self.codes = np.full((block.height, block.width), MAP_NODATA, dtype=dtype)
+        self.conf = np.full((block.height, block.width), CONFIDENCE_NODATA, np.uint8) if confidence else None
+        self.rows = RowBlender(windows, block, code_lut, dtype, confidence, device, self._take)
+        self.T, self.S = windows.tile, windows.stride
+
+    def _take(self, r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
+        a = r - self.block.r0
+        self.codes[a : a + len(codes)] = codes
+        if self.conf is not None and conf is not None:
+            self.conf[a : a + len(codes)] = conf
+
+    def add(self, i: int, j: int, probs: torch.Tensor) -> None:
+        """Blend window (i, j)'s probabilities ``(K, tile, tile)``; windows in global (i, j) order."""
+        b, wr0 = self.block, i * self.S
+        need = np.zeros((self.T, b.width), bool)
+        ra, rb = max(wr0, b.r0), min(wr0 + self.T, b.r0 + b.height)
+        if rb > ra:
+            need[ra - wr0 : rb - wr0] = self.need_all[ra - b.r0 : rb - b.r0]
+        self.rows.add(i, j, probs, need)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray | None]:
         """``(codes (h, w) dtype, confidence (h, w) uint8 | None)`` of the whole block."""
-        self._finalise(self.block.r0 + self.block.height)
+        self.rows.finish()
         return self.codes, self.conf

@@ -1,0 +1,236 @@
+"""Province scale, measured (not a test): pipeline throughput, model pixels per map pixel, memory.
+
+    python benchmarks/scale.py --pipeline-only      # < 2 min on 2 CPU cores
+    python benchmarks/scale.py                      # 16 km²: inputs, lcmap train --aoi, lcmap predict --aoi
+    python benchmarks/scale.py --km2 100            # a city-size area (slow on CPU: the model dominates)
+
+1. **Pipeline only** (one process, ``scheduler="synchronous"``): ``predict_map`` over ``--km2``
+   of 1 m imagery (many GeoTIFFs) with the model replaced by a stand-in that returns fixed
+   probabilities; Mpx/s = map pixels / (wall time - time inside the stand-in): read, normalise,
+   window cutting, blending, argmax, block files and the COG with overviews.
+   Also: model pixels per map pixel (windows x tile² / map pixels) at the defaults (tile 512,
+   overlap 64, block 4096), and peak RSS of a fresh process at 16 and 64 km² (flat: <= 10 %).
+2. **End to end** (without ``--pipeline-only``): a city-size test area built from the embedded
+   NAIP patches: imagery as GeoTIFFs split across two UTM zones (EPSG:32616 / 32617, at the zone
+   boundary) plus some in EPSG:3857, an NLCD-like label as one large EPSG:5070 raster (30 m), a
+   WorldCover-like label as EPSG:4326 tiles (10 m), an AOI polygon (GeoJSON, EPSG:4326); runs
+   ``lcmap train --aoi`` (a few steps of paraformer-tiny) and ``lcmap predict --aoi`` through the
+   CLI and reports km²/hour, the COG's validity (rio-cogeo), its CRS, and the seam at the zone
+   crossing (disagreement near the seam vs interior).
+
+Prints one figure per line and, last, one JSON object (``pipeline_mpx_s``,
+``model_px_per_map_px``, ``peak_rss_gb``, ``km2_per_hour``, ``km2``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_origin
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "lcmap" / "geodata" / "sample"
+FILE_PX = 2048  # side of one imagery GeoTIFF
+
+
+# --------------------------------------------------------------------------------- inputs
+def _patches() -> list[np.ndarray]:
+    out = []
+    for p in sorted((SAMPLE / "naip").glob("patch-*.tif")):
+        with rasterio.open(p) as src:
+            out.append(src.read())
+    return out
+
+
+def texture(r0: int, c0: int, h: int, w: int, patches: list[np.ndarray]) -> np.ndarray:
+    """``(4, h, w)`` uint8 imagery at global pixel (r0, c0): the NAIP patches tiled with flips."""
+    ps = patches[0].shape[1]
+    n = len(patches)
+    out = np.empty((4, h, w), np.uint8)
+    for rr in range(r0 // ps * ps, r0 + h, ps):
+        for cc in range(c0 // ps * ps, c0 + w, ps):
+            k = (rr // ps * 7 + cc // ps * 3) % n
+            tile = patches[k]
+            if (rr // ps + cc // ps) % 2:
+                tile = tile[:, :, ::-1]
+            if (rr // ps) % 3 == 1:
+                tile = tile[:, ::-1]
+            a, b = max(rr, r0), min(rr + ps, r0 + h)
+            c, d = max(cc, c0), min(cc + ps, c0 + w)
+            out[:, a - r0 : b - r0, c - c0 : d - c0] = tile[:, a - rr : b - rr, c - cc : d - cc]
+    return np.maximum(out, 1)  # 0 is the imagery's nodata
+
+
+def write_tiles(folder: Path, side_px: int, crs: str, x0: float, y0: float, tag: str = "img") -> list[Path]:
+    """A ``side_px`` x ``side_px`` 1 m mosaic as GeoTIFFs of :data:`FILE_PX` px (tiled, deflate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    patches = _patches()
+    paths = []
+    for r0 in range(0, side_px, FILE_PX):
+        for c0 in range(0, side_px, FILE_PX):
+            h, w = min(FILE_PX, side_px - r0), min(FILE_PX, side_px - c0)
+            path = folder / f"{tag}_{r0 // FILE_PX:03d}_{c0 // FILE_PX:03d}.tif"
+            profile = dict(
+                driver="GTiff", width=w, height=h, count=4, dtype="uint8", crs=crs, nodata=0,
+                transform=from_origin(x0 + c0, y0 - r0, 1.0, 1.0), tiled=True, blockxsize=512,
+                blockysize=512, compress="deflate", zlevel=1,
+            )  # fmt: skip
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(texture(r0, c0, h, w, patches))
+            paths.append(path)
+    return paths
+
+
+def standin_checkpoint(path: Path) -> Path:
+    """A small U-Net checkpoint (4 bands, the 4 target classes); its forward is replaced anyway."""
+    import torch
+
+    from lcmap.geodata.legends import target_legend
+    from lcmap.models import build_model
+    from lcmap.pipeline.runs import save_checkpoint
+
+    torch.manual_seed(0)
+    legend = target_legend()
+    model = build_model("unet", 4, len(legend))
+    return save_checkpoint(path, model, "unet", legend, [120.0] * 4, [50.0] * 4)
+
+
+# --------------------------------------------------------------------------- pipeline only
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (MB), from VmHWM (reset by exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pipeline_run(
+    images: Path, ckpt: Path, out: Path, block_px: int, tile_px: int, overlap_px: int, bbox: list | None = None
+) -> dict:
+    """``predict_map`` with a stand-in model (fixed probabilities, its time measured and excluded)."""
+    import torch
+
+    import lcmap.pipeline.inference as inference
+    from lcmap.pipeline.predict import predict_map
+
+    torch.set_num_threads(1)
+    cache: dict = {}
+
+    def standin(model, x):  # fixed probabilities varying over space: the blending has work to do
+        key = (tuple(x.shape), x.device)
+        p = cache.get(key)
+        if p is None:
+            g = torch.Generator().manual_seed(0)
+            logits = torch.randn((x.shape[0], 4, x.shape[2] // 32, x.shape[3] // 32), generator=g)
+            p = torch.softmax(torch.nn.functional.interpolate(logits, scale_factor=32), dim=1).to(x.device)
+            cache[key] = p
+        return p
+
+    inference.predict_proba = standin
+    t0 = time.perf_counter()
+    res = predict_map(
+        ckpt, [images], out, tile_px=tile_px, overlap_px=overlap_px, block_px=block_px,
+        scheduler="synchronous", progress=False, device="cpu", bbox=bbox, bbox_crs="EPSG:32617",
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    px = res.width * res.height
+    return {
+        "map_px": px,
+        "wall_s": wall,
+        "standin_s": res.seconds_forward,
+        "mpx_s": px / 1e6 / (wall - res.seconds_forward),
+        "model_px_per_map_px": res.windows * tile_px * tile_px / px,
+        "windows": res.windows,
+        "blocks": res.blocks,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _child(args: argparse.Namespace) -> None:
+    if args.warmup:  # imports, first-call costs: what a worker pays once, not per km²
+        warm = Path(args.out + ".warm.tif")
+        pipeline_run(Path(args.images), Path(args.ckpt), warm, 512, args.tile_px, args.overlap_px, bbox=args.warmup)
+    res = pipeline_run(Path(args.images), Path(args.ckpt), Path(args.out), args.block_px, args.tile_px, args.overlap_px)
+    print(json.dumps(res))
+
+
+def pipeline_in_child(images: Path, ckpt: Path, out: Path, block_px: int = 4096, tile_px: int = 512, overlap_px=64):
+    cmd = [sys.executable, __file__, "--child", "--images", str(images), "--ckpt", str(ckpt), "--out", str(out)]
+    cmd += ["--block-px", str(block_px), "--tile-px", str(tile_px), "--overlap-px", str(overlap_px)]
+    cmd += ["--warmup", *(str(v) for v in (500_000, 4_200_000 - 1024, 501_024, 4_200_000))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, float] | None) -> dict:
+    side = int(round(math.sqrt(km2) * 1000))
+    ckpt = standin_checkpoint(tmp / "standin.ckpt")
+    images = tmp / f"img{side}"
+    write_tiles(images, side, "EPSG:32617", 500_000.0, 4_200_000.0)
+    res = pipeline_in_child(images, ckpt, tmp / "map.tif")
+    print(f"pipeline only: {res['map_px'] / 1e6:.1f} Mpx in {res['wall_s']:.1f} s "
+          f"(stand-in {res['standin_s']:.2f} s): {res['mpx_s']:.1f} Mpx/s per process")  # fmt: skip
+    print(f"model px per map px (tile 512, overlap 64, block 4096): {res['model_px_per_map_px']:.3f}")
+    out = {"pipeline_mpx_s": res["mpx_s"], "model_px_per_map_px": res["model_px_per_map_px"],
+           "pipeline_wall_s": res["wall_s"], "km2": side * side / 1e6}  # fmt: skip
+    rss = {km2: res["peak_rss_mb"]}
+    if rss_km2:
+        for a in rss_km2:
+            if a in rss:
+                continue
+            s = int(round(math.sqrt(a) * 1000))
+            img = tmp / f"img{s}"
+            write_tiles(img, s, "EPSG:32617", 500_000.0, 4_200_000.0)
+            rss[a] = pipeline_in_child(img, ckpt, tmp / f"map{s}.tif")["peak_rss_mb"]
+        lo, hi = rss[min(rss_km2)], rss[max(rss_km2)]
+        print(f"peak RSS per process: {lo:.0f} MB at {min(rss_km2):g} km², {hi:.0f} MB at {max(rss_km2):g} km² "
+              f"({100 * (hi / lo - 1):+.1f} %)")  # fmt: skip
+        out["rss_growth_pct"] = 100 * (hi / lo - 1)
+    out["peak_rss_gb"] = max(rss.values()) / 1024
+    out["peak_rss_mb_by_km2"] = {str(k): v for k, v in rss.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--km2", type=float, default=16.0)
+    ap.add_argument("--pipeline-only", action="store_true")
+    ap.add_argument("--rss", action="store_true", help="also peak RSS at 16 and 64 km² (pipeline only)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name, default in (("--images", ""), ("--ckpt", ""), ("--out", "")):
+        ap.add_argument(name, default=default, help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", type=float, nargs=4, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--block-px", type=int, default=4096, help=argparse.SUPPRESS)
+    ap.add_argument("--tile-px", type=int, default=512, help=argparse.SUPPRESS)
+    ap.add_argument("--overlap-px", type=int, default=64, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="lcmap-scale-") as d:
+        tmp = Path(d)
+        result = pipeline_only(tmp, args.km2, (16.0, 64.0) if args.rss else None)
+        if not args.pipeline_only:
+            from benchmarks_scale_e2e import end_to_end  # type: ignore[import-not-found]
+
+            result.update(end_to_end(tmp, args.km2))
+        result.setdefault("km2_per_hour", None)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
