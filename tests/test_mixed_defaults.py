@@ -19,7 +19,7 @@ BL = ["built-up", "low vegetation"]
 def test_builtin_declarations_name_target_classes_and_round_trip():
     nlcd = get_legend("nlcd")
     assert nlcd.default_mixed_classes() == {21: BL}
-    assert 22 not in nlcd.default_mixed_classes()  # measured worse on the sample (legends.py)
+    assert 22 not in nlcd.default_mixed_classes()  # not measured on the sample yet (legends.py)
     assert get_legend("esri").default_mixed_classes() == {11: ["low vegetation", "tree canopy"]}
     assert get_legend("worldcover").default_mixed_classes() == {}
     for legend in BUILTIN_LEGENDS.values():
