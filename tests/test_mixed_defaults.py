@@ -92,3 +92,14 @@ def test_default_equals_explicit_and_is_recorded(tmp_path):
     assert "mixed LR class" not in (off / "train.log").read_text()
     with pytest.raises(LcmapInputError, match="not target classes"):
         run_train(_tiny(tmp_path / "bad", mixed_classes={21: ["lawn"]}))
+
+
+def test_run_folder_from_before_the_declarations_keeps_its_mixed_classes(tmp_path):
+    from lcmap.pipeline.runs import RunFolder
+
+    run = RunFolder(tmp_path)
+    run.write_config(TrainConfig(mixed_classes={}))
+    assert run.read_config().default_mixed is True
+    text = "\n".join(line for line in run.config_yaml.read_text().splitlines() if "default_mixed" not in line)
+    run.config_yaml.write_text(text)  # as written before default_mixed existed: resumes without defaults
+    assert run.read_config().default_mixed is False
