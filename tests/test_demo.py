@@ -27,7 +27,10 @@ def test_demo_writes_everything_it_promises(tmp_path: Path) -> None:
     assert "held-out" in (out / "report.md").read_text()
     # map-vs-baseline gains on the same classes, and the demo's training settings recorded in the run
     assert saved["gain"]["miou_reference_classes"] == saved["miou_reference_classes"] - saved["baseline"]["miou_reference_classes"]
-    from lcmap.pipeline.demo import DEMO_TRAINING
+    from lcmap.geodata.legends import get_legend
     from lcmap.pipeline.train import TrainConfig
 
-    assert TrainConfig.from_yaml(out / "run" / "config.yaml").mixed_classes == DEMO_TRAINING["mixed_classes"]
+    # the demo passes no mixed class: NLCD's declared one (21) is used and recorded
+    nlcd_mixed = {21: ["built-up", "low vegetation"]}
+    assert TrainConfig.from_yaml(out / "run" / "config.yaml").mixed_classes == nlcd_mixed
+    assert get_legend("nlcd").default_mixed_classes() == nlcd_mixed

@@ -280,6 +280,12 @@ def test_baseline_scored_on_same_pixels_and_gain(map_tif, ref2_tif, tmp_path):
     assert m["baseline"]["legend"] == "nlcd"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "baseline" in report and "gain" in report
+    # km² per class over the scored pixels (1 m² pixels): the confusion matrices' marginals
+    areas = m["area_km2"]
+    assert [areas["reference"][c] for c in NAMES] == pytest.approx((cm_map.sum(axis=1) / 1e6).tolist())
+    assert [areas["map"][c] for c in NAMES] == pytest.approx((cm_map.sum(axis=0) / 1e6).tolist())
+    assert [areas["baseline"][c] for c in NAMES] == pytest.approx((cm_base.sum(axis=0) / 1e6).tolist())
+    assert "Area per class" in report
 
     with pytest.raises(LcmapInputError, match="baseline-legend"):
         evaluate_map(map_tif, ref2_tif, "4class", tmp_path / "x", baseline=base, progress=False)

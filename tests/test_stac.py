@@ -210,3 +210,60 @@ def test_item_validates_against_the_extension_schemas_offline(map_path: Path):
                 f"(put a copy under ${SCHEMA_DIR_ENV} to validate offline); the Item's extension "
                 "fields are checked directly by the tests above"
             )
+
+
+# ------------------------------------------------------------------------------------ lcmap predict
+def _tagged_imagery(path: Path, x0: float, **tags: str) -> Path:
+    rng = np.random.default_rng(int(x0) % 97)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs=UTM,
+        transform=from_origin(x0, Y0, 1, 1),
+    ) as dst:  # fmt: skip
+        dst.write(rng.integers(1, 255, (3, 64, 64)).astype(np.uint8))
+        dst.update_tags(**tags)
+    return path
+
+
+def test_imagery_datetime_of_reads_date_tags(tmp_path: Path):
+    from lcmap.pipeline.stac import imagery_datetime_of
+
+    a = _tagged_imagery(tmp_path / "a.tif", X0, YEAR="2014")
+    b = _tagged_imagery(tmp_path / "b.tif", X0 + 64, **{IMAGERY_DATETIME_TAG: "2016-06-02"})
+    c = _tagged_imagery(tmp_path / "c.tif", X0 + 128, TIFFTAG_DATETIME="2020:01:01 00:00:00")
+    assert imagery_datetime_of([a]) == "2014-01-01T00:00:00+00:00/2014-12-31T23:59:59+00:00"
+    assert imagery_datetime_of([b]) == "2016-06-02T00:00:00+00:00"
+    assert imagery_datetime_of([a, b]) == "2014-01-01T00:00:00+00:00/2016-06-02T00:00:00+00:00"
+    assert imagery_datetime_of([c]) is None  # the file's creation time is no acquisition date
+    assert imagery_datetime_of([a, c]) is None  # one file without a date: unknown
+
+
+def test_predict_writes_the_stac_item_with_the_imagery_date(tmp_path: Path):
+    import torch
+
+    from lcmap.geodata.legends import target_legend
+    from lcmap.models import build_model
+    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.runs import save_checkpoint
+
+    images = [
+        _tagged_imagery(tmp_path / "img" / "a.tif", X0, **{IMAGERY_DATETIME_TAG: "2018-05-01/2018-05-03"}),
+        _tagged_imagery(tmp_path / "img" / "b.tif", X0 + 64, **{IMAGERY_DATETIME_TAG: "2018-05-07"}),
+    ]
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        tmp_path / "m.ckpt", build_model("unet", 3, 4), "unet", target_legend(), [128.0] * 3, [60.0] * 3
+    )
+    out = predict_map(ckpt, images, tmp_path / "out" / "map.tif", tile_px=64, overlap_px=16,
+                      scheduler="synchronous", progress=False).path  # fmt: skip
+    item = load(stac_item_path(out))
+    props = item["properties"]
+    assert props["lcmap:datetime_source"] == "imagery" and props["datetime"] is None
+    assert props["start_datetime"].startswith("2018-05-01") and props["end_datetime"].startswith("2018-05-07")
+    assert item["assets"]["data"]["href"] == "map.tif"
+    assert [c["value"] for c in item["assets"]["data"]["classification:classes"]][1:] == [1, 2, 3, 4]
+    # imagery without a date tag: the map's time, said so
+    plain = [_tagged_imagery(tmp_path / "plain.tif", X0)]
+    out2 = predict_map(ckpt, plain, tmp_path / "out2" / "map.tif", tile_px=64, overlap_px=16,
+                       scheduler="synchronous", progress=False).path  # fmt: skip
+    assert load(stac_item_path(out2))["properties"]["lcmap:datetime_source"] == "created"

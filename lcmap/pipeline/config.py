@@ -269,7 +269,13 @@ class TrainConfig:
         metavar="CODE=TARGET[,TARGET]",
         help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the "
         "classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' "
-        "for NLCD 'Developed, Open Space'.",
+        "for NLCD 'Developed, Open Space'. Wins, per code, over the legend's own mixed classes.",
+    )  # fmt: skip
+    default_mixed: bool = option(
+        True, parse=_bool, cli_type=bool,
+        help="Use the mixed classes the legend declares from its class definitions (e.g. NLCD 21 = built-up or "
+        "low vegetation); --no-default-mixed trains every class as a plain label except those given with "
+        "--mixed-class. RUN_DIR/config.yaml records the mixed classes used.",
     )  # fmt: skip
     vit_weights: str | None = option(
         None, parse=_text, cli_type=str, metavar="PATH",

@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 #: Patches shown in the quicklook: two training patches with mixed cover, one held-out.
 QUICKLOOK_PATCHES = (0, 7, 3)
 
-#: Training options the demo sets on top of the TrainConfig defaults (README: "What the demo shows").
-#: NLCD 21 "Developed, Open Space" is defined as mostly lawn grass with under 20 % impervious
+#: Training options the demo sets on top of the TrainConfig defaults (README: "What the demo shows"):
+#: none. NLCD 21 "Developed, Open Space" is defined as mostly lawn grass with under 20 % impervious
 #: cover: a mixed class at 1 m. Trained as a plain label, the network learns "open grass =
 #: built-up"; as a mixed class its pixels ask for "a built-up or a low-vegetation class" and the
-#: image decides (partial-label cross-entropy, see lcmap.pipeline.task.weighted_ce).
-DEMO_TRAINING: dict = {"mixed_classes": {21: ["built-up", "low vegetation"]}}
+#: image decides (partial-label cross-entropy, see lcmap.pipeline.task.weighted_ce). The NLCD
+#: legend declares it (lcmap.geodata.legends), so the defaults already train it so.
+DEMO_TRAINING: dict = {}
 
 
 def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress: bool = True,

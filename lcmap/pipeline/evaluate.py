@@ -1,7 +1,10 @@
 """``lcmap evaluate``: score a predicted map against a high-resolution reference.
 
 The map (written by ``lcmap predict``: uint8, nodata 0, legend in the ``LCMAP_LEGEND`` tag) is read
-window by window on its own grid, so memory stays bounded whatever its size. The reference -- one
+block by block on its own grid (``rioxarray``/dask) and the confusion matrix is counted by the
+statistics engine of ``lcmap stats`` (:func:`lcmap.pipeline.zonal.count_pairs`, dask's threads, a
+few blocks in memory whatever the map's size), which also gives the km² of each class over the
+scored pixels (``area_km2``: map, reference, baseline). The reference -- one
 file or several (files, folders, quoted globs, ``.txt`` lists: :mod:`lcmap.geodata.io`) in any CRS
 and at any resolution -- is brought onto the map's grid by nearest neighbour through a
 :class:`~lcmap.geodata.io.LabelMosaic` (where files overlap, the first file in sorted path order
@@ -22,16 +25,18 @@ REPORT_DIR receives ``metrics.json``, ``report.md`` and ``confusion.png``
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError
+from rasterio.enums import MaskFlags
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -41,7 +46,7 @@ from lcmap.geodata.io import Grid, LabelMosaic, open_raster, valid_mask
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.cog import LEGEND_TAG
 from lcmap.pipeline.evaluate_report import format_score, write_report
-from lcmap.pipeline.metrics import MIOU_RULE, confusion_matrix, scores_from_confusion
+from lcmap.pipeline.metrics import MIOU_RULE, scores_from_confusion
 
 __all__ = [
     "LEGEND_TAG",
@@ -52,7 +57,6 @@ __all__ = [
     "read_target_on_grid",
     "write_report",
 ]
-
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -131,27 +135,6 @@ def read_target_on_grid(
         grid = grid.window(window)
     with LabelMosaic(paths, what="reference", no_label_codes=legend.nodata) as mosaic:
         return mosaic.read_target(grid, legend)
-
-
-def _read_map_target(
-    src: rasterio.DatasetReader, legend: Legend, lut: np.ndarray, window: Window, source: str | Path
-) -> np.ndarray:
-    """The map's target indices in ``window`` (its own grid); IGNORE_INDEX where no class."""
-    try:
-        data = src.read(1, window=window)
-        valid = valid_mask(src, data, window)
-    except RasterioError as exc:
-        raise LcmapInputError(f"map {source} could not be read ({exc}); it may be truncated") from exc
-    out = np.full(data.shape, IGNORE_INDEX, dtype=np.uint8)
-    if valid.any():
-        out[valid] = lut[legend.encode(data[valid], source=source)]
-    return out
-
-
-def _windows(height: int, width: int, block_px: int) -> Iterator[Window]:
-    for row in range(0, height, block_px):
-        for col in range(0, width, block_px):
-            yield Window(col, row, min(block_px, width - col), min(block_px, height - row))
 
 
 def _progress(enabled: bool):
@@ -255,8 +238,6 @@ def evaluate_map(
                 f"reference legend {ref_legend.name!r}",
                 f"baseline legend {base_legend.name!r}",
             )
-        num_classes = len(class_names)
-        map_lut = legend.index_to_target_lut()
         grid = Grid.of(src.crs, src.transform, src.width, src.height)
 
         aoi_geom = None
@@ -266,37 +247,13 @@ def evaluate_map(
             aoi_geom = aoi.to_crs(src.crs)
             aoi_bbox = _pixel_bbox(aoi_geom.bounds, src.transform, src.width, src.height)
 
-        cm_map = np.zeros((num_classes, num_classes), dtype=np.int64)
-        cm_base = np.zeros_like(cm_map)
         _check_overlap(ref_mosaic, "reference", map_path, src, grid)
         if base_mosaic is not None:
             _check_overlap(base_mosaic, "baseline", map_path, src, grid)
-        windows = [
-            w
-            for w in _windows(src.height, src.width, block_px)
-            if _bbox_meets(aoi_bbox, w)
-            and ref_mosaic.meets(grid.window(w))
-            and (base_mosaic is None or base_mosaic.meets(grid.window(w)))
-        ]
-        with _progress(progress) as bar:
-            task = bar.add_task("Scoring", total=len(windows))
-            for window in windows:
-                pred = _read_map_target(src, legend, map_lut, window, map_path)
-                valid = pred != IGNORE_INDEX
-                win_grid = grid.window(window)
-                if aoi_geom is not None and valid.any():
-                    valid &= rasterize_aoi(aoi_geom, win_grid.transform, valid.shape)
-                if valid.any():
-                    truth = ref_mosaic.read_target(win_grid, ref_legend)
-                    valid &= truth != IGNORE_INDEX
-                if valid.any() and base_mosaic is not None and base_legend is not None:
-                    base = base_mosaic.read_target(win_grid, base_legend)
-                    valid &= base != IGNORE_INDEX
-                if valid.any():
-                    cm_map += confusion_matrix(truth[valid], pred[valid], num_classes)
-                    if base_mosaic is not None:
-                        cm_base += confusion_matrix(truth[valid], base[valid], num_classes)
-                bar.advance(task)
+        base_input = (base_mosaic, base_legend) if base_mosaic is not None and base_legend is not None else None
+        cm_map, cm_base, areas_km2 = _count_scored_pixels(
+            map_path, src, grid, legend, (ref_mosaic, ref_legend), base_input, aoi_geom, aoi_bbox, block_px, progress
+        )
 
     ref_paths = ref_mosaic.paths
     pixels = int(cm_map.sum())
@@ -314,6 +271,7 @@ def evaluate_map(
     metrics.update(
         {
             "pixels": pixels,
+            "area_km2": {who: dict(zip(class_names, km2.tolist(), strict=True)) for who, km2 in areas_km2.items()},
             "map": str(map_path),
             "map_legend": legend.name,
             "reference": [str(p) for p in ref_paths],
@@ -334,6 +292,147 @@ def evaluate_map(
 
     write_report(metrics, out_dir)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------- counting
+class _ThreadMosaics:
+    """One copy of a :class:`LabelMosaic` per dask worker thread (a rasterio handle is not
+    thread-safe; the copies share the checked file list and footprints)."""
+
+    def __init__(self, mosaic: LabelMosaic) -> None:
+        self.mosaic, self.local = mosaic, threading.local()
+        self.copies: list[LabelMosaic] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> LabelMosaic:
+        mine = getattr(self.local, "mosaic", None)
+        if mine is None:
+            mine = copy.copy(self.mosaic)
+            mine._handles = {}
+            self.local.mosaic = mine
+            with self.lock:
+                self.copies.append(mine)
+        return mine
+
+    def close(self) -> None:
+        for m in self.copies:
+            m.close()
+
+
+def _count_scored_pixels(
+    map_path: Path,
+    src: rasterio.DatasetReader,
+    grid: Grid,
+    legend: Legend,
+    reference: tuple[LabelMosaic, Legend],
+    baseline: tuple[LabelMosaic, Legend] | None,
+    aoi_geom: Any,
+    aoi_bbox: tuple[int, int, int, int] | None,
+    block_px: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Confusion matrices (map, baseline; int64 ``(n, n)``, rows = reference) and km² per target
+    class over the scored pixels, counted blockwise by :func:`lcmap.pipeline.zonal.count_pairs`.
+
+    The map is read lazily (``rioxarray``, chunks of ``block_px``); each block reads the reference
+    (and baseline) on its grid through their :class:`LabelMosaic` (the overlap rule). Every pixel
+    gets a reference index ``a`` and a (map, baseline) index ``b = map * (n + 1) + baseline``, where
+    ``n`` (one past the classes) marks a pixel not scored in all three: nodata, untargeted, outside
+    the AOI. One pass counts both matrices: the map's sums over the baseline axis, the baseline's
+    over the map axis.
+    """
+    import dask.array as da
+    import rioxarray
+
+    from lcmap.pipeline.zonal import count_pairs, pixel_area_m2_per_row
+
+    n = len(legend.target)
+    n_base = n + 1 if baseline is not None else 1  # without a baseline: one valid index (0)
+    out_idx = np.array([n, n, n_base - 1 if baseline is not None else 0])
+    map_lut = legend.index_to_target_lut()
+    flags = src.mask_flag_enums[0]
+    nodata = src.nodata if MaskFlags.nodata in flags else None
+    all_valid = MaskFlags.all_valid in flags
+    ref_mosaics = _ThreadMosaics(reference[0])
+    base_mosaics = _ThreadMosaics(baseline[0]) if baseline is not None else None
+    mask_handles = threading.local()
+
+    def map_valid(codes: np.ndarray, window: Window) -> np.ndarray:
+        if all_valid:
+            return np.ones(codes.shape, dtype=bool)
+        if nodata is not None:
+            return ~np.isnan(codes) if isinstance(nodata, float) and math.isnan(nodata) else codes != nodata
+        handle = getattr(mask_handles, "src", None)  # mask or alpha band: read per thread
+        if handle is None:
+            handle = mask_handles.src = rasterio.open(map_path)
+        return valid_mask(handle, codes, window)
+
+    def indices(codes: np.ndarray, block_info: Any = None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[0]["array-location"]
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        out = np.empty((3, *codes.shape), dtype=np.int16)
+        out[:] = out_idx[:, None, None]
+        win_grid = grid.window(window)
+        ref_m = ref_mosaics.get()
+        if not _bbox_meets(aoi_bbox, window) or not ref_m.meets(win_grid):
+            return _pair_index(out, n, n_base)
+        base_m = base_mosaics.get() if base_mosaics is not None else None
+        if base_m is not None and not base_m.meets(win_grid):
+            return _pair_index(out, n, n_base)
+        pred = np.full(codes.shape, IGNORE_INDEX, dtype=np.uint8)
+        valid = map_valid(codes, window)
+        if valid.any():
+            pred[valid] = map_lut[legend.encode(codes[valid], source=map_path)]
+        valid = pred != IGNORE_INDEX
+        if aoi_geom is not None and valid.any():
+            valid &= rasterize_aoi(aoi_geom, win_grid.transform, valid.shape)
+        if valid.any():
+            truth = ref_m.read_target(win_grid, reference[1])
+            valid &= truth != IGNORE_INDEX
+        if valid.any() and base_m is not None and baseline is not None:
+            base = base_m.read_target(win_grid, baseline[1])
+            valid &= base != IGNORE_INDEX
+            out[2][valid] = base[valid]
+        if valid.any():
+            out[0][valid] = truth[valid]
+            out[1][valid] = pred[valid]
+        return _pair_index(out, n, n_base)
+
+    raster = rioxarray.open_rasterio(
+        map_path, chunks={"band": 1, "y": block_px, "x": block_px}, lock=False, cache=False, masked=False
+    )
+    codes = raster.isel(band=0).data  # type: ignore[union-attr]
+    pairs = da.map_blocks(indices, codes, dtype=np.int32, meta=np.empty((0, 0), dtype=np.int32))
+    n_b = (n + 1) * n_base
+    row_area_m2 = pixel_area_m2_per_row(src.crs, src.transform, src.height)
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("Scoring (Mpx)", total=round(src.width * src.height / 1e6, 1))
+            counts = count_pairs(
+                pairs // n_b, pairs % n_b, n + 1, n_b, row_area_m2,
+                on_block=lambda px: bar.advance(task, px / 1e6),
+            )  # fmt: skip
+    finally:
+        ref_mosaics.close()
+        if base_mosaics is not None:
+            base_mosaics.close()
+        handle = getattr(mask_handles, "src", None)
+        if handle is not None:
+            handle.close()
+    kb = n if baseline is not None else 1
+    scored = counts.pixels.reshape(n + 1, n + 1, n_base)[:n, :n, :kb]
+    area_m2 = counts.area_m2.reshape(n + 1, n + 1, n_base)[:n, :n, :kb]
+    areas = {"map": area_m2.sum(axis=(0, 2)) / 1e6, "reference": area_m2.sum(axis=(1, 2)) / 1e6}
+    cm_base = np.zeros((n, n), dtype=np.int64)
+    if baseline is not None:
+        cm_base = scored.sum(axis=1)
+        areas["baseline"] = area_m2.sum(axis=(0, 1)) / 1e6
+    return scored.sum(axis=2), cm_base, areas
+
+
+def _pair_index(idx: np.ndarray, n: int, n_base: int) -> np.ndarray:
+    """``(3, H, W)`` reference/map/baseline indices -> one int32 index ``(ref * (n + 1) + map) * n_base + base``."""
+    return (idx[0].astype(np.int32) * (n + 1) + idx[1]) * n_base + idx[2]
 
 
 def _check_overlap(mosaic: LabelMosaic, what: str, map_path: Path, src: rasterio.DatasetReader, grid: Grid) -> None:

@@ -118,6 +118,7 @@ def _markdown(m: dict[str, Any]) -> str:
             f"{format_score(base.get('miou_reference_classes'))}, "
             f"gain {format_score(g.get('miou_reference_classes'), True)}.",
         ]
+    lines += _area_table(m)
     lines += ["", "## Per class: map", ""] + _per_class_table(m)
     if base:
         lines += ["", "## Per class: baseline", ""] + _per_class_table(base)
@@ -127,6 +128,20 @@ def _markdown(m: dict[str, Any]) -> str:
         lines += ["", "## Confusion matrix: baseline (pixels; rows = reference, columns = baseline)", ""]
         lines += _confusion_table(base, "baseline")
     return "\n".join(lines) + "\n"
+
+
+def _area_table(m: dict[str, Any]) -> list[str]:
+    """km² of each class over the scored pixels (map, reference, baseline); none for older metrics."""
+    areas = m.get("area_km2")
+    if not areas:
+        return []
+    who = [w for w in ("map", "reference", "baseline") if w in areas]
+    lines = ["", "## Area per class (km², scored pixels)", "", "| class | " + " | ".join(who) + " |"]
+    lines.append("|---|" + "---:|" * len(who))
+    for name in m["class_names"]:
+        lines.append(f"| {name} | " + " | ".join(f"{areas[w].get(name, 0.0):.6f}" for w in who) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(areas[w].values()):.6f}" for w in who) + " |")
+    return lines
 
 
 def _short_count(n: int) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 
 from lcmap.errors import LcmapInputError
 
-__all__ = ["allowed_classes_for", "scan_label_codes"]
+__all__ = ["allowed_classes_for", "resolve_mixed_classes", "scan_label_codes"]
 
 
 def _read_window_values(
@@ -75,6 +75,14 @@ def scan_label_codes(
             if i != IGNORE_INDEX:
                 counts[i] = counts.get(i, 0) + int(c)
     return counts
+
+
+def resolve_mixed_classes(legend: Any, given: dict[int, list[str]], use_defaults: bool) -> dict[int, list[str]]:
+    """The mixed classes to train with: the legend's declared ones (``use_defaults``), with the
+    codes of ``given`` (the user's ``--mixed-class``) replacing them code by code; sorted by code."""
+    mixed = dict(legend.default_mixed_classes()) if use_defaults else {}
+    mixed.update({int(k): list(v) for k, v in given.items()})
+    return {code: mixed[code] for code in sorted(mixed)}
 
 
 def allowed_classes_for(legend: Any, mixed: dict[int, list[str]]) -> list[list[int]] | None:

@@ -43,7 +43,7 @@ from lcmap.errors import Interrupted, LcmapInputError
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
-from lcmap.pipeline import execution, mapfile
+from lcmap.pipeline import execution, mapfile, stac
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
 from lcmap.pipeline.tiling import Block, WindowGrid, block_groups, block_side_px, group_shape, output_grid
@@ -330,7 +330,9 @@ def predict_map(
         images: imagery files and/or folders (searched recursively); one mosaic, with the bands the
             model was trained on. The map has the imagery's CRS and pixel size (e.g. 1 m).
         out: the map to write (``MAP.tif``, a COG). Also written: ``MAP.tif.aux.xml`` (category
-            names), ``MAP.qml`` (QGIS style) and, with ``confidence``, ``MAP_confidence.tif``.
+            names), ``MAP.qml`` (QGIS style), ``MAP.stac.json`` (STAC Item, dated by the imagery's
+            date tags when present: :func:`lcmap.pipeline.stac.imagery_datetime_of`) and, with
+            ``confidence``, ``MAP_confidence.tif``.
             ``MAP.tif.partial/`` holds finished blocks while running (kept on failure, to resume).
         bbox: area to map, ``(west, south, east, north)`` in ``bbox_crs`` units (degrees for the
             default EPSG:4326); not with ``aoi``. Default: the whole imagery extent.
@@ -465,6 +467,7 @@ def predict_map(
         raise
     shutil.rmtree(plan.partial, ignore_errors=True)
     plan.model = None
+    stac.write_stac_item(plan.out, imagery_datetime=stac.imagery_datetime_of(job.image_files))  # MAP.stac.json
     return PredictResult(
         path=plan.out,
         confidence_path=mapfile.confidence_path(plan.out) if job.confidence else None,

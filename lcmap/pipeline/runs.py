@@ -233,10 +233,22 @@ class RunFolder:
         dataclasses.replace(config, resume=False).to_yaml(self.config_yaml)
 
     def read_config(self) -> TrainConfig:
-        """The saved options; LcmapInputError when missing or invalid."""
+        """The saved options; LcmapInputError when missing or invalid.
+
+        A config.yaml without ``default_mixed`` was written before legends declared mixed classes:
+        its ``mixed_classes`` are all the run used, so it reads with ``default_mixed`` False.
+        """
+        import dataclasses
+
+        import yaml
+
         if not self.config_yaml.is_file():
             raise LcmapInputError(f"{self.config_yaml} is missing; {self.path} is not a run folder of 'lcmap train'")
-        return TrainConfig.from_yaml(self.config_yaml)
+        config = TrainConfig.from_yaml(self.config_yaml)
+        saved_keys = set(yaml.safe_load(self.config_yaml.read_text()) or {})
+        if not saved_keys & {"default_mixed", "default-mixed"}:
+            config = dataclasses.replace(config, default_mixed=False)
+        return config
 
     # -------------------------------------------------------- legend, normalisation, weights
     def write_legend(self, legend: Legend) -> None:

@@ -40,6 +40,7 @@ from lcmap.pipeline.cog import LEGEND_TAG
 __all__ = [
     "IMAGERY_DATETIME_TAG",
     "build_stac_item",
+    "imagery_datetime_of",
     "map_classes",
     "stac_item_path",
     "write_stac_item",
@@ -135,6 +136,43 @@ def _parse_datetime(
     if end < start:
         raise LcmapInputError(f"{what} {value!r}: the range ends before it starts")
     return None, start, end
+
+
+#: Imagery tags read as the acquisition date, in this order (``YEAR``: the whole year, as NAIP's).
+_IMAGERY_DATE_TAGS = (IMAGERY_DATETIME_TAG, "ACQUISITION_DATE", "DATE_ACQUIRED", "ACQUISITIONDATETIME", "YEAR")
+
+
+def imagery_datetime_of(files: Sequence[str | Path]) -> str | None:
+    """The imagery's acquisition date from its GeoTIFF tags, as ``imagery_datetime`` takes it.
+
+    Per file the first tag of :data:`_IMAGERY_DATE_TAGS` present (``YEAR=2014`` is the range
+    2014-01-01/2014-12-31; ``TIFFTAG_DATETIME`` is not used: it is the file's creation time). Several
+    files give the range from the earliest to the latest. None when a file carries no date or a tag
+    cannot be parsed (the Item then falls back on the map's time, ``lcmap:datetime_source`` created).
+    """
+    starts: list[dt.datetime] = []
+    ends: list[dt.datetime] = []
+    for path in files:
+        try:
+            with rasterio.open(path) as src:
+                tags = src.tags()
+        except RasterioError:
+            return None
+        value = next((str(tags[t]).strip() for t in _IMAGERY_DATE_TAGS if str(tags.get(t, "")).strip()), None)
+        if value is None:
+            return None
+        if value.isdigit() and len(value) == 4:
+            value = f"{value}-01-01T00:00:00Z/{value}-12-31T23:59:59Z"
+        try:
+            instant, start, end = _parse_datetime(value, f"{path} date tag")
+        except LcmapInputError:
+            return None
+        starts.append(instant or start)  # type: ignore[arg-type]
+        ends.append(instant or end)  # type: ignore[arg-type]
+    if not starts:
+        return None
+    first, last = min(starts), max(ends)
+    return first.isoformat() if first == last else f"{first.isoformat()}/{last.isoformat()}"
 
 
 def build_stac_item(

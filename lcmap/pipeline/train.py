@@ -43,6 +43,7 @@ class _Inputs:
     """The opened inputs of a run (rasters hold their file index, not pixels)."""
 
     legend: Any
+    mixed: dict[int, list[str]]
     allowed: list[list[int]] | None
     imagery: Any
     labels: Any
@@ -77,6 +78,7 @@ def run_train(config: TrainConfig) -> Path:
         pl.seed_everything(config.seed, workers=True, verbose=False)
         log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
         inputs = _open_inputs(config)
+        config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
         if config.resume:
             _check_resumed_checkpoint(run, config, inputs)
         stats = _normalization(run, config, inputs)
@@ -148,10 +150,11 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
     from lcmap.geodata.aoi import resolve_aoi
     from lcmap.geodata.datasets import open_imagery, open_labels
     from lcmap.geodata.legends import get_legend
-    from lcmap.pipeline.label_classes import allowed_classes_for, scan_label_codes
+    from lcmap.pipeline.label_classes import allowed_classes_for, resolve_mixed_classes, scan_label_codes
 
     legend = get_legend(config.legend)
-    allowed = allowed_classes_for(legend, config.mixed_classes)  # option errors before any work
+    mixed = resolve_mixed_classes(legend, config.mixed_classes, config.default_mixed)
+    allowed = allowed_classes_for(legend, mixed)  # option errors before any work
     unknown_trust = sorted(set(config.label_trust) - set(legend.codes))
     if unknown_trust:
         raise LcmapInputError(f"label_trust names codes {unknown_trust} that legend {legend.name} does not have")
@@ -192,6 +195,7 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
         log.info("validation: no reference given; mIoU over target classes vs the LR labels (agreement)")
     return _Inputs(
         legend=legend,
+        mixed=mixed,
         allowed=allowed,
         imagery=imagery,
         labels=labels,
