@@ -110,6 +110,7 @@ def predict(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
     confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
+    input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
@@ -117,7 +118,7 @@ def predict(
     result = _run(
         predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
         overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
-        scheduler=scheduler, confidence=confidence, legend=legend,
+        scheduler=scheduler, confidence=confidence, legend=legend, input_scale=input_scale,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

@@ -68,6 +68,8 @@ class PredictJob:
     aoi_wkb: bytes | None
     blocks_dir: str
     cache_key: str = ""
+    #: the imagery's values are multiplied by this before normalisation (``--input-scale``).
+    input_scale: float = 1.0
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
@@ -112,7 +114,7 @@ def worker_state(
     ``preloaded``/``imagery``: already loaded by the caller (the synchronous scheduler reuses
     what planning loaded). One job per process at a time: a new job frees the previous model.
     """
-    key = (job.checkpoint, job.device, job.image_files, job.cache_key)
+    key = (job.checkpoint, job.device, job.image_files, job.cache_key, job.input_scale)
     with _STATE_LOCK:
         st = _STATE.get(key)
         if st is None:
@@ -126,8 +128,9 @@ def worker_state(
             st = WorkerState(
                 model=model,
                 device=device,
-                mean=tm.mean.reshape(-1, 1, 1).astype(np.float32),
-                std=tm.std.reshape(-1, 1, 1).astype(np.float32),
+                # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
+                mean=(tm.mean / job.input_scale).reshape(-1, 1, 1).astype(np.float32),
+                std=(tm.std / job.input_scale).reshape(-1, 1, 1).astype(np.float32),
                 imagery=ds,
             )
             _STATE[key] = st

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
@@ -35,16 +37,20 @@ import shapely
 import torch
 from rasterio.crs import CRS
 
-from lcmap.errors import LcmapInputError
+from lcmap.errors import ImageryMismatchError, LcmapInputError
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
+from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
+from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.pipeline import execution, mapfile
 from lcmap.pipeline.inference import PredictJob
-from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
+from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
 from lcmap.pipeline.tiling import WindowGrid, block_side_px, output_grid
 
 __all__ = ["predict_map", "plan_prediction", "Plan", "PredictResult", "TILE_MULTIPLE"]
+
+log = logging.getLogger(__name__)
 
 #: ``tile_px`` must be a multiple of this (U-Net: 32; Paraformer-tiny: 16).
 TILE_MULTIPLE = 32
@@ -152,6 +158,36 @@ def _resolve_device(device: str) -> str:
     return d
 
 
+def _check_imagery_kind(tm: TrainedModel, ds: HRImagery, input_scale: float | None) -> None:
+    """Refuse imagery whose data type or value range is not that of the model's training imagery.
+
+    Raises:
+        ImageryMismatchError: naming the difference and ``--input-scale``.
+    """
+    trained = training_imagery_range(tm)
+    if trained is None:
+        log.info(
+            "model %s does not record its training imagery's data type and range (trained by an older "
+            "lcmap): the imagery is not checked against it",
+            tm.checkpoint,
+        )
+        return
+    dtype, high = sample_imagery_range(ds.files, ds.nodata)
+    problem = imagery_mismatch(trained, dtype, high, input_scale)
+    if problem is None:
+        return
+    t_high = max(trained["high"])
+    hint = ""
+    if math.isfinite(float(max(high))) and float(max(high)) > 0:
+        hint = f" (here about --input-scale {t_high / float(max(high)):.3g})"
+    raise ImageryMismatchError(
+        f"the imagery ({ds.files[0]}{' ...' if len(ds.files) > 1 else ''}) is not like model {tm.checkpoint}'s "
+        f"training imagery: {problem}. The map would be wrong. Use imagery of the same kind as the training "
+        f"imagery, or, if it is the same imagery scaled differently, give --input-scale FACTOR: the imagery's "
+        f"values are multiplied by FACTOR before the model sees them{hint}."
+    )
+
+
 def plan_prediction(
     model: str | Path,
     images: str | Path | Sequence[str | Path],
@@ -168,6 +204,7 @@ def plan_prediction(
     confidence: bool = False,
     legend: str = "target",
     torch_threads: int | None = None,
+    input_scale: float | None = None,
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
@@ -190,6 +227,8 @@ def plan_prediction(
         raise LcmapInputError(f"--block-px {block_px}: must be a positive number of pixels")
     if legend not in ("target", "native"):
         raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
+    if input_scale is not None and not (math.isfinite(input_scale) and input_scale > 0):
+        raise LcmapInputError(f"--input-scale {input_scale}: must be a positive number, e.g. 0.025")
     dev = _resolve_device(device)
 
     out = Path(out).expanduser().absolute()
@@ -204,6 +243,11 @@ def plan_prediction(
             f"but model {checkpoint} was trained on {tm.in_channels}: use imagery with the same bands, "
             "in the same order, as the training imagery"
         )
+    outputs = {"--out": out, "the map's .partial folder": out.with_name(out.name + ".partial")}
+    if confidence:
+        outputs["the confidence map"] = mapfile.confidence_path(out)
+    check_not_an_input(outputs, [*ds.files, str(checkpoint)])
+    _check_imagery_kind(tm, ds, input_scale)
     crs = CRS.from_user_input(ds.crs)
     bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
     if isinstance(aoi, (str, Path)):
@@ -247,6 +291,7 @@ def plan_prediction(
         confidence=bool(confidence),
         aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
+        input_scale=float(input_scale) if input_scale is not None else 1.0,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path
@@ -282,6 +327,7 @@ def predict_map(
     confidence: bool = False,
     legend: str = "target",
     progress: bool = True,
+    input_scale: float | None = None,
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -321,6 +367,11 @@ def predict_map(
             probability; where LR classes without a target win, 0; ``native``: the
             codes of the model's own (LR) legend. 0 is nodata either way.
         progress: show a progress bar (blocks and km²).
+        input_scale: multiply the imagery's values by this factor before the model sees them
+            (e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained
+            on). Without it, imagery whose data type differs from the training imagery's, or
+            whose values go far above the training range, is refused; with it, only the range
+            (after scaling) is checked.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -328,8 +379,10 @@ def predict_map(
     Raises:
         LcmapInputError: bad input (checkpoint missing/corrupt, band count different from the
             model's, AOI/bbox outside the imagery, bad tile/overlap/legend/device, output folder
-            not writable, scheduler unreachable) or a full disk (with the space needed). Nothing
-            is written at ``out`` in that case.
+            not writable, scheduler unreachable, ``out`` one of the inputs, imagery of another
+            data type or range than the training imagery's), another process writing ``out``
+            (:class:`~lcmap.errors.OutputLockedError`) or a full disk (with the space needed).
+            Nothing is written at ``out`` in that case.
     """
     t0 = time.perf_counter()
     plan = plan_prediction(
@@ -346,6 +399,7 @@ def predict_map(
         device=device,
         confidence=confidence,
         legend=legend,
+        input_scale=input_scale,
     )
     sched = None if scheduler in (None, "", "local") else str(scheduler)
     if sched is not None and sched != "synchronous" and "://" not in sched and ":" not in sched:
@@ -353,6 +407,42 @@ def predict_map(
             f"--scheduler {scheduler!r}: give a Dask scheduler address (tcp://host:8786), 'synchronous', "
             "or nothing for a local cluster"
         )
+    job = plan.job
+    with mapfile.lock_partial(plan.partial, plan.out):
+        blocks, todo, counts, t1, console = _run_blocks(plan, sched, progress)
+        with mapfile.GdalErrors() as gdal_errors:
+            try:
+                mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
+            except BaseException as exc:
+                if mapfile.is_enospc(exc, gdal_errors.messages, plan.out.parent):
+                    raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
+                for message in gdal_errors.messages:
+                    log.warning("GDAL: %s", message)
+                raise
+        shutil.rmtree(plan.partial, ignore_errors=True)
+    plan.model = None
+    return PredictResult(
+        path=plan.out,
+        confidence_path=mapfile.confidence_path(plan.out) if job.confidence else None,
+        blocks=len(blocks),
+        blocks_resumed=len(blocks) - len(todo),
+        blocks_run=counts.blocks_run,
+        windows=counts.windows,
+        seconds_forward=counts.seconds_forward,
+        block_px=job.block_size,
+        width=job.grid.width,
+        height=job.grid.height,
+        seconds_predict=t1 - t0,
+        seconds_write=time.perf_counter() - t1,
+    )
+
+
+def _run_blocks(plan: Plan, sched: str | None, progress: bool) -> tuple[list, list, execution.RunCounts, float, Any]:
+    """Resume from ``plan.partial`` and run the blocks not yet finished (holding the partial's lock).
+
+    Returns ``(blocks, todo, counts, t_done, console)``: all blocks, those run now, the run's
+    counts, ``time.perf_counter()`` when the blocks were done, and the rich console (or None).
+    """
     job = plan.job
     done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
     blocks = job.blocks()
@@ -376,31 +466,9 @@ def predict_map(
                 plan.model = plan.imagery = None  # the workers load their own; free this process's copy
                 execution.run_distributed(job, todo, bar, counts, sched)
     except BaseException as exc:
-        if mapfile.is_enospc(exc):
+        if mapfile.is_enospc(exc, (), plan.partial):
             raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
         raise
     finally:
         bar.close()
-    t1 = time.perf_counter()
-    try:
-        mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
-    except BaseException as exc:
-        if mapfile.is_enospc(exc):
-            raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
-        raise
-    shutil.rmtree(plan.partial, ignore_errors=True)
-    plan.model = None
-    return PredictResult(
-        path=plan.out,
-        confidence_path=mapfile.confidence_path(plan.out) if job.confidence else None,
-        blocks=len(blocks),
-        blocks_resumed=len(blocks) - len(todo),
-        blocks_run=counts.blocks_run,
-        windows=counts.windows,
-        seconds_forward=counts.seconds_forward,
-        block_px=job.block_size,
-        width=job.grid.width,
-        height=job.grid.height,
-        seconds_predict=t1 - t0,
-        seconds_write=time.perf_counter() - t1,
-    )
+    return blocks, todo, counts, time.perf_counter(), console
