@@ -177,11 +177,14 @@ def stats(
     block_px: Annotated[int, typer.Option("--block-px", help="Side of one counting block, pixels (memory per thread: ~12 bytes per pixel).")] = 2048,
 ) -> None:
     """Area per class and zone: pixels, km2 and percent of the zone's classified area (nodata not counted)."""
+    from lcmap.geodata.io import check_not_an_input
     from lcmap.pipeline.zone_stats import write_stats, zone_stats
 
     def go():
         if block_px < 1:
             raise LcmapInputError(f"--block-px must be a positive number of pixels, got {block_px}")
+        outputs = {"--out": out, "--out's stats.csv": out / "stats.csv", "--out's stats.gpkg": out / "stats.gpkg"}
+        check_not_an_input(outputs, [map_path, zones])
         result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "

@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from lcmap.errors import LcmapInputError
-from lcmap.geodata.legends import IGNORE_INDEX, Legend
+from lcmap.geodata.legends import IGNORE_INDEX, Legend, UnknownLabelError
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,24 @@ class LabelRead:
     file_index: np.ndarray
 
 
+def _whole_codes(values: np.ndarray, layer: np.ndarray, path: str, what: str) -> None:
+    """Copy float label ``values`` (NaN: unwritten) into int32 ``layer`` (``_UNWRITTEN`` where NaN).
+
+    Raises:
+        UnknownLabelError: a value is not a whole number (e.g. a continuous raster given as labels).
+    """
+    written = ~np.isnan(values)
+    bad = written & ((values != np.round(values)) | (np.abs(values) >= 2**31 - 1))
+    if bad.any():
+        examples = ", ".join(f"{v:g}" for v in np.unique(values[bad])[:5])
+        raise UnknownLabelError(
+            f"{what} file {path}: label values are not whole numbers (e.g. {examples}): class codes must be "
+            "integers. Is this a continuous raster (imagery, an index, a probability) given as labels?"
+        )
+    layer[...] = _UNWRITTEN
+    layer[written] = values[written].astype(np.int32)
+
+
 class LabelMosaic:
     """Label files (one or a mosaic, any CRS/resolution) read onto any grid by nearest neighbour.
 
@@ -420,24 +438,29 @@ class LabelMosaic:
         file_index = np.full(shape, -1, dtype=np.int16)
         layer = np.empty(shape, dtype=np.int32)
         for i in self.files_meeting(grid):
-            layer.fill(_UNWRITTEN)
             path = self.paths[i]
             src = self._open(path)
+            is_float = np.dtype(self.profiles[i]["dtype"]).kind in "fc"
+            dest = np.full(shape, np.nan) if is_float else layer
+            if not is_float:
+                layer.fill(_UNWRITTEN)
             try:
                 reproject(
                     source=rasterio.band(src, 1),
-                    destination=layer,
+                    destination=dest,
                     src_nodata=src.nodata,
                     src_alpha=_alpha_band(src),
                     dst_transform=grid.transform,
                     dst_crs=grid.crs,
-                    dst_nodata=_UNWRITTEN,
+                    dst_nodata=np.nan if is_float else _UNWRITTEN,
                     resampling=Resampling.nearest,
                 )
             except (rasterio.errors.RasterioError, OSError) as exc:
                 raise LcmapInputError(
                     f"{self.what} file {path} could not be read ({exc}); it may be truncated or corrupt"
                 ) from exc
+            if is_float:
+                _whole_codes(dest, layer, path, self.what)
             take = (layer != _UNWRITTEN) & ~has_label
             if self.no_label_codes.size:
                 take &= ~np.isin(layer, self.no_label_codes)
@@ -448,9 +471,10 @@ class LabelMosaic:
                 break
         return LabelRead(codes, has_label, file_index)
 
-    def read_target(self, grid: Grid, legend: Legend) -> np.ndarray:
+    def read_target(self, grid: Grid, legend: Legend, option: str | None = "--legend") -> np.ndarray:
         """Target-class indices (uint8 ``grid.shape``) of the labels on ``grid``, the files' codes being in
-        ``legend``; IGNORE_INDEX where there is no label or the class has no target.
+        ``legend``; IGNORE_INDEX where there is no label or the class has no target. ``option``: the
+        command-line option that chose ``legend`` (named when codes do not fit it).
 
         Raises:
             UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
@@ -462,7 +486,7 @@ class LabelMosaic:
         lut = legend.index_to_target_lut()
         for k in np.unique(labels.file_index[labels.has_label]):
             sel = labels.file_index == k
-            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)])]
+            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)], option=option)]
         return out
 
     def _open(self, path: str) -> Any:

@@ -210,8 +210,10 @@ class Legend:
         return out
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, codes: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
+    def encode(self, codes: np.ndarray, source: str | Path = "<array>", option: str | None = "--legend") -> np.ndarray:
         """Map raster codes to legend indices (uint8); nodata -> IGNORE_INDEX.
+
+        ``option``: the command-line option that chose this legend (named in the message), or None.
 
         Raises:
             UnknownLabelError: if ``codes`` holds values outside the legend; the message lists the
@@ -225,19 +227,20 @@ class Legend:
                 raise UnknownLabelError(f"{source}: label values are not whole numbers")
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             bad = np.unique(arr[(arr < 0) | (arr > 65535)])[:20]
-            self._raise_unknown(bad, source)
+            self._raise_unknown(bad, source, option)
         idx = self.code_to_index_lut()[arr.astype(np.int64)]
         if (idx == 65535).any():
-            self._raise_unknown(np.unique(arr[idx == 65535]), source)
+            self._raise_unknown(np.unique(arr[idx == 65535]), source, option)
         return idx.astype(np.uint8)
 
-    def _raise_unknown(self, bad: np.ndarray, source: str | Path) -> None:
+    def _raise_unknown(self, bad: np.ndarray, source: str | Path, option: str | None = "--legend") -> None:
         shown = ", ".join(str(int(v)) for v in bad[:20])
         more = f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""
+        choose = f"with {option}" if option else "for it"
         raise UnknownLabelError(
             f"{source}: label values {shown}{more} are not in legend {self.name!r} "
             f"(codes {', '.join(map(str, self.codes))}; nodata {', '.join(map(str, self.nodata))}). "
-            "Choose the legend that matches this product with --legend, or describe it in a YAML "
+            f"Choose the legend that matches this product {choose}, or describe it in a YAML "
             "legend file (code, name, color, target for each class)."
         )
 
@@ -249,8 +252,7 @@ class Legend:
             "target": {
                 "name": self.target.name,
                 "classes": [
-                    {"code": c.code, "name": c.name, "color": _rgb_to_hex(c.color)}
-                    for c in self.target.classes
+                    {"code": c.code, "name": c.name, "color": _rgb_to_hex(c.color)} for c in self.target.classes
                 ],
             },
             "classes": [
@@ -260,7 +262,7 @@ class Legend:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "Legend":
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Legend:
         try:
             target = DEFAULT_TARGET
             if data.get("target"):
@@ -268,8 +270,7 @@ class Legend:
                 target = TargetScheme(
                     name=str(t.get("name", "custom")),
                     classes=tuple(
-                        TargetClass(int(c["code"]), str(c["name"]), _hex_to_rgb(c["color"]))
-                        for c in t["classes"]
+                        TargetClass(int(c["code"]), str(c["name"]), _hex_to_rgb(c["color"])) for c in t["classes"]
                     ),
                 )
             classes = tuple(
@@ -283,8 +284,7 @@ class Legend:
             )
             nodata = data.get("nodata", [0])
             nodata = tuple(int(v) for v in (nodata if isinstance(nodata, (list, tuple)) else [nodata]))
-            return cls(name=str(data.get("name", Path(source).stem)), classes=classes, nodata=nodata,
-                       target=target)
+            return cls(name=str(data.get("name", Path(source).stem)), classes=classes, nodata=nodata, target=target)
         except (KeyError, TypeError, ValueError) as exc:
             raise LcmapInputError(
                 f"{source}: not a valid legend ({exc}). Expected keys: name, nodata, classes: "
@@ -293,7 +293,7 @@ class Legend:
             ) from exc
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Legend":
+    def from_yaml(cls, path: str | Path) -> Legend:
         path = Path(path)
         data = read_yaml(path, "legend file")
         if not isinstance(data, dict):
@@ -318,106 +318,130 @@ W, T, L, B = "water", "tree canopy", "low vegetation", "built-up"
 #: (``shared/notes/paraformer.md``); barren maps to low vegetation except in the Chesapeake LC
 #: legend, whose convention groups barren with built-up.
 BUILTIN_LEGENDS: dict[str, Legend] = {
-    "nlcd": _legend("nlcd", (0, 255), [
-        (11, "Open Water", "#466b9f", W),
-        (12, "Perennial Ice/Snow", "#d1def8", None),
-        (21, "Developed, Open Space", "#dec5c5", B),
-        (22, "Developed, Low Intensity", "#d99282", B),
-        (23, "Developed, Medium Intensity", "#eb0000", B),
-        (24, "Developed, High Intensity", "#ab0000", B),
-        (31, "Barren Land", "#b3ac9f", L),
-        (41, "Deciduous Forest", "#68ab5f", T),
-        (42, "Evergreen Forest", "#1c5f2c", T),
-        (43, "Mixed Forest", "#b5c58f", T),
-        (52, "Shrub/Scrub", "#ccb879", L),
-        (71, "Grassland/Herbaceous", "#dfdfc2", L),
-        (81, "Pasture/Hay", "#dcd939", L),
-        (82, "Cultivated Crops", "#ab6c28", L),
-        (90, "Woody Wetlands", "#b8d9eb", T),
-        (95, "Emergent Herbaceous Wetlands", "#6c9fb8", L),
-    ]),
-    "worldcover": _legend("worldcover", (0,), [
-        (10, "Tree cover", "#006400", T),
-        (20, "Shrubland", "#ffbb22", L),
-        (30, "Grassland", "#ffff4c", L),
-        (40, "Cropland", "#f096ff", L),
-        (50, "Built-up", "#fa0000", B),
-        (60, "Bare / sparse vegetation", "#b4b4b4", L),
-        (70, "Snow and ice", "#f0f0f0", None),
-        (80, "Permanent water bodies", "#0064c8", W),
-        (90, "Herbaceous wetland", "#0096a0", L),
-        (95, "Mangroves", "#00cf75", T),
-        (100, "Moss and lichen", "#fae6a0", L),
-    ]),
-    "esri": _legend("esri", (0,), [
-        (1, "Water", "#419bdf", W),
-        (2, "Trees", "#397d49", T),
-        (4, "Flooded vegetation", "#7a87c6", L),
-        (5, "Crops", "#e49635", L),
-        (7, "Built area", "#c4281b", B),
-        (8, "Bare ground", "#a59b8f", L),
-        (9, "Snow/ice", "#a8ebff", None),
-        (10, "Clouds", "#616161", None),
-        (11, "Rangeland", "#e3e2c3", L),
-    ]),
-    "fromglc10": _legend("fromglc10", (0, 255), [
-        (10, "Cropland", "#a3ff73", L),
-        (20, "Forest", "#267300", T),
-        (30, "Grassland", "#4ce600", L),
-        (40, "Shrubland", "#70a800", L),
-        (50, "Wetland", "#00ffc5", L),
-        (60, "Water", "#005ce6", W),
-        (70, "Tundra", "#cdcd66", L),
-        (80, "Impervious surface", "#ff0000", B),
-        (90, "Bareland", "#cccccc", L),
-        (100, "Snow/Ice", "#e1e1e1", None),
-    ]),
-    "glc_fcs30": _legend("glc_fcs30", (0, 250, 255), [
-        (10, "Rainfed cropland", "#ffff64", L),
-        (11, "Herbaceous cover cropland", "#ffff64", L),
-        (12, "Tree or shrub cover (orchard) cropland", "#ffff00", L),
-        (20, "Irrigated cropland", "#aaf0f0", L),
-        (51, "Open evergreen broadleaved forest", "#4c7300", T),
-        (52, "Closed evergreen broadleaved forest", "#006400", T),
-        (61, "Open deciduous broadleaved forest", "#aac800", T),
-        (62, "Closed deciduous broadleaved forest", "#00a000", T),
-        (71, "Open evergreen needle-leaved forest", "#005000", T),
-        (72, "Closed evergreen needle-leaved forest", "#003c00", T),
-        (81, "Open deciduous needle-leaved forest", "#286400", T),
-        (82, "Closed deciduous needle-leaved forest", "#285000", T),
-        (91, "Open mixed leaf forest", "#a0b432", T),
-        (92, "Closed mixed leaf forest", "#788200", T),
-        (120, "Shrubland", "#966400", L),
-        (121, "Evergreen shrubland", "#964b00", L),
-        (122, "Deciduous shrubland", "#966400", L),
-        (130, "Grassland", "#ffb432", L),
-        (140, "Lichens and mosses", "#ffdcd2", L),
-        (150, "Sparse vegetation", "#ffebaf", L),
-        (152, "Sparse shrubland", "#ffd278", L),
-        (153, "Sparse herbaceous", "#ffebaf", L),
-        (180, "Wetlands", "#00a884", L),
-        (181, "Swamp", "#00a884", T),
-        (182, "Marsh", "#00dc82", L),
-        (183, "Flooded flat", "#73ffdf", L),
-        (184, "Saline", "#9ebb3b", L),
-        (185, "Mangrove", "#828282", T),
-        (186, "Salt marsh", "#f57ab6", L),
-        (187, "Tidal flat", "#66cdab", L),
-        (190, "Impervious surfaces", "#c31400", B),
-        (200, "Bare areas", "#fff5d7", L),
-        (201, "Consolidated bare areas", "#dcdcdc", L),
-        (202, "Unconsolidated bare areas", "#fff5d7", L),
-        (210, "Water body", "#0046c8", W),
-        (220, "Permanent ice and snow", "#ffffff", None),
-    ]),
-    "chesapeake": _legend("chesapeake", (0, 15), [
-        (1, "Water", "#0000ff", W),
-        (2, "Tree Canopy and Shrubs", "#008000", T),
-        (3, "Low Vegetation", "#80ff80", L),
-        (4, "Barren", "#806060", B),
-        (5, "Impervious Surfaces", "#808080", B),
-        (6, "Impervious Roads", "#000000", B),
-    ]),
+    "nlcd": _legend(
+        "nlcd",
+        (0, 255),
+        [
+            (11, "Open Water", "#466b9f", W),
+            (12, "Perennial Ice/Snow", "#d1def8", None),
+            (21, "Developed, Open Space", "#dec5c5", B),
+            (22, "Developed, Low Intensity", "#d99282", B),
+            (23, "Developed, Medium Intensity", "#eb0000", B),
+            (24, "Developed, High Intensity", "#ab0000", B),
+            (31, "Barren Land", "#b3ac9f", L),
+            (41, "Deciduous Forest", "#68ab5f", T),
+            (42, "Evergreen Forest", "#1c5f2c", T),
+            (43, "Mixed Forest", "#b5c58f", T),
+            (52, "Shrub/Scrub", "#ccb879", L),
+            (71, "Grassland/Herbaceous", "#dfdfc2", L),
+            (81, "Pasture/Hay", "#dcd939", L),
+            (82, "Cultivated Crops", "#ab6c28", L),
+            (90, "Woody Wetlands", "#b8d9eb", T),
+            (95, "Emergent Herbaceous Wetlands", "#6c9fb8", L),
+        ],
+    ),
+    "worldcover": _legend(
+        "worldcover",
+        (0,),
+        [
+            (10, "Tree cover", "#006400", T),
+            (20, "Shrubland", "#ffbb22", L),
+            (30, "Grassland", "#ffff4c", L),
+            (40, "Cropland", "#f096ff", L),
+            (50, "Built-up", "#fa0000", B),
+            (60, "Bare / sparse vegetation", "#b4b4b4", L),
+            (70, "Snow and ice", "#f0f0f0", None),
+            (80, "Permanent water bodies", "#0064c8", W),
+            (90, "Herbaceous wetland", "#0096a0", L),
+            (95, "Mangroves", "#00cf75", T),
+            (100, "Moss and lichen", "#fae6a0", L),
+        ],
+    ),
+    "esri": _legend(
+        "esri",
+        (0,),
+        [
+            (1, "Water", "#419bdf", W),
+            (2, "Trees", "#397d49", T),
+            (4, "Flooded vegetation", "#7a87c6", L),
+            (5, "Crops", "#e49635", L),
+            (7, "Built area", "#c4281b", B),
+            (8, "Bare ground", "#a59b8f", L),
+            (9, "Snow/ice", "#a8ebff", None),
+            (10, "Clouds", "#616161", None),
+            (11, "Rangeland", "#e3e2c3", L),
+        ],
+    ),
+    "fromglc10": _legend(
+        "fromglc10",
+        (0, 255),
+        [
+            (10, "Cropland", "#a3ff73", L),
+            (20, "Forest", "#267300", T),
+            (30, "Grassland", "#4ce600", L),
+            (40, "Shrubland", "#70a800", L),
+            (50, "Wetland", "#00ffc5", L),
+            (60, "Water", "#005ce6", W),
+            (70, "Tundra", "#cdcd66", L),
+            (80, "Impervious surface", "#ff0000", B),
+            (90, "Bareland", "#cccccc", L),
+            (100, "Snow/Ice", "#e1e1e1", None),
+        ],
+    ),
+    "glc_fcs30": _legend(
+        "glc_fcs30",
+        (0, 250, 255),
+        [
+            (10, "Rainfed cropland", "#ffff64", L),
+            (11, "Herbaceous cover cropland", "#ffff64", L),
+            (12, "Tree or shrub cover (orchard) cropland", "#ffff00", L),
+            (20, "Irrigated cropland", "#aaf0f0", L),
+            (51, "Open evergreen broadleaved forest", "#4c7300", T),
+            (52, "Closed evergreen broadleaved forest", "#006400", T),
+            (61, "Open deciduous broadleaved forest", "#aac800", T),
+            (62, "Closed deciduous broadleaved forest", "#00a000", T),
+            (71, "Open evergreen needle-leaved forest", "#005000", T),
+            (72, "Closed evergreen needle-leaved forest", "#003c00", T),
+            (81, "Open deciduous needle-leaved forest", "#286400", T),
+            (82, "Closed deciduous needle-leaved forest", "#285000", T),
+            (91, "Open mixed leaf forest", "#a0b432", T),
+            (92, "Closed mixed leaf forest", "#788200", T),
+            (120, "Shrubland", "#966400", L),
+            (121, "Evergreen shrubland", "#964b00", L),
+            (122, "Deciduous shrubland", "#966400", L),
+            (130, "Grassland", "#ffb432", L),
+            (140, "Lichens and mosses", "#ffdcd2", L),
+            (150, "Sparse vegetation", "#ffebaf", L),
+            (152, "Sparse shrubland", "#ffd278", L),
+            (153, "Sparse herbaceous", "#ffebaf", L),
+            (180, "Wetlands", "#00a884", L),
+            (181, "Swamp", "#00a884", T),
+            (182, "Marsh", "#00dc82", L),
+            (183, "Flooded flat", "#73ffdf", L),
+            (184, "Saline", "#9ebb3b", L),
+            (185, "Mangrove", "#828282", T),
+            (186, "Salt marsh", "#f57ab6", L),
+            (187, "Tidal flat", "#66cdab", L),
+            (190, "Impervious surfaces", "#c31400", B),
+            (200, "Bare areas", "#fff5d7", L),
+            (201, "Consolidated bare areas", "#dcdcdc", L),
+            (202, "Unconsolidated bare areas", "#fff5d7", L),
+            (210, "Water body", "#0046c8", W),
+            (220, "Permanent ice and snow", "#ffffff", None),
+        ],
+    ),
+    "chesapeake": _legend(
+        "chesapeake",
+        (0, 15),
+        [
+            (1, "Water", "#0000ff", W),
+            (2, "Tree Canopy and Shrubs", "#008000", T),
+            (3, "Low Vegetation", "#80ff80", L),
+            (4, "Barren", "#806060", B),
+            (5, "Impervious Surfaces", "#808080", B),
+            (6, "Impervious Roads", "#000000", B),
+        ],
+    ),
 }
 
 
@@ -435,8 +459,14 @@ def get_legend(name_or_path: str | Path) -> Legend:
     """A built-in legend by name (``nlcd``, ``worldcover``, ``esri``, ``fromglc10``,
     ``glc_fcs30``, ``chesapeake``, ``4class``) or a user legend from a YAML file."""
     key = str(name_or_path).lower().replace("-", "_")
-    aliases = {"esa_worldcover": "worldcover", "from_glc10": "fromglc10", "glc_fcs30d": "glc_fcs30",
-               "esri_lulc": "esri", "chesapeake_lc": "chesapeake", "lc": "chesapeake"}
+    aliases = {
+        "esa_worldcover": "worldcover",
+        "from_glc10": "fromglc10",
+        "glc_fcs30d": "glc_fcs30",
+        "esri_lulc": "esri",
+        "chesapeake_lc": "chesapeake",
+        "lc": "chesapeake",
+    }
     key = aliases.get(key, key)
     if key in BUILTIN_LEGENDS:
         return BUILTIN_LEGENDS[key]
@@ -446,6 +476,5 @@ def get_legend(name_or_path: str | Path) -> Legend:
     if path.suffix.lower() in (".yaml", ".yml") or path.exists():
         return Legend.from_yaml(path)
     raise LcmapInputError(
-        f"unknown legend {name_or_path!r}: use one of {', '.join(BUILTIN_LEGENDS)}, 4class, "
-        "or a YAML legend file"
+        f"unknown legend {name_or_path!r}: use one of {', '.join(BUILTIN_LEGENDS)}, 4class, or a YAML legend file"
     )

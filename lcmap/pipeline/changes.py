@@ -315,7 +315,7 @@ def _map_changes(
                 window_grid = grid.window(window)
                 if old.meets(window_grid):
                     new_t = _read_map_target(src, map_lut, legend, window, map_path)
-                    old_t = old.read_target(window_grid, old_legend)
+                    old_t = old.read_target(window_grid, old_legend, option="--old-legend")
                     valid = (new_t != IGNORE_INDEX) & (old_t != IGNORE_INDEX)
                     codes[valid] = old_t[valid] * n + new_t[valid] + 1
                     kept = codes[valid].astype(np.int64)

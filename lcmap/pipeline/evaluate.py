@@ -37,10 +37,10 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
-from lcmap.geodata.io import Grid, LabelMosaic, open_raster, valid_mask
+from lcmap.geodata.io import Grid, LabelMosaic, check_not_an_input, open_raster, valid_mask
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.cog import LEGEND_TAG
-from lcmap.pipeline.evaluate_report import format_score, write_report
+from lcmap.pipeline.evaluate_report import REPORT_FILES, format_score, write_report
 from lcmap.pipeline.metrics import MIOU_RULE, confusion_matrix, scores_from_confusion
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
     "read_target_on_grid",
     "write_report",
 ]
-
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -130,7 +129,7 @@ def read_target_on_grid(
     if window is not None:
         grid = grid.window(window)
     with LabelMosaic(paths, what="reference", no_label_codes=legend.nodata) as mosaic:
-        return mosaic.read_target(grid, legend)
+        return mosaic.read_target(grid, legend, option="--reference-legend")
 
 
 def _read_map_target(
@@ -144,7 +143,7 @@ def _read_map_target(
         raise LcmapInputError(f"map {source} could not be read ({exc}); it may be truncated") from exc
     out = np.full(data.shape, IGNORE_INDEX, dtype=np.uint8)
     if valid.any():
-        out[valid] = lut[legend.encode(data[valid], source=source)]
+        out[valid] = lut[legend.encode(data[valid], source=source, option=None)]
     return out
 
 
@@ -242,6 +241,9 @@ def evaluate_map(
         base_mosaic = None
         if baseline is not None and base_legend is not None:
             base_mosaic = stack.enter_context(LabelMosaic(baseline, "baseline", no_label_codes=base_legend.nodata))
+        input_files = [str(map_path), *ref_mosaic.paths, *(base_mosaic.paths if base_mosaic is not None else [])]
+        written = {name: Path(out_dir) / name for name in REPORT_FILES}
+        check_not_an_input({"--out": Path(out_dir), **{f"--out's {n}": f for n, f in written.items()}}, input_files)
         src = stack.enter_context(open_raster(map_path, "map"))
         legend = map_legend(src, map_path)
         class_names = ref_legend.target.names
@@ -287,10 +289,10 @@ def evaluate_map(
                 if aoi_geom is not None and valid.any():
                     valid &= rasterize_aoi(aoi_geom, win_grid.transform, valid.shape)
                 if valid.any():
-                    truth = ref_mosaic.read_target(win_grid, ref_legend)
+                    truth = ref_mosaic.read_target(win_grid, ref_legend, option="--reference-legend")
                     valid &= truth != IGNORE_INDEX
                 if valid.any() and base_mosaic is not None and base_legend is not None:
-                    base = base_mosaic.read_target(win_grid, base_legend)
+                    base = base_mosaic.read_target(win_grid, base_legend, option="--baseline-legend")
                     valid &= base != IGNORE_INDEX
                 if valid.any():
                     cm_map += confusion_matrix(truth[valid], pred[valid], num_classes)
