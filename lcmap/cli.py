@@ -112,6 +112,7 @@ def predict(
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
     precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
     devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
+    input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.errors import Interrupted
@@ -122,6 +123,7 @@ def predict(
             predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
             overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
             scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
+            input_scale=input_scale,
         )
     except Interrupted as exc:
         console.print(f"[yellow]interrupted[/]: {exc}")
@@ -183,11 +185,14 @@ def stats(
     block_px: Annotated[int, typer.Option("--block-px", help="Side of one counting block, pixels (memory per thread: ~12 bytes per pixel).")] = 2048,
 ) -> None:
     """Area per class and zone: pixels, km2 and percent of the zone's classified area (nodata not counted)."""
+    from lcmap.geodata.io import check_not_an_input
     from lcmap.pipeline.zone_stats import write_stats, zone_stats
 
     def go():
         if block_px < 1:
             raise LcmapInputError(f"--block-px must be a positive number of pixels, got {block_px}")
+        outputs = {"--out": out, "--out's stats.csv": out / "stats.csv", "--out's stats.gpkg": out / "stats.gpkg"}
+        check_not_an_input(outputs, [map_path, zones])
         result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "

@@ -6,6 +6,9 @@ text. Exit codes: :class:`LcmapInputError` and its subclasses 2; :class:`Interru
 - :class:`LcmapInputError`: bad input (file, CRS, AOI, legend, option) found before or during work.
 - :class:`AOITooSmallError`: the AOI is too small or thin to draw a patch from.
 - :class:`DiskFullError`: no space left while writing an output (also an :class:`OSError`, ENOSPC).
+- :class:`OutputLockedError`: another lcmap process is writing the same output (its ``pid``).
+- :class:`ImageryMismatchError`: the imagery's data type or value range differs from the model's
+  training imagery.
 - :class:`Interrupted` / :class:`TrainingInterrupted`: Ctrl-C or SIGTERM; the message says what
   was kept and how to resume.
 """
@@ -20,9 +23,11 @@ __all__ = [
     "DiskFullError",
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
+    "ImageryMismatchError",
     "Interrupted",
     "LcmapError",
     "LcmapInputError",
+    "OutputLockedError",
     "TrainingInterrupted",
 ]
 
@@ -54,6 +59,21 @@ class DiskFullError(LcmapInputError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class OutputLockedError(LcmapInputError):
+    """Another lcmap process holds the lock on this output; ``pid`` is its process id (None if unknown)."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (str(self), self.pid))
+
+
+class ImageryMismatchError(LcmapInputError):
+    """The imagery's data type or value range is not that of the model's training imagery."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -9,6 +9,12 @@ Inputs (:func:`find_raster_files`), each item one of:
 - a ``.txt`` list: one path (file, folder or glob) per line, relative paths relative to the
   ``.txt``'s folder; blank lines and lines starting with ``#`` are skipped.
 
+Folders and globs skip lcmap's own outputs (:func:`lcmap_output_kind`): maps (the
+:data:`LEGEND_TAG` tag), confidence maps (:data:`CONFIDENCE_TAG`), change maps (:data:`CHANGES_TAG`)
+and anything under a ``*.partial/`` folder; the skipped files are logged at INFO. A file named
+explicitly is never skipped. :func:`check_not_an_input` refuses an output path that is one of the
+inputs.
+
 Checks (:func:`check_raster_file`, :func:`open_raster`), the same everywhere: a missing path, a
 folder or glob with no raster, an unreadable, corrupt or truncated file, a file without a CRS or
 geotransform raise :class:`~lcmap.errors.LcmapInputError` naming the file.
@@ -24,9 +30,10 @@ one ``.vrt`` GDAL's own order applies (the last source listed is drawn on top).
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +49,17 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from lcmap.errors import LcmapInputError
-from lcmap.geodata.legends import IGNORE_INDEX, Legend
+from lcmap.geodata.legends import IGNORE_INDEX, Legend, UnknownLabelError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
+    "CHANGES_TAG",
+    "CONFIDENCE_TAG",
+    "LEGEND_TAG",
     "RASTER_SUFFIXES",
+    "check_not_an_input",
+    "lcmap_output_kind",
     "Grid",
     "LabelMosaic",
     "check_raster_file",
@@ -57,6 +71,17 @@ __all__ = [
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 _GLOB_CHARS = frozenset("*?[")
+#: GDAL dataset tag of a map written by ``lcmap predict``: the legend its codes are in (JSON).
+LEGEND_TAG = "LCMAP_LEGEND"
+#: GDAL dataset tag of a confidence map (``MAP_confidence.tif``).
+CONFIDENCE_TAG = "LCMAP_CONFIDENCE"
+#: GDAL dataset tag of a change map (``lcmap changes``).
+CHANGES_TAG = "LCMAP_CHANGES"
+_OUTPUT_TAGS = {
+    LEGEND_TAG: "an lcmap map",
+    CONFIDENCE_TAG: "an lcmap confidence map",
+    CHANGES_TAG: "an lcmap change map",
+}
 #: Fill of a warped layer where the file wrote nothing (off the file or its nodata).
 _UNWRITTEN = np.iinfo(np.int32).min
 
@@ -81,10 +106,69 @@ def find_raster_files(paths: str | Path | Iterable[str | Path], what: str) -> li
     return sorted(set(files))
 
 
+def lcmap_output_kind(path: str | Path) -> str | None:
+    """Why ``path`` is one of lcmap's own outputs (e.g. ``"an lcmap map"``), or None when it is not.
+
+    Outputs: a file under a ``*.partial`` folder (unfinished map blocks), a GeoTIFF carrying the
+    :data:`LEGEND_TAG`, :data:`CONFIDENCE_TAG` or :data:`CHANGES_TAG` dataset tag. A file that
+    cannot be opened is not called an output (the checks report it).
+    """
+    p = Path(path)
+    if any(part.endswith(".partial") for part in p.parent.parts):
+        return "inside an unfinished map's .partial folder"
+    if p.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with rasterio.open(p) as src:
+            tags = src.tags()
+    except (rasterio.errors.RasterioError, OSError):
+        return None
+    for tag, kind in _OUTPUT_TAGS.items():
+        if tag in tags:
+            return kind
+    return None
+
+
+def _skip_outputs(found: list[str], where: str) -> list[str]:
+    """``found`` without lcmap's own outputs (each skipped file logged at INFO, with the reason)."""
+    kept = []
+    for f in found:
+        kind = lcmap_output_kind(f)
+        if kind is None:
+            kept.append(f)
+        else:
+            log.info("skipped %s (found in %s): %s, not an input", f, where, kind)
+    return kept
+
+
+def check_not_an_input(outputs: Mapping[str, str | Path], inputs: Iterable[str | Path]) -> None:
+    """Refuse an output path that is also an input (compared resolved, ``os.path.samefile`` when both exist).
+
+    Args:
+        outputs: ``{what: path}``, e.g. ``{"--out": "map.tif"}``; ``what`` names it in the message.
+        inputs: input files (already expanded).
+
+    Raises:
+        LcmapInputError: naming the output and the input it would overwrite.
+    """
+    ins = [Path(p) for p in inputs]
+    resolved = {p.resolve(): p for p in ins}
+    for what, out in outputs.items():
+        o = Path(out)
+        hit = resolved.get(o.resolve())
+        if hit is None and o.exists():
+            hit = next((p for p in ins if p.exists() and os.path.samefile(o, p)), None)
+        if hit is not None:
+            raise LcmapInputError(
+                f"{what} {o} is also an input ({hit}): it would be overwritten. Choose another output path."
+            )
+
+
 def _expand(item: str, what: str, seen: set[Path]) -> list[str]:
     path = Path(item)
     if path.is_dir():
         found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in RASTER_SUFFIXES)
+        found = _skip_outputs(found, f"{what} folder {path}")
         if not found:
             raise LcmapInputError(f"no raster files ({', '.join(RASTER_SUFFIXES)}) found under {what} folder {path}")
         return found
@@ -95,7 +179,9 @@ def _expand(item: str, what: str, seen: set[Path]) -> list[str]:
         if not matches:
             raise LcmapInputError(f"{what} pattern {item!r} matched no file")
         files: list[str] = []
-        for m in matches:
+        for m in _skip_outputs([m for m in matches if not Path(m).is_dir()], f"{what} pattern {item!r}") + [
+            m for m in matches if Path(m).is_dir()
+        ]:
             mp = Path(m)
             if mp.is_dir() or mp.suffix.lower() in RASTER_SUFFIXES + (".txt",):
                 files.extend(_expand(m, what, seen))
@@ -267,6 +353,24 @@ class LabelRead:
     file_index: np.ndarray
 
 
+def _whole_codes(values: np.ndarray, layer: np.ndarray, path: str, what: str) -> None:
+    """Copy float label ``values`` (NaN: unwritten) into int32 ``layer`` (``_UNWRITTEN`` where NaN).
+
+    Raises:
+        UnknownLabelError: a value is not a whole number (e.g. a continuous raster given as labels).
+    """
+    written = ~np.isnan(values)
+    bad = written & ((values != np.round(values)) | (np.abs(values) >= 2**31 - 1))
+    if bad.any():
+        examples = ", ".join(f"{v:g}" for v in np.unique(values[bad])[:5])
+        raise UnknownLabelError(
+            f"{what} file {path}: label values are not whole numbers (e.g. {examples}): class codes must be "
+            "integers. Is this a continuous raster (imagery, an index, a probability) given as labels?"
+        )
+    layer[...] = _UNWRITTEN
+    layer[written] = values[written].astype(np.int32)
+
+
 class LabelMosaic:
     """Label files (one or a mosaic, any CRS/resolution) read onto any grid by nearest neighbour.
 
@@ -334,24 +438,29 @@ class LabelMosaic:
         file_index = np.full(shape, -1, dtype=np.int16)
         layer = np.empty(shape, dtype=np.int32)
         for i in self.files_meeting(grid):
-            layer.fill(_UNWRITTEN)
             path = self.paths[i]
             src = self._open(path)
+            is_float = np.dtype(self.profiles[i]["dtype"]).kind in "fc"
+            dest = np.full(shape, np.nan) if is_float else layer
+            if not is_float:
+                layer.fill(_UNWRITTEN)
             try:
                 reproject(
                     source=rasterio.band(src, 1),
-                    destination=layer,
+                    destination=dest,
                     src_nodata=src.nodata,
                     src_alpha=_alpha_band(src),
                     dst_transform=grid.transform,
                     dst_crs=grid.crs,
-                    dst_nodata=_UNWRITTEN,
+                    dst_nodata=np.nan if is_float else _UNWRITTEN,
                     resampling=Resampling.nearest,
                 )
             except (rasterio.errors.RasterioError, OSError) as exc:
                 raise LcmapInputError(
                     f"{self.what} file {path} could not be read ({exc}); it may be truncated or corrupt"
                 ) from exc
+            if is_float:
+                _whole_codes(dest, layer, path, self.what)
             take = (layer != _UNWRITTEN) & ~has_label
             if self.no_label_codes.size:
                 take &= ~np.isin(layer, self.no_label_codes)
@@ -362,9 +471,10 @@ class LabelMosaic:
                 break
         return LabelRead(codes, has_label, file_index)
 
-    def read_target(self, grid: Grid, legend: Legend) -> np.ndarray:
+    def read_target(self, grid: Grid, legend: Legend, option: str | None = "--legend") -> np.ndarray:
         """Target-class indices (uint8 ``grid.shape``) of the labels on ``grid``, the files' codes being in
-        ``legend``; IGNORE_INDEX where there is no label or the class has no target.
+        ``legend``; IGNORE_INDEX where there is no label or the class has no target. ``option``: the
+        command-line option that chose ``legend`` (named when codes do not fit it).
 
         Raises:
             UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
@@ -376,7 +486,7 @@ class LabelMosaic:
         lut = legend.index_to_target_lut()
         for k in np.unique(labels.file_index[labels.has_label]):
             sel = labels.file_index == k
-            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)])]
+            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)], option=option)]
         return out
 
     def _open(self, path: str) -> Any:

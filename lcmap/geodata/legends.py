@@ -223,8 +223,10 @@ class Legend:
         return out
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, codes: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
+    def encode(self, codes: np.ndarray, source: str | Path = "<array>", option: str | None = "--legend") -> np.ndarray:
         """Map raster codes to legend indices (uint8); nodata -> IGNORE_INDEX.
+
+        ``option``: the command-line option that chose this legend (named in the message), or None.
 
         Raises:
             UnknownLabelError: if ``codes`` holds values outside the legend; the message lists the
@@ -238,19 +240,20 @@ class Legend:
                 raise UnknownLabelError(f"{source}: label values are not whole numbers")
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
             bad = np.unique(arr[(arr < 0) | (arr > 65535)])[:20]
-            self._raise_unknown(bad, source)
+            self._raise_unknown(bad, source, option)
         idx = self.code_to_index_lut()[arr.astype(np.int64)]
         if (idx == 65535).any():
-            self._raise_unknown(np.unique(arr[idx == 65535]), source)
+            self._raise_unknown(np.unique(arr[idx == 65535]), source, option)
         return idx.astype(np.uint8)
 
-    def _raise_unknown(self, bad: np.ndarray, source: str | Path) -> None:
+    def _raise_unknown(self, bad: np.ndarray, source: str | Path, option: str | None = "--legend") -> None:
         shown = ", ".join(str(int(v)) for v in bad[:20])
         more = f" (+{len(bad) - 20} more)" if len(bad) > 20 else ""
+        choose = f"with {option}" if option else "for it"
         raise UnknownLabelError(
             f"{source}: label values {shown}{more} are not in legend {self.name!r} "
             f"(codes {', '.join(map(str, self.codes))}; nodata {', '.join(map(str, self.nodata))}). "
-            "Choose the legend that matches this product with --legend, or describe it in a YAML "
+            f"Choose the legend that matches this product {choose}, or describe it in a YAML "
             "legend file (code, name, color, target for each class)."
         )
 
@@ -262,8 +265,7 @@ class Legend:
             "target": {
                 "name": self.target.name,
                 "classes": [
-                    {"code": c.code, "name": c.name, "color": _rgb_to_hex(c.color)}
-                    for c in self.target.classes
+                    {"code": c.code, "name": c.name, "color": _rgb_to_hex(c.color)} for c in self.target.classes
                 ],
             },
             "classes": [
@@ -282,8 +284,7 @@ class Legend:
                 target = TargetScheme(
                     name=str(t.get("name", "custom")),
                     classes=tuple(
-                        TargetClass(int(c["code"]), str(c["name"]), _hex_to_rgb(c["color"]))
-                        for c in t["classes"]
+                        TargetClass(int(c["code"]), str(c["name"]), _hex_to_rgb(c["color"])) for c in t["classes"]
                     ),
                 )
             classes = tuple(
@@ -298,8 +299,7 @@ class Legend:
             )
             nodata = data.get("nodata", [0])
             nodata = tuple(int(v) for v in (nodata if isinstance(nodata, (list, tuple)) else [nodata]))
-            return cls(name=str(data.get("name", Path(source).stem)), classes=classes, nodata=nodata,
-                       target=target)
+            return cls(name=str(data.get("name", Path(source).stem)), classes=classes, nodata=nodata, target=target)
         except (KeyError, TypeError, ValueError) as exc:
             raise LcmapInputError(
                 f"{source}: not a valid legend ({exc}). Expected keys: name, nodata, classes: "
@@ -487,8 +487,14 @@ def get_legend(name_or_path: str | Path) -> Legend:
     """A built-in legend by name (``nlcd``, ``worldcover``, ``esri``, ``fromglc10``,
     ``glc_fcs30``, ``chesapeake``, ``4class``) or a user legend from a YAML file."""
     key = str(name_or_path).lower().replace("-", "_")
-    aliases = {"esa_worldcover": "worldcover", "from_glc10": "fromglc10", "glc_fcs30d": "glc_fcs30",
-               "esri_lulc": "esri", "chesapeake_lc": "chesapeake", "lc": "chesapeake"}
+    aliases = {
+        "esa_worldcover": "worldcover",
+        "from_glc10": "fromglc10",
+        "glc_fcs30d": "glc_fcs30",
+        "esri_lulc": "esri",
+        "chesapeake_lc": "chesapeake",
+        "lc": "chesapeake",
+    }
     key = aliases.get(key, key)
     if key in BUILTIN_LEGENDS:
         return BUILTIN_LEGENDS[key]
@@ -498,6 +504,5 @@ def get_legend(name_or_path: str | Path) -> Legend:
     if path.suffix.lower() in (".yaml", ".yml") or path.exists():
         return Legend.from_yaml(path)
     raise LcmapInputError(
-        f"unknown legend {name_or_path!r}: use one of {', '.join(BUILTIN_LEGENDS)}, 4class, "
-        "or a YAML legend file"
+        f"unknown legend {name_or_path!r}: use one of {', '.join(BUILTIN_LEGENDS)}, 4class, or a YAML legend file"
     )

@@ -43,6 +43,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata import io
 from lcmap.geodata.io import Grid, LabelMosaic
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, TargetScheme, get_legend
 from lcmap.pipeline import cog
@@ -61,8 +62,9 @@ __all__ = [
     "transition_code",
 ]
 
-#: GDAL metadata tag of a change map: JSON with the code scheme, the classes and the inputs.
-CHANGES_TAG = "LCMAP_CHANGES"
+#: GDAL metadata tag of a change map: JSON with the code scheme, the classes and the inputs
+#: (defined in lcmap.geodata.io, whose input discovery skips change maps).
+CHANGES_TAG = io.CHANGES_TAG
 
 #: An unchanged pair's colour: this share of its class colour, the rest light grey (muted).
 _UNCHANGED_SHARE = 0.35
@@ -159,12 +161,13 @@ def _check_outputs(out: Path, inputs: Sequence[Path]) -> None:
         raise LcmapInputError(f"--out {out} must name a GeoTIFF (.tif): the change map is a COG")
     if out.is_dir():
         raise LcmapInputError(f"--out {out} is a folder: name the change map file (CHANGES.tif)")
-    inputs_resolved = {p.resolve() for p in inputs}
-    for what, path in _output_paths(out).items():
-        if path.resolve() in inputs_resolved:
-            raise LcmapInputError(
-                f"output {path} ({what}) is also an input: choose another --out so the input is not overwritten"
-            )
+    files: list[str] = []
+    for p in inputs:  # folders, globs and lists: the files they hold (a bad path is reported when read)
+        try:
+            files.extend(io.find_raster_files(p, "input"))
+        except LcmapInputError:
+            files.append(str(p))
+    io.check_not_an_input({f"output ({what})": path for what, path in _output_paths(out).items()}, files)
 
 
 def _windows(height: int, width: int, block_px: int) -> Iterator[Window]:
@@ -312,7 +315,7 @@ def _map_changes(
                 window_grid = grid.window(window)
                 if old.meets(window_grid):
                     new_t = _read_map_target(src, map_lut, legend, window, map_path)
-                    old_t = old.read_target(window_grid, old_legend)
+                    old_t = old.read_target(window_grid, old_legend, option="--old-legend")
                     valid = (new_t != IGNORE_INDEX) & (old_t != IGNORE_INDEX)
                     codes[valid] = old_t[valid] * n + new_t[valid] + 1
                     kept = codes[valid].astype(np.int64)

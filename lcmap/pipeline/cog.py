@@ -31,13 +31,15 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
+from lcmap.geodata.io import LEGEND_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
 
-#: GDAL dataset tag holding the legend a map's codes are in (JSON of ``Legend.to_dict()``).
-LEGEND_TAG = "LCMAP_LEGEND"
+# LEGEND_TAG (the legend a map's codes are in, JSON of ``Legend.to_dict()``) is defined in
+# lcmap.geodata.io, so that input discovery can recognise (and skip) lcmap's maps.
 
 __all__ = [
     "BIGTIFF_THRESHOLD",
+    "LEGEND_TAG",
     "VrtSource",
     "map_categories",
     "write_mosaic_vrt",

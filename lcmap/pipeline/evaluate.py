@@ -42,10 +42,10 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
-from lcmap.geodata.io import Grid, LabelMosaic, open_raster, valid_mask
+from lcmap.geodata.io import Grid, LabelMosaic, check_not_an_input, open_raster, valid_mask
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.cog import LEGEND_TAG
-from lcmap.pipeline.evaluate_report import format_score, write_report
+from lcmap.pipeline.evaluate_report import REPORT_FILES, format_score, write_report
 from lcmap.pipeline.metrics import MIOU_RULE, scores_from_confusion
 
 __all__ = [
@@ -134,7 +134,7 @@ def read_target_on_grid(
     if window is not None:
         grid = grid.window(window)
     with LabelMosaic(paths, what="reference", no_label_codes=legend.nodata) as mosaic:
-        return mosaic.read_target(grid, legend)
+        return mosaic.read_target(grid, legend, option="--reference-legend")
 
 
 def _progress(enabled: bool):
@@ -225,6 +225,9 @@ def evaluate_map(
         base_mosaic = None
         if baseline is not None and base_legend is not None:
             base_mosaic = stack.enter_context(LabelMosaic(baseline, "baseline", no_label_codes=base_legend.nodata))
+        input_files = [str(map_path), *ref_mosaic.paths, *(base_mosaic.paths if base_mosaic is not None else [])]
+        written = {name: Path(out_dir) / name for name in REPORT_FILES}
+        check_not_an_input({"--out": Path(out_dir), **{f"--out's {n}": f for n, f in written.items()}}, input_files)
         src = stack.enter_context(open_raster(map_path, "map"))
         legend = map_legend(src, map_path)
         class_names = ref_legend.target.names
@@ -382,15 +385,15 @@ def _count_scored_pixels(
         pred = np.full(codes.shape, IGNORE_INDEX, dtype=np.uint8)
         valid = map_valid(codes, window)
         if valid.any():
-            pred[valid] = map_lut[legend.encode(codes[valid], source=map_path)]
+            pred[valid] = map_lut[legend.encode(codes[valid], source=map_path, option=None)]
         valid = pred != IGNORE_INDEX
         if aoi_geom is not None and valid.any():
             valid &= rasterize_aoi(aoi_geom, win_grid.transform, valid.shape)
         if valid.any():
-            truth = ref_m.read_target(win_grid, reference[1])
+            truth = ref_m.read_target(win_grid, reference[1], option="--reference-legend")
             valid &= truth != IGNORE_INDEX
         if valid.any() and base_m is not None and baseline is not None:
-            base = base_m.read_target(win_grid, baseline[1])
+            base = base_m.read_target(win_grid, baseline[1], option="--baseline-legend")
             valid &= base != IGNORE_INDEX
             out[2][valid] = base[valid]
         if valid.any():

@@ -30,6 +30,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+#: The files :func:`write_report` writes into REPORT_DIR.
+REPORT_FILES = ("metrics.json", "report.md", "confusion.png")
+
+
 def write_report(metrics: dict[str, Any], out_dir: str | Path) -> None:
     """Write ``metrics.json``, ``report.md`` and ``confusion.png`` into ``out_dir`` (created)."""
     out = Path(out_dir)

@@ -89,6 +89,8 @@ class PredictJob:
     precision: str = "32"
     #: blocks per task (rows, columns): :func:`lcmap.pipeline.tiling.block_groups`
     group: tuple[int, int] = (1, 1)
+    #: the imagery's values are multiplied by this before normalisation (``--input-scale``).
+    input_scale: float = 1.0
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
@@ -135,8 +137,9 @@ def load_worker_state(
     tm = preloaded if preloaded is not None else load_trained_model(job.checkpoint, "cpu")
     model = tm.model.to(device).eval()
     ds = imagery if imagery is not None else open_imagery(list(job.image_files))
-    mean = tm.mean.reshape(-1, 1, 1).astype(np.float32)
-    std = tm.std.reshape(-1, 1, 1).astype(np.float32)
+    # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
+    mean = (tm.mean / job.input_scale).reshape(-1, 1, 1).astype(np.float32)
+    std = (tm.std / job.input_scale).reshape(-1, 1, 1).astype(np.float32)
     aoi = shapely.from_wkb(job.aoi_wkb) if job.aoi_wkb else None
     if aoi is not None:
         shapely.prepare(aoi)

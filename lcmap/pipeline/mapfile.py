@@ -1,29 +1,40 @@
 """The map on disk: block files, the resume manifest, and the final COG with its legend.
 
+0. **One writer.** :func:`lock_partial` takes an OS lock (``fcntl.flock``) on
+   ``MAP.tif.partial/.lock`` for the whole run, COG assembly included; a second run on the same
+   ``--out`` is refused at once (:class:`~lcmap.errors.OutputLockedError`, with the owner's pid).
+   The kernel releases the lock when the owner dies, even by SIGKILL. Dask workers write block
+   files into the folder without taking the lock: the driver process holds it for them.
 1. **Block files.** Each finished block is a small GeoTIFF ``MAP.tif.partial/blocks/rRRRRR_cCCCCC.tif``
-   (band 1 class codes, band 2 confidence), written under a temporary name and renamed
-   (:func:`write_block`): each block has its own file, so no file is written by two processes.
+   (band 1 class codes, band 2 confidence), written under a temporary name, read back and compared
+   with the arrays written, then renamed (:func:`write_block`), and only then recorded as finished
+   by its sidecar ``rRRRRR_cCCCCC.tif.sha256`` (file size and SHA-256). Each block has its own
+   file, so no file is written by two processes.
 2. **Resume.** ``MAP.tif.partial/manifest.json`` records the parameters (:func:`fingerprint`:
    checkpoint and imagery files with size and mtime, grid, windows, block size, codes, AOI hash).
-   Re-running the same command skips finished blocks (:func:`prepare_partial`); different
-   parameters start over.
+   Re-running the same command skips finished blocks whose size and checksum match their sidecar
+   (:func:`prepare_partial`; others are recomputed, said in the log); different parameters start
+   over (only the run holding the lock ever deletes anything in the folder).
 3. **COG.** The blocks are mosaicked (GDAL VRT) and copied to a COG with internal ``mode``
    overviews, a colour table, category names (``MAP.tif.aux.xml``), the :data:`LEGEND_TAG` tag,
    and ``MAP.qml`` for QGIS (:func:`write_map`; the GDAL side is :mod:`lcmap.pipeline.cog`).
    ``MAP.tif`` appears only when done; with confidence, ``MAP_confidence.tif`` too.
-4. **A full disk** is recognised by errno (or GDAL's message, which has no errno) and reported
-   with the space a map of this size needs (:func:`space_error`).
+4. **A full disk** is recognised by :func:`is_enospc` (errno; GDAL's error messages, which carry no
+   errno, captured while writing by :class:`GdalErrors`; or a failed write with the disk full) and
+   reported with the space a map of this size needs (:func:`space_error`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,8 @@ import rasterio
 import rasterio.errors
 from rasterio.transform import Affine
 
-from lcmap.errors import DiskFullError, LcmapInputError
+from lcmap.errors import DiskFullError, LcmapInputError, OutputLockedError
+from lcmap.geodata.io import CONFIDENCE_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.inference import PredictJob
@@ -44,8 +56,11 @@ __all__ = [
     "LEGEND_TAG",
     "MANIFEST_VERSION",
     "GDAL_CACHE_BYTES",
+    "GdalErrors",
     "confidence_path",
     "block_path",
+    "lock_partial",
+    "verify_block",
     "write_block",
     "fingerprint",
     "prepare_partial",
@@ -63,6 +78,95 @@ GDAL_CACHE_BYTES = 64 * 1024 * 1024
 def confidence_path(out: Path) -> Path:
     """``MAP_confidence.tif`` for ``MAP.tif``."""
     return out.with_name(out.stem + "_confidence" + out.suffix)
+
+
+# ------------------------------------------------------------------------------ one writer
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
+    """Hold the OS lock on ``partial`` (``MAP.tif.partial``) while the body runs; the folder is created.
+
+    The lock (``fcntl.flock`` on ``partial/.lock``, which holds the owner's pid) is released when the
+    body ends or the process dies (SIGKILL included). It is still held while the body removes
+    ``partial`` after a finished map.
+
+    Raises:
+        OutputLockedError: another process holds the lock (the message names ``out`` and its pid).
+        LcmapInputError: ``partial`` exists and is not an unfinished lcmap map.
+    """
+    _check_partial_is_ours(partial)
+    while True:
+        partial.mkdir(parents=True, exist_ok=True)
+        lock = partial / LOCK_NAME
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{out} is being written by another lcmap process (pid {pid}). Wait for it to finish, "
+                "stop it, or choose another --out.",
+                pid=int(pid) if pid.isdigit() else None,
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # the previous owner removed the folder after we opened the file
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_partial_is_ours(partial: Path) -> None:
+    if partial.exists() and not (partial / "manifest.json").is_file():
+        if not partial.is_dir():
+            raise LcmapInputError(f"{partial} exists and is not a folder: move it away or choose another --out")
+        foreign = [p for p in partial.iterdir() if p.name not in ("blocks", LOCK_NAME)]
+        if foreign:
+            raise LcmapInputError(
+                f"{partial} exists and is not an unfinished lcmap map (no manifest.json): move it away "
+                "or choose another --out"
+            )
+
+
+class GdalErrors(logging.Handler):
+    """Collect GDAL's error messages (rasterio logs them on ``rasterio._err``) while in a ``with`` block.
+
+    GDAL reports write failures (a full disk among them) in messages without an errno, often
+    only as the *previous* errors of the exception rasterio raises; :func:`is_enospc` reads
+    ``messages``. They are not passed on to the log meanwhile (the caller logs them when useful).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("rasterio")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> GdalErrors:
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        if self._logger.getEffectiveLevel() > logging.INFO:
+            self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+        self._logger.propagate = self._propagate
 
 
 # ------------------------------------------------------------------------------ block files
@@ -93,19 +197,79 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
     }
     if block.width >= 256 and block.height >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
+    bands = [codes] if conf is None else [codes, conf.astype(codes.dtype)]
+    sidecar = _sidecar(path)
+    sidecar.unlink(missing_ok=True)
     try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(codes, 1)
-            if conf is not None:
-                dst.write(conf.astype(codes.dtype), 2)
+        with GdalErrors() as gdal_errors:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for i, band in enumerate(bands, start=1):
+                    dst.write(band, i)
+            _read_back(tmp, bands)
+        record = _file_record(tmp)
         os.replace(tmp, path)
+        side_tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+        side_tmp.write_text(json.dumps(record))
+        os.replace(side_tmp, sidecar)
     except Exception as exc:
         if tmp.exists():
             tmp.unlink()
-        if is_enospc(exc):
+        if is_enospc(exc, gdal_errors.messages, path.parent):
             raise DiskFullError(f"No space left on device writing {path}") from exc
         raise
     return path
+
+
+def _sidecar(path: Path) -> Path:
+    """The record (size, SHA-256) that marks block file ``path`` as finished."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _read_back(path: Path, bands: list[np.ndarray]) -> None:
+    """Re-open a just-written block file and compare it with what was written.
+
+    Raises:
+        OSError (EIO): the file does not read back as written (e.g. cut short by a failed write
+            that GDAL did not raise).
+    """
+    try:
+        with rasterio.open(path) as src:
+            same = src.count == len(bands) and all(np.array_equal(src.read(i + 1), b) for i, b in enumerate(bands))
+    except rasterio.errors.RasterioError as exc:
+        raise OSError(errno.EIO, f"block file {path} does not read back after writing ({exc})") from exc
+    if not same:
+        raise OSError(errno.EIO, f"block file {path} does not read back as written")
+
+
+def verify_block(path: Path, bands: int) -> str | None:
+    """Why block file ``path`` is not a finished block (None when it is): its sidecar is missing or
+    does not match the file's size and SHA-256, or it does not open with ``bands`` bands."""
+    sidecar = _sidecar(path)
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no record of a finished write"
+    try:
+        if os.path.getsize(path) != record.get("size"):
+            return f"size {os.path.getsize(path)} bytes, {record.get('size')} written"
+        if _file_record(path)["sha256"] != record.get("sha256"):
+            return "checksum differs from the one written"
+        with rasterio.open(path) as src:
+            if src.count != bands:
+                return f"{src.count} bands, {bands} expected"
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        return f"unreadable ({exc})"
+    return None
 
 
 # ------------------------------------------------------------------------- manifest, resume
@@ -133,6 +297,7 @@ def fingerprint(job: PredictJob) -> dict[str, Any]:
         "dtype": job.dtype,
         "confidence": bool(job.confidence),
         "aoi_sha256": hashlib.sha256(job.aoi_wkb).hexdigest() if job.aoi_wkb else None,
+        "input_scale": job.input_scale,
     }
     return json.loads(json.dumps(found))
 
@@ -140,45 +305,45 @@ def fingerprint(job: PredictJob) -> dict[str, Any]:
 def prepare_partial(partial: Path, manifest_data: dict[str, Any], blocks_dir: Path, bands: int) -> set[str]:
     """Create/reuse ``MAP.tif.partial``; return the names of blocks already finished.
 
-    A folder made with another manifest is removed; block files that do not open with ``bands``
-    bands (cut short) and temporary files are deleted.
+    Call it holding :func:`lock_partial`. A folder made with another manifest is emptied (the lock
+    file kept); block files that fail :func:`verify_block` (cut short, changed, never recorded as
+    finished), their sidecars and temporary files are deleted, each said in the log.
 
     Raises:
         LcmapInputError: ``partial`` exists but is not an unfinished lcmap map.
     """
     manifest = partial / "manifest.json"
-    if partial.exists():
-        old = None
-        if manifest.is_file():
-            try:
-                old = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-        elif any(p for p in partial.iterdir() if p.name != "blocks"):
-            raise LcmapInputError(
-                f"{partial} exists and is not an unfinished lcmap map (no manifest.json): move it away "
-                "or choose another --out"
-            )
-        if old != manifest_data:
-            log.info("%s was made with other parameters: starting over", partial)
-            shutil.rmtree(partial)
+    _check_partial_is_ours(partial)
+    old = None
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+    if old != manifest_data and any(p.name != LOCK_NAME for p in partial.iterdir()):
+        log.info("%s was made with other parameters: starting over", partial)
+        for p in partial.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     blocks_dir.mkdir(parents=True, exist_ok=True)
-    if not manifest.is_file():
+    if old != manifest_data:
         tmp = manifest.with_name(".manifest.json.tmp")
         tmp.write_text(json.dumps(manifest_data, indent=1))
         os.replace(tmp, manifest)
     done = set()
-    for p in blocks_dir.glob("r*_c*.tif"):
-        try:
-            with rasterio.open(p) as src:
-                if src.count == bands:
-                    done.add(p.stem)
-                    continue
-        except rasterio.errors.RasterioError:
-            pass
+    for p in sorted(blocks_dir.glob("r*_c*.tif")):
+        problem = verify_block(p, bands)
+        if problem is None:
+            done.add(p.stem)
+            continue
+        log.info("block %s is not a finished block (%s): it is computed again", p.name, problem)
         p.unlink()
-    for p in blocks_dir.glob(".*.tmp.tif"):
+        _sidecar(p).unlink(missing_ok=True)
+    for p in [*blocks_dir.glob(".*.tmp.tif"), *blocks_dir.glob(".*.tmp")]:
         p.unlink()
+    for p in blocks_dir.glob("r*_c*.tif.sha256"):  # a record without its block
+        if p.name.removesuffix(".tif.sha256") not in done:
+            p.unlink()
     return done
 
 
@@ -228,7 +393,7 @@ def write_map(
             nodata=CONFIDENCE_NODATA,
             sources=csources,
             tags={
-                "LCMAP_CONFIDENCE": "maximum blended class probability, percent (0-100); 255 = nodata",
+                CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
                 "LCMAP_MODEL": Path(job.checkpoint).name,
             },
             description="confidence (%)",
@@ -243,18 +408,38 @@ def write_map(
 
 
 # ------------------------------------------------------------------------------ full disk
-def is_enospc(exc: BaseException | None) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) means "no space left on device"."""
+#: A write that failed with less than this free (bytes) in its folder failed for want of space.
+_FULL_BELOW_BYTES = 1024 * 1024
+_ENOSPC_TEXTS = ("No space left on device", "Free disk space available")
+
+
+def is_enospc(exc: BaseException | None, gdal_messages: Sequence[str] = (), folder: str | Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) means "no space left on device".
+
+    This is the one place that looks at message text. In order: an ``OSError`` with errno
+    ENOSPC in the chain; GDAL's messages (in the chain, or ``gdal_messages`` captured with
+    :class:`GdalErrors`: GDAL/libtiff report a full disk without errno); or, given the ``folder``
+    written to, an I/O error while less than 1 MiB is free there.
+    """
     seen = 0
+    io_error = False
     while exc is not None and seen < 10:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return True
-        # GDAL reports a full disk as a CPLE_FileIO error without errno: its message is all there is
+        if isinstance(exc, (OSError, rasterio.errors.RasterioError)):
+            io_error = True
         text = str(exc)
-        if "No space left on device" in text or "Free disk space available" in text:
+        if any(t in text for t in _ENOSPC_TEXTS):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
+    if any(t in m for m in gdal_messages for t in _ENOSPC_TEXTS):
+        return True
+    if io_error and folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < _FULL_BELOW_BYTES
+        except OSError:
+            return False
     return False
 
 

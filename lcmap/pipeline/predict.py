@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
@@ -39,16 +41,20 @@ import shapely
 import torch
 from rasterio.crs import CRS
 
-from lcmap.errors import Interrupted, LcmapInputError
+from lcmap.errors import ImageryMismatchError, Interrupted, LcmapInputError
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
+from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
+from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.pipeline import execution, mapfile, stac
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
-from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
+from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
 from lcmap.pipeline.tiling import Block, WindowGrid, block_groups, block_side_px, group_shape, output_grid
 
 __all__ = ["predict_map", "plan_prediction", "Plan", "PredictResult", "TILE_MULTIPLE"]
+
+log = logging.getLogger(__name__)
 
 #: ``tile_px`` must be a multiple of this (U-Net: 32; Paraformer-tiny: 16).
 TILE_MULTIPLE = 32
@@ -177,6 +183,36 @@ def _blocks_on_disk(blocks_dir: Path) -> int:
         return 0
 
 
+def _check_imagery_kind(tm: TrainedModel, ds: HRImagery, input_scale: float | None) -> None:
+    """Refuse imagery whose data type or value range is not that of the model's training imagery.
+
+    Raises:
+        ImageryMismatchError: naming the difference and ``--input-scale``.
+    """
+    trained = training_imagery_range(tm)
+    if trained is None:
+        log.info(
+            "model %s does not record its training imagery's data type and range (trained by an older "
+            "lcmap): the imagery is not checked against it",
+            tm.checkpoint,
+        )
+        return
+    dtype, high = sample_imagery_range(ds.files, ds.nodata)
+    problem = imagery_mismatch(trained, dtype, high, input_scale)
+    if problem is None:
+        return
+    t_high = max(trained["high"])
+    hint = ""
+    if math.isfinite(float(max(high))) and float(max(high)) > 0:
+        hint = f" (here about --input-scale {t_high / float(max(high)):.3g})"
+    raise ImageryMismatchError(
+        f"the imagery ({ds.files[0]}{' ...' if len(ds.files) > 1 else ''}) is not like model {tm.checkpoint}'s "
+        f"training imagery: {problem}. The map would be wrong. Use imagery of the same kind as the training "
+        f"imagery, or, if it is the same imagery scaled differently, give --input-scale FACTOR: the imagery's "
+        f"values are multiplied by FACTOR before the model sees them{hint}."
+    )
+
+
 def plan_prediction(
     model: str | Path,
     images: str | Path | Sequence[str | Path],
@@ -194,6 +230,7 @@ def plan_prediction(
     legend: str = "target",
     torch_threads: int | None = None,
     precision: str = "32",
+    input_scale: float | None = None,
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
@@ -216,6 +253,8 @@ def plan_prediction(
         raise LcmapInputError(f"--block-px {block_px}: must be a positive number of pixels")
     if legend not in ("target", "native"):
         raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
+    if input_scale is not None and not (math.isfinite(input_scale) and input_scale > 0):
+        raise LcmapInputError(f"--input-scale {input_scale}: must be a positive number, e.g. 0.025")
     dev = _resolve_device(device)
     if precision not in PRECISIONS:
         raise LcmapInputError(f"--precision {precision!r}: choose 32 or bf16 (bfloat16 on CUDA GPUs)")
@@ -237,6 +276,11 @@ def plan_prediction(
             f"but model {checkpoint} was trained on {tm.in_channels}: use imagery with the same bands, "
             "in the same order, as the training imagery"
         )
+    outputs = {"--out": out, "the map's .partial folder": out.with_name(out.name + ".partial")}
+    if confidence:
+        outputs["the confidence map"] = mapfile.confidence_path(out)
+    check_not_an_input(outputs, [*ds.files, str(checkpoint)])
+    _check_imagery_kind(tm, ds, input_scale)
     crs = CRS.from_user_input(ds.crs)
     bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
     if isinstance(aoi, (str, Path)):
@@ -283,6 +327,7 @@ def plan_prediction(
         aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
         precision=precision,
+        input_scale=float(input_scale) if input_scale is not None else 1.0,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path
@@ -321,6 +366,7 @@ def predict_map(
     progress: bool = True,
     precision: str = "32",
     devices: int | None = None,
+    input_scale: float | None = None,
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -365,6 +411,11 @@ def predict_map(
         precision: ``32`` (float32) or ``bf16`` (the model in bfloat16 autocast; CUDA only).
         devices: with ``cuda`` and a local cluster, how many GPUs to use (one worker each;
             default: all visible).
+        input_scale: multiply the imagery's values by this factor before the model sees them
+            (e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained
+            on). Without it, imagery whose data type differs from the training imagery's, or
+            whose values go far above the training range, is refused; with it, only the range
+            (after scaling) is checked.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -372,9 +423,11 @@ def predict_map(
     Raises:
         LcmapInputError: bad input (checkpoint missing/corrupt, band count different from the
             model's, AOI/bbox outside the imagery, bad tile/overlap/legend/device, output folder
-            not writable, scheduler unreachable, ``bf16`` on CPU) or a full disk (with the space
-            needed), or the scheduler went away mid-run (finished blocks kept: run again to
-            resume). Nothing is written at ``out`` in that case.
+            not writable, scheduler unreachable, ``bf16`` on CPU, ``out`` one of the inputs, imagery
+            of another data type or range than the training imagery's), another process writing
+            ``out`` (:class:`~lcmap.errors.OutputLockedError`), a full disk (with the space needed),
+            or the scheduler went away mid-run (finished blocks kept: run again to resume). Nothing
+            is written at ``out`` in that case.
         Interrupted: Ctrl-C; the message says what was kept and how to resume.
     """
     t0 = time.perf_counter()
@@ -393,6 +446,7 @@ def predict_map(
         confidence=confidence,
         legend=legend,
         precision=precision,
+        input_scale=input_scale,
     )
     if devices is not None and devices < 1:
         raise LcmapInputError(f"--devices {devices}: must be at least 1")
@@ -406,10 +460,12 @@ def predict_map(
     blocks = plan.blocks()
     n_rows = max((b.row for b in blocks), default=0) + 1
     n_cols = max((b.col for b in blocks), default=0) + 1
-    with contextlib.ExitStack() as stack:
+    locked = contextlib.ExitStack()  # the partial folder's lock, held until the map is written
+    with locked, contextlib.ExitStack() as stack:
         client = None
         if sched != "synchronous":  # connect first: an unreachable scheduler leaves nothing behind
             client = stack.enter_context(execution.dask_client(sched, job, len(blocks), devices))
+        locked.enter_context(mapfile.lock_partial(plan.partial, plan.out))
         done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
         todo_blocks = [b for b in blocks if b.name not in done]
         slots = max(1, sum(client.nthreads().values())) if client is not None else 1
@@ -453,19 +509,23 @@ def predict_map(
                 "Run the same command again to resume from there."
             ) from None
         except BaseException as exc:
-            if mapfile.is_enospc(exc):
+            if mapfile.is_enospc(exc, (), plan.partial):
                 raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
             raise
         finally:
             bar.close()
-    t1 = time.perf_counter()
-    try:
-        mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
-    except BaseException as exc:
-        if mapfile.is_enospc(exc):
-            raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
-        raise
-    shutil.rmtree(plan.partial, ignore_errors=True)
+        stack.close()  # the Dask client (and a local cluster) go; the lock stays
+        t1 = time.perf_counter()
+        with mapfile.GdalErrors() as gdal_errors:
+            try:
+                mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
+            except BaseException as exc:
+                if mapfile.is_enospc(exc, gdal_errors.messages, plan.out.parent):
+                    raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
+                for message in gdal_errors.messages:
+                    log.warning("GDAL: %s", message)
+                raise
+        shutil.rmtree(plan.partial, ignore_errors=True)
     plan.model = None
     stac.write_stac_item(plan.out, imagery_datetime=stac.imagery_datetime_of(job.image_files))  # MAP.stac.json
     return PredictResult(

@@ -54,6 +54,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "training_imagery_range",
 ]
 
 #: Keys every checkpoint's ``hyper_parameters`` must hold.
@@ -160,6 +161,21 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
         checkpoint=ckpt_path,
         hparams=dict(hp),
     )
+
+
+def training_imagery_range(tm: TrainedModel) -> dict[str, Any] | None:
+    """The training imagery's data type and value range (``{"dtype", "low", "high"}``): from the
+    checkpoint's ``imagery_range`` hyper-parameter, else from ``normalization.json`` of the run
+    folder holding the checkpoint; None for runs of older lcmap versions."""
+    record = tm.hparams.get("imagery_range")
+    if record:
+        return dict(record)
+    run = RunFolder(tm.checkpoint.parent.parent)
+    try:
+        stats = run.read_normalization()
+    except (OSError, ValueError, KeyError):
+        return None
+    return stats.range_record() if stats is not None else None
 
 
 def save_checkpoint(

@@ -46,6 +46,9 @@ class LandCoverTask(pl.LightningModule):
         in_channels: image bands.
         legend: the LR legend as ``Legend.to_dict()`` (output channel k = class k).
         norm_mean, norm_std: per-band normalisation (imagery units), stored for inference.
+        imagery_range: the training imagery's data type and value range
+            (:meth:`~lcmap.geodata.normalization.BandStats.range_record`), stored so that
+            ``lcmap predict`` can refuse imagery of another kind.
         class_weights: ``(K,)`` CE class weights, or None for unweighted CE.
         lr: peak learning rate.
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as in the paper).
@@ -77,6 +80,7 @@ class LandCoverTask(pl.LightningModule):
         val_source: str = "labels",
         config: dict[str, Any] | None = None,
         allowed_classes: Sequence[Sequence[int]] | None = None,
+        imagery_range: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -325,6 +325,7 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
         legend=legend.to_dict(),
         norm_mean=list(stats.mean),
         norm_std=list(stats.std),
+        imagery_range=stats.range_record(),
         class_weights=weights,
         lr=config.resolved_lr,
         optimizer=config.optimizer,
