@@ -176,6 +176,8 @@ def run_distributed(
     """
     from distributed import Client, LocalCluster, as_completed
 
+    from lcmap.pipeline.dask_security import scheduler_security
+
     gpu = job.device.startswith("cuda")
     cluster = None
     if scheduler is None:
@@ -191,8 +193,9 @@ def run_distributed(
         )
         client = Client(cluster)
     else:
+        security = scheduler_security(scheduler)  # tls:// from Dask's config; warns on remote tcp://
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="10s", security=security)
         except (OSError, TimeoutError) as exc:
             raise LcmapInputError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({exc})") from exc
     try:
