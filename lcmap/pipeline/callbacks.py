@@ -72,7 +72,7 @@ class SaveOnInterrupt(Callback):
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         try:
-            trainer.save_checkpoint(str(self.path))
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state, to resume from
             self.saved_step = int(trainer.global_step)
             log.info("%s: saved %s at step %d", what, self.path, trainer.global_step)
         except Exception as exc:  # noqa: BLE001
