@@ -16,7 +16,7 @@ from rich.console import Console
 
 from lcmap import __version__
 from lcmap.cli_options import LIST_HELP, ListOptionsGroup, command_from_options
-from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, LcmapInputError
+from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, Interrupted, LcmapInputError
 from lcmap.pipeline.config import TrainConfig
 
 app = typer.Typer(
@@ -58,12 +58,16 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _run(fn, *args, **kwargs):
-    """Call ``fn``; turn bad input into a one-line message and exit status 2."""
+    """Call ``fn``; turn bad input into a one-line message and exit status 2, an interrupt (Ctrl-C,
+    SIGTERM) into what was kept and exit status 130 (click would swallow the message)."""
     try:
         return fn(*args, **kwargs)
     except LcmapInputError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=EXIT_INPUT) from None
+    except Interrupted as exc:
+        console.print(f"[yellow]interrupted[/]{': ' + str(exc) if str(exc) else ''}")
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
 
 
 @app.callback()
@@ -169,11 +173,14 @@ def evaluate(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")] = Path("lcmap-demo"),
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the interrupted training in OUT/run, then map and score.")
+    ] = False,
 ) -> None:
     """Train paraformer-tiny on the embedded real sample (NAIP 1 m + NLCD 30 m), map it, score it."""
     from lcmap.pipeline.demo import run_demo
 
-    _run(run_demo, out, epochs=epochs)
+    _run(run_demo, out, epochs=epochs, resume=resume)
 
 
 @app.command()

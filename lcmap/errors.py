@@ -5,6 +5,7 @@ text. Exit codes: :class:`LcmapInputError` and its subclasses 2; :class:`Interru
 
 - :class:`LcmapInputError`: bad input (file, CRS, AOI, legend, option) found before or during work.
 - :class:`AOITooSmallError`: the AOI is too small or thin to draw a patch from.
+- :class:`UnsafeCheckpointError`: a checkpoint holds pickled code, not only weights; refused.
 - :class:`DiskFullError`: no space left while writing an output (also an :class:`OSError`, ENOSPC).
 - :class:`OutputLockedError`: another lcmap process is writing the same output (its ``pid``).
 - :class:`ImageryMismatchError`: the imagery's data type or value range differs from the model's
@@ -29,6 +30,7 @@ __all__ = [
     "LcmapInputError",
     "OutputLockedError",
     "TrainingInterrupted",
+    "UnsafeCheckpointError",
 ]
 
 #: Exit status for bad input, a full disk, an AOI too small: the user can fix it.
@@ -43,6 +45,10 @@ class LcmapError(Exception):
 
 class LcmapInputError(LcmapError):
     """Bad input (file, CRS, AOI, legend, ...). The CLI prints its message and exits with code 2."""
+
+
+class UnsafeCheckpointError(LcmapInputError):
+    """A checkpoint holds pickled Python objects beyond weights and plain values (it could run code)."""
 
 
 class AOITooSmallError(LcmapInputError):
@@ -81,12 +87,25 @@ class Interrupted(KeyboardInterrupt):
 
 
 class TrainingInterrupted(Interrupted):
-    """Training stopped after saving ``checkpoints/last.ckpt``; ``run_dir`` holds it."""
+    """Training stopped; ``run_dir/checkpoints/last.ckpt`` holds step ``global_step`` (None: no checkpoint).
 
-    def __init__(self, run_dir: Path, global_step: int) -> None:
-        super().__init__(
-            f"training interrupted at step {global_step}; {run_dir / 'checkpoints' / 'last.ckpt'} saved. "
-            f"Continue with: lcmap train --out {run_dir} --resume"
-        )
+    Args:
+        run_dir: the RUN_DIR.
+        global_step: the optimizer step saved in ``last.ckpt`` (what ``--resume`` continues from),
+            None when the run stopped before its first checkpoint.
+        resume_command: the command that continues the run (default: ``lcmap train --out RUN_DIR --resume``).
+    """
+
+    def __init__(self, run_dir: Path, global_step: int | None, resume_command: str | None = None) -> None:
+        command = resume_command or f"lcmap train --out {run_dir} --resume"
+        if global_step is None:
+            message = f"training interrupted before its first checkpoint; nothing to resume in {run_dir}: start again"
+        else:
+            message = (
+                f"training interrupted; {run_dir / 'checkpoints' / 'last.ckpt'} saved at step {global_step}. "
+                f"Continue with: {command}"
+            )
+        super().__init__(message)
         self.run_dir = run_dir
         self.global_step = global_step
+        self.resume_command = command

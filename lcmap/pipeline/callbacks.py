@@ -1,7 +1,8 @@
 """Lightning callbacks and the checkpoint writer of ``lcmap train``.
 
-- :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside them, then renamed.
-- :class:`SaveOnInterrupt`: Ctrl-C saves ``last.ckpt`` (resumable with ``--resume``).
+- :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside them, then renamed;
+  read back (``--resume``) with weights-only loading (:func:`lcmap.pipeline.runs.load_checkpoint_file`).
+- :class:`SaveOnInterrupt`: Ctrl-C or SIGTERM saves ``last.ckpt`` (resumable with ``--resume``).
 - :class:`PatchThroughput`: logs ``patches_per_s`` (training patches per second, all devices).
 - :class:`EpochSummary`: one readable log line per epoch; redraws ``loss.png``.
 """
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lcmap.pipeline.runs import epoch_history, flatten_metrics, plot_history
+from lcmap.pipeline.runs import epoch_history, flatten_metrics, load_checkpoint_file, plot_history
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     (Lightning's own save goes through an fsspec transaction whose temporary file lives in the
     system temp folder, so the final move is a copy when that is another file system.)
+
+    Reading (``trainer.fit(ckpt_path=...)``, i.e. ``--resume``) is weights-only whatever Lightning
+    asks for: a checkpoint holding pickled code is refused (:class:`~lcmap.errors.UnsafeCheckpointError`).
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
@@ -48,19 +56,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class SaveOnInterrupt(Callback):
-    """On Ctrl-C, save the current state to ``last.ckpt`` (resumable with ``--resume``)."""
+    """On Ctrl-C or SIGTERM, save the current state to ``last.ckpt`` (resumable with ``--resume``).
+
+    Lightning turns SIGTERM into :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`
+    at the next batch boundary (its signal connector); Ctrl-C is a KeyboardInterrupt. Either way
+    ``saved_step`` is the ``global_step`` written to ``last.ckpt`` (None: nothing saved).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.saved_step: int | None = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.global_step == 0:
             return
+        what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         try:
-            trainer.save_checkpoint(str(self.path))
-            log.info("Ctrl-C: saved %s at step %d", self.path, trainer.global_step)
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state, to resume from
+            self.saved_step = int(trainer.global_step)
+            log.info("%s: saved %s at step %d", what, self.path, trainer.global_step)
         except Exception as exc:  # noqa: BLE001
-            log.warning("Ctrl-C: could not save %s (%s); the previous last.ckpt is kept", self.path, exc)
+            log.warning("%s: could not save %s (%s); the previous last.ckpt is kept", what, self.path, exc)
 
 
 class PatchThroughput(Callback):

@@ -36,14 +36,23 @@ DEMO_TRAINING: dict = {}
 
 
 def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress: bool = True,
-             **train_overrides) -> dict:
+             resume: bool = False, **train_overrides) -> dict:
     """Run the demo into ``out``; returns the metrics dict (also written to ``out/metrics.json``).
 
     ``epochs`` and ``train_overrides`` (TrainConfig fields, e.g. ``steps_per_epoch``) shorten the
     training for a quick look; the defaults are the ones the README's numbers come from.
+    ``resume``: continue the interrupted training in ``out/run`` (its saved options; ``epochs`` may
+    change), then map and score as usual.
+
+    Raises:
+        LcmapInputError: ``out/run`` already holds a training run and ``resume`` is False (or holds
+            none and ``resume`` is True).
+        TrainingInterrupted: Ctrl-C or SIGTERM during training; the message says ``lcmap demo --resume``.
     """
+    from lcmap.errors import LcmapInputError, TrainingInterrupted
     from lcmap.pipeline.evaluate import evaluate_map
     from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.runs import RunFolder
     from lcmap.pipeline.train import TrainConfig, run_train
 
     out = Path(out)
@@ -54,13 +63,26 @@ def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress
 
     log.info("1/4 training paraformer-tiny on the sample's NLCD labels (CPU, from scratch)")
     flags = {**DEMO_TRAINING, **({"epochs": epochs} if epochs else {}), **train_overrides}
-    cfg = TrainConfig().merged(
-        images=train_files["imagery"], labels=train_files["labels"], legend="nlcd",
-        aoi=all_files["aoi_train"], model="paraformer-tiny", out=out / "run", **flags,
-    )
+    run = RunFolder(out / "run")
+    resume_command = f"lcmap demo --out {out} --resume"
+    if resume:
+        cfg = TrainConfig(out=str(run.path), resume=True).merged(epochs=epochs)
+    elif run.last_ckpt.exists():
+        raise LcmapInputError(
+            f"{run.path} already holds the demo's training run: continue it with '{resume_command}', "
+            f"or start over in another --out (or delete {run.path})"
+        )
+    else:
+        cfg = TrainConfig().merged(
+            images=train_files["imagery"], labels=train_files["labels"], legend="nlcd",
+            aoi=all_files["aoi_train"], model="paraformer-tiny", out=run.path, **flags,
+        )
     # No --reference here: the reference is what the map is scored against, so it must not pick
     # the checkpoint either: predict then maps with last.ckpt (see runs.resolve_checkpoint).
-    run_dir = run_train(cfg)
+    try:
+        run_dir = run_train(cfg)
+    except TrainingInterrupted as exc:
+        raise TrainingInterrupted(exc.run_dir, exc.global_step, resume_command=resume_command) from None
     t_train = time.perf_counter() - t0
 
     results: dict = {}

@@ -37,6 +37,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.datasets import HRImagery
 from lcmap.pipeline import mapfile
+from lcmap.pipeline.dask_security import scheduler_security
 from lcmap.pipeline.inference import PredictJob, WorkerState, load_worker_state, predict_group
 from lcmap.pipeline.runs import TrainedModel
 from lcmap.pipeline.tiling import Block, OutputGrid
@@ -264,8 +265,9 @@ def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: i
             )
             client = Client(cluster)
         else:
+            security = scheduler_security(scheduler)  # tls:// from Dask's config; warns on remote tcp://
             try:
-                client = Client(scheduler, timeout="10s")
+                client = Client(scheduler, timeout="10s", security=security)
             except (OSError, TimeoutError) as exc:
                 raise LcmapInputError(
                     f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({type(exc).__name__}). "

@@ -7,7 +7,7 @@ This module is the one owner of the RUN_DIR layout (:class:`RunFolder` writes an
       legend.yaml              the LR legend the network predicts (its class order = output channels)
       normalization.json       per-band mean and std of the imagery (digital numbers)
       class_weights.json       CE class weights (and the label frequencies they come from)
-      checkpoints/last.ckpt    Lightning checkpoint, written every epoch and on Ctrl-C
+      checkpoints/last.ckpt    Lightning checkpoint, written every epoch and on Ctrl-C or SIGTERM
       checkpoints/best.ckpt    best validation mIoU (vs the reference, else vs the LR labels);
                                ``lcmap predict --model RUN_DIR`` uses it only when validated
                                against a reference, else last.ckpt (:func:`resolve_checkpoint`)
@@ -24,10 +24,12 @@ the legend and the normalisation, and its ``state_dict`` keys start with ``model
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,19 +38,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from lcmap.errors import LcmapInputError
+from lcmap.errors import LcmapInputError, UnsafeCheckpointError
 from lcmap.geodata.legends import Legend
 from lcmap.pipeline.config import TrainConfig
 
 log = logging.getLogger("lcmap.train")
 
 __all__ = [
+    "CHECKPOINT_SAFE_GLOBALS",
     "REQUIRED_HPARAMS",
     "RunFolder",
     "TrainedModel",
     "atomic_write_text",
     "epoch_history",
     "flatten_metrics",
+    "load_checkpoint_file",
     "load_trained_model",
     "plot_history",
     "read_checkpoint",
@@ -110,23 +114,82 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _validated_on_reference(run_dir: Path) -> bool:
-    """Whether RUN_DIR/config.yaml names an HR reference (unreadable or absent config: False)."""
-    try:
-        return bool(RunFolder(run_dir).read_config().reference)
-    except LcmapInputError:
+    """Whether RUN_DIR/config.yaml names an HR reference (absent config: False).
+
+    Raises:
+        LcmapInputError: config.yaml exists but cannot be read (not UTF-8, bad YAML, unknown options):
+            guessing would pick the checkpoint silently.
+    """
+    run = RunFolder(run_dir)
+    if not run.config_yaml.exists():
         return False
+    try:
+        return bool(run.read_config().reference)
+    except LcmapInputError as exc:
+        raise LcmapInputError(
+            f"{exc} (it says which checkpoint of {run_dir} to map with: fix it, or pass a .ckpt file to --model)"
+        ) from exc
+
+
+#: Python types a checkpoint may hold besides those ``torch.load(weights_only=True)`` always accepts
+#: (tensors, storages, ``OrderedDict``, str/int/float/bool/None, list/tuple/dict/set). A checkpoint
+#: written by ``lcmap train`` (Lightning 2.6: weights, optimizer and callback states, loops,
+#: hyper-parameters as plain dicts and lists) holds none other: this list is empty on purpose, and
+#: ``tests/test_reliability_training.py`` checks that a fresh checkpoint needs nothing more.
+CHECKPOINT_SAFE_GLOBALS: list[Any] = []
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, no code run.
+
+    The one checkpoint reader of lcmap (``--model``, ``--resume`` through Lightning, Dask workers).
+
+    Raises:
+        UnsafeCheckpointError: the file holds Python objects beyond :data:`CHECKPOINT_SAFE_GLOBALS`
+            (loading them could run arbitrary code); the message names the file and those objects.
+        LcmapInputError: the file is missing, truncated or not a torch file.
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path} is not a plain checkpoint: it holds Python objects ({', '.join(unsafe[:5])}) that "
+                "loading would run as code. lcmap loads only weights and plain values; refused. Use a "
+                "checkpoint written by 'lcmap train' that you trust."
+            ) from None
+        raise _unreadable(path, exc) from exc
+    except FileNotFoundError as exc:
+        raise LcmapInputError(f"checkpoint {path} does not exist") from exc
+    except Exception as exc:  # torch raises many kinds for truncated/garbage files
+        raise _unreadable(path, exc) from exc
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals (``module.name``) of a torch zip file outside the weights-only allowlist; [] if unreadable."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: reported as unreadable
+        return []
+
+
+def _unreadable(path: Path, exc: BaseException) -> LcmapInputError:
+    return LcmapInputError(
+        f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}). "
+        "It may be truncated: use another checkpoint from the run folder or train again."
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU, with a clear error when it is missing or corrupt."""
+    """Load a checkpoint dict on the CPU (weights only), with a clear error when it is missing, corrupt or unsafe."""
     ckpt_path = resolve_checkpoint(path)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many kinds for truncated/garbage files
-        raise LcmapInputError(
-            f"{ckpt_path} is not a readable checkpoint ({type(exc).__name__}: {exc}). "
-            "It may be truncated: use another checkpoint from the run folder or train again."
-        ) from exc
+    ckpt = load_checkpoint_file(ckpt_path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise LcmapInputError(f"{ckpt_path} is not an lcmap/Lightning checkpoint (no state_dict)")
     hp = ckpt.get("hyper_parameters", {})
@@ -240,6 +303,40 @@ class RunFolder:
         self.loss_png = self.path / "loss.png"
         self.train_log = self.path / "train.log"
         self.logs = self.path / "logs"
+
+    # ------------------------------------------------------------------------ the folder
+    def create(self) -> Path | None:
+        """Create RUN_DIR; return the topmost folder this created (None: RUN_DIR existed).
+
+        Raises:
+            LcmapInputError: RUN_DIR cannot be created or written (read-only file system, permissions).
+        """
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            raise LcmapInputError(
+                f"cannot create or write the run folder {self.path} ({exc.strerror or exc}): choose another --out"
+            ) from exc
+        return missing[-1] if missing else None
+
+    def remove_created(self, created: Path | None) -> None:
+        """After a failed or interrupted run: remove ``created`` (what :meth:`create` made) unless it holds a
+        checkpoint. A folder that existed before the run (``created`` None) is never touched."""
+        if created is not None and not self.last_ckpt.exists() and not self.best_ckpt.exists():
+            shutil.rmtree(created, ignore_errors=True)
+
+    def saved_step(self) -> int | None:
+        """The ``global_step`` held by ``last.ckpt`` (None: no readable last.ckpt)."""
+        if not self.last_ckpt.is_file():
+            return None
+        try:
+            step = load_checkpoint_file(self.last_ckpt).get("global_step")
+        except LcmapInputError:
+            return None
+        return int(step) if step is not None else None
 
     # ------------------------------------------------------------------------ options
     def write_config(self, config: TrainConfig) -> None:

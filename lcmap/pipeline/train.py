@@ -11,7 +11,7 @@
 6. :func:`_class_weights`: CE class weights from sampled patches (kept from RUN_DIR when resuming);
 7. :func:`_write_run_record`: config, legend, normalisation into RUN_DIR;
 8. :func:`_task` and :func:`_trainer`: the Lightning module and trainer;
-9. :func:`_fit`: training, with Ctrl-C and out-of-memory turned into lcmap's errors.
+9. :func:`_fit`: training, with Ctrl-C, SIGTERM and out-of-memory turned into lcmap's errors.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
 from lcmap.pipeline.runs import RunFolder
+from lcmap.pipeline.signals import sigterm_as_interrupt
 from lcmap.pipeline.train_logging import run_logging
 
 log = logging.getLogger("lcmap.train")
@@ -65,40 +66,53 @@ def run_train(config: TrainConfig) -> Path:
     Raises:
         LcmapInputError: bad options or inputs (legend vs label values, AOI, band counts, a resumed
             checkpoint that does not fit, out of GPU memory with a batch size to try).
-        TrainingInterrupted: Ctrl-C; ``checkpoints/last.ckpt`` holds the state to resume from.
+        TrainingInterrupted: Ctrl-C or SIGTERM; ``checkpoints/last.ckpt`` holds the state to resume from
+            (its step is in the message). A run that fails on bad input or stops before its first
+            checkpoint leaves no folder it created behind (a folder that existed before is kept).
     """
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
     config, run = _prepare_config(config)
     is_zero = rank_zero_only.rank == 0
-    run.path.mkdir(parents=True, exist_ok=True)
+    created = run.create()
     t_start = time.perf_counter()
-    with run_logging(run.train_log, is_zero):
-        pl.seed_everything(config.seed, workers=True, verbose=False)
-        log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
-        inputs = _open_inputs(config)
-        config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
-        if config.resume:
-            _check_resumed_checkpoint(run, config, inputs)
-        stats = _normalization(run, config, inputs)
-        datamodule = _datamodule(config, inputs, stats)
-        weights = _class_weights(run, config, inputs, datamodule, is_zero)
-        if is_zero:
-            _write_run_record(run, config, inputs.legend, stats)
-        task = _task(config, inputs, stats, weights)
-        log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
-        trainer, best_cb = _trainer(run, config)
-        _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
-        best = best_cb.best_model_score
-        log.info(
-            "done in %.0f s: %d steps; best val_miou %s -> %s; last -> %s",
-            time.perf_counter() - t_start,
-            trainer.global_step,
-            "n/a" if best is None else f"{float(best):.3f}",
-            run.best_ckpt,
-            run.last_ckpt,
-        )
+    try:
+        with sigterm_as_interrupt() as sigterm, run_logging(run.train_log, is_zero):
+            pl.seed_everything(config.seed, workers=True, verbose=False)
+            log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
+            inputs = _open_inputs(config)
+            config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
+            if config.resume:
+                _check_resumed_checkpoint(run, config, inputs)
+            stats = _normalization(run, config, inputs)
+            datamodule = _datamodule(config, inputs, stats)
+            weights = _class_weights(run, config, inputs, datamodule, is_zero)
+            if is_zero:
+                _write_run_record(run, config, inputs.legend, stats)
+            task = _task(config, inputs, stats, weights)
+            log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
+            trainer, best_cb = _trainer(run, config)
+            sigterm["fitting"] = True
+            _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
+            best = best_cb.best_model_score
+            log.info(
+                "done in %.0f s: %d steps; best val_miou %s -> %s; last -> %s",
+                time.perf_counter() - t_start,
+                trainer.global_step,
+                "n/a" if best is None else f"{float(best):.3f}",
+                run.best_ckpt,
+                run.last_ckpt,
+            )
+    except TrainingInterrupted:
+        run.remove_created(created)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before training started
+        run.remove_created(created)
+        raise TrainingInterrupted(run.path, run.saved_step()) from None
+    except LcmapInputError:
+        run.remove_created(created)
+        raise
     return run.path
 
 
@@ -379,26 +393,36 @@ def _fit(trainer: Any, task: Any, datamodule: Any, run: RunFolder, config: Train
 
     patch_px = config.resolved_patch_px
     try:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=str(run.last_ckpt) if config.resume else None)
+        trainer.fit(
+            task, datamodule=datamodule, ckpt_path=str(run.last_ckpt) if config.resume else None, weights_only=True
+        )
     except SystemExit:
-        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (on_exception hooks ran).
+        # Lightning turns Ctrl-C into SystemExit(1) after its graceful shutdown (on_exception hooks ran),
+        # and SIGTERM into SIGTERMException (a SystemExit) at the next batch boundary.
         if trainer.interrupted:
-            _finish(run, is_zero)
-            log.info("interrupted at step %d; last.ckpt saved; resume with --resume", trainer.global_step)
-            raise TrainingInterrupted(run.path, trainer.global_step) from None
+            raise _interrupted(trainer, run, is_zero) from None
         raise
     except KeyboardInterrupt:
-        _finish(run, is_zero)
-        raise TrainingInterrupted(run.path, trainer.global_step) from None
+        raise _interrupted(trainer, run, is_zero) from None
     except Exception as exc:  # noqa: BLE001 - translate the out-of-memory family
         raise_if_out_of_memory(exc, config, patch_px)
         if isinstance(exc, AOITooSmallError):
             raise AOITooSmallError(f"{aoi_name} is too small or thin to draw {patch_px} px patches from") from exc
         raise
     if trainer.interrupted:  # graceful stop without SystemExit
-        _finish(run, is_zero)
-        raise TrainingInterrupted(run.path, trainer.global_step)
+        raise _interrupted(trainer, run, is_zero)
     _finish(run, is_zero)
+
+
+def _interrupted(trainer: Any, run: RunFolder, is_zero: bool) -> TrainingInterrupted:
+    """TrainingInterrupted naming the step ``last.ckpt`` actually holds (saved now, else the previous one)."""
+    from lcmap.pipeline.callbacks import SaveOnInterrupt
+
+    _finish(run, is_zero)
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SaveOnInterrupt)), None)
+    step = saver.saved_step if saver is not None and saver.saved_step is not None else run.saved_step()
+    log.info("interrupted at step %d; last.ckpt holds step %s", trainer.global_step, step)
+    return TrainingInterrupted(run.path, step)
 
 
 def _finish(run: RunFolder, is_zero: bool) -> None:
