@@ -111,7 +111,7 @@ def predict(
     block_px: Annotated[int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address: tls://host:8786 (TLS from Dask's config; see README) or tcp://host:8786 (unencrypted, trusted networks only); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
     confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
     precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
@@ -119,19 +119,14 @@ def predict(
     input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
-    from lcmap.errors import Interrupted
     from lcmap.pipeline.predict import predict_map
 
-    try:  # Typer would turn Ctrl-C into exit 130 before main() could say what was kept
-        result = _run(
-            predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
-            overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
-            scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
-            input_scale=input_scale,
-        )
-    except Interrupted as exc:
-        console.print(f"[yellow]interrupted[/]: {exc}")
-        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    result = _run(
+        predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
+        overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
+        scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
+        input_scale=input_scale,
+    )
     console.print(f"[green]map written to[/] {result.path}")
 
 
