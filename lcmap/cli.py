@@ -46,15 +46,20 @@ AOIOpt = Annotated[
 
 
 def _setup_logging(verbose: bool) -> None:
+    """lcmap's own lines at INFO (DEBUG with --verbose); other libraries' only from WARNING (with
+    --verbose, everything): rasterio's per-tile "Skipping source" lines and Dask's start-up chatter
+    are not for users. Libraries that set their own level keep it (Lightning; Dask, which
+    :func:`lcmap.pipeline.execution.dask_client` quiets itself)."""
     from rich.logging import RichHandler
 
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
+    logging.getLogger("lcmap").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _run(fn, *args, **kwargs):

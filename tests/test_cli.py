@@ -221,3 +221,17 @@ def test_evaluate_undefined_kappa_prints_na(tmp_path: Path) -> None:
     assert m["kappa"] is None and m["oa"] == 1.0 and m["pixels"] == 24
     assert "kappa n/a" in result.output
     assert "| n/a |" in (out / "report.md").read_text()
+
+
+def test_logging_shows_lcmap_info_but_not_library_chatter() -> None:
+    import logging
+
+    from lcmap.cli import _setup_logging
+
+    _setup_logging(verbose=False)
+    assert logging.getLogger("lcmap.pipeline.predict").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("rasterio.merge").isEnabledFor(logging.INFO)  # "Skipping source: ..."
+    assert logging.getLogger("rasterio.merge").isEnabledFor(logging.WARNING)
+    _setup_logging(verbose=True)
+    assert logging.getLogger("rasterio.merge").isEnabledFor(logging.DEBUG)
+    _setup_logging(verbose=False)
