@@ -43,6 +43,10 @@ AOIOpt = Annotated[
     Optional[Path],
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
 ]
+TTA_HELP = (
+    "Test-time augmentation: none; flips (4 flips, ~4x the model time); d4 (the 8 flips and rotations, ~8x). "
+    "Each window's class probabilities are averaged before blending."
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -110,6 +114,7 @@ def predict(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address (tcp://host:8786); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
     confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
     legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
+    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
@@ -117,7 +122,7 @@ def predict(
     result = _run(
         predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
         overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
-        scheduler=scheduler, confidence=confidence, legend=legend,
+        scheduler=scheduler, confidence=confidence, legend=legend, tta=tta,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

@@ -33,6 +33,7 @@ from lcmap.geodata.aoi import rasterize_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
 from lcmap.geodata.legends import MAP_NODATA
 from lcmap.models import predict_proba, sum_probabilities
+from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
@@ -68,6 +69,9 @@ class PredictJob:
     aoi_wkb: bytes | None
     blocks_dir: str
     cache_key: str = ""
+    #: test-time augmentation (:data:`lcmap.models.tta.TTA_MODES`): each window's probabilities
+    #: are averaged over these transforms before the taper and the blending
+    tta: str = "none"
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
@@ -246,7 +250,7 @@ def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.nd
         x = torch.from_numpy(np.stack(tiles)).to(st.device)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            probs = predict_proba(st.model, x).float()
+            probs = predict_proba_tta(st.model, x, job.tta, predict_proba).float()
             if group is not None:  # P(target class) = sum of its LR classes' probabilities
                 probs = sum_probabilities(probs, group, n_classes)
             forward[0] += time.perf_counter() - t0

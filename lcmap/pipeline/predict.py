@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -39,12 +40,15 @@ from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
+from lcmap.models.tta import TTA_MODES, tta_transforms
 from lcmap.pipeline import execution, mapfile
 from lcmap.pipeline.inference import PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint
 from lcmap.pipeline.tiling import WindowGrid, block_side_px, output_grid
 
 __all__ = ["predict_map", "plan_prediction", "Plan", "PredictResult", "TILE_MULTIPLE"]
+
+log = logging.getLogger(__name__)
 
 #: ``tile_px`` must be a multiple of this (U-Net: 32; Paraformer-tiny: 16).
 TILE_MULTIPLE = 32
@@ -168,6 +172,7 @@ def plan_prediction(
     confidence: bool = False,
     legend: str = "target",
     torch_threads: int | None = None,
+    tta: str = "none",
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
@@ -190,6 +195,10 @@ def plan_prediction(
         raise LcmapInputError(f"--block-px {block_px}: must be a positive number of pixels")
     if legend not in ("target", "native"):
         raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
+    if tta not in TTA_MODES:
+        raise LcmapInputError(
+            f"--tta {tta!r}: choose none, flips (4 flips, ~4x the model time) or d4 (8 flips and rotations, ~8x)"
+        )
     dev = _resolve_device(device)
 
     out = Path(out).expanduser().absolute()
@@ -247,6 +256,7 @@ def plan_prediction(
         confidence=bool(confidence),
         aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
+        tta=tta,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path
@@ -282,6 +292,7 @@ def predict_map(
     confidence: bool = False,
     legend: str = "target",
     progress: bool = True,
+    tta: str = "none",
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -321,6 +332,11 @@ def predict_map(
             probability; where LR classes without a target win, 0; ``native``: the
             codes of the model's own (LR) legend. 0 is nodata either way.
         progress: show a progress bar (blocks and km²).
+        tta: test-time augmentation (:mod:`lcmap.models.tta`): ``none``; ``flips`` (identity,
+            horizontal, vertical, both: ~4x the model time) or ``d4`` (the 8 flips and rotations:
+            ~8x); each window's class probabilities are averaged over the transforms before the
+            taper and blending (so also in ``MAP_confidence.tif``). Recorded in the map's
+            ``LCMAP_TTA`` tag and in the resume manifest.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -346,7 +362,9 @@ def predict_map(
         device=device,
         confidence=confidence,
         legend=legend,
+        tta=tta,
     )
+    log.info("test-time augmentation (--tta): %s, %d transform(s) per window", tta, len(tta_transforms(tta)))
     sched = None if scheduler in (None, "", "local") else str(scheduler)
     if sched is not None and sched != "synchronous" and "://" not in sched and ":" not in sched:
         raise LcmapInputError(
