@@ -29,7 +29,8 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
-from lcmap.models import predict_proba, sum_probabilities
+from lcmap.models import sum_probabilities
+from lcmap.models.tta import TTA_MODES, predict_proba_tta
 from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 from lcmap.pipeline.runs import load_trained_model
@@ -64,8 +65,9 @@ def _reference_and_nlcd(i: int) -> tuple[np.ndarray, np.ndarray]:
     return ref, nlcd_legend.code_to_target_lut()[nlcd]
 
 
-def predict_patch(tm, i: int) -> np.ndarray:
-    """Target-class indices of the model's prediction for sample patch ``i`` (whole patch)."""
+def predict_patch(tm, i: int, tta: str = "none") -> np.ndarray:
+    """Target-class indices of the model's prediction for sample patch ``i`` (whole patch), with
+    test-time augmentation ``tta`` (:func:`lcmap.models.tta.predict_proba_tta`)."""
     with rasterio.open(SAMPLE / "naip" / f"patch-{i}.tif") as src:
         image = src.read().astype(np.float32)
     x = (image - tm.mean[:, None, None]) / tm.std[:, None, None]
@@ -75,7 +77,7 @@ def predict_patch(tm, i: int) -> np.ndarray:
     if ph or pw:
         xt = torch.nn.functional.pad(xt, (0, pw, 0, ph), mode="reflect")
     with torch.no_grad():
-        probs = predict_proba(tm.model, xt)[0, :, :h, :w]
+        probs = predict_proba_tta(tm.model, xt, tta)[0, :, :h, :w]
     # as lcmap predict --legend target: the target class of highest summed LR-class probability
     n_target = len(tm.legend.target)
     group = torch.from_numpy(tm.legend.index_to_target_group())
@@ -83,8 +85,10 @@ def predict_patch(tm, i: int) -> np.ndarray:
     return np.where(idx == n_target, IGNORE_INDEX, idx).astype(np.uint8)
 
 
-def score_run(ckpt: Path) -> dict:
-    tm = load_trained_model(ckpt)
+def score_run(ckpt: Path, tta: str = "none", tm=None) -> dict:
+    """Scores of checkpoint ``ckpt`` (or the already loaded ``tm``) per split, maps predicted with ``tta``;
+    ``predict_seconds``: time spent predicting the patches."""
+    tm = tm if tm is not None else load_trained_model(ckpt)
     names = tm.legend.target.names
     k = len(names)
     out = {}
@@ -92,10 +96,13 @@ def score_run(ckpt: Path) -> dict:
         "train": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
         "heldout": (np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)),
     }
+    seconds = 0.0
     for p in _patches():
         i, split = p["patch"], p["split"]
         ref, nlcd = _reference_and_nlcd(i)
-        pred = predict_patch(tm, i)
+        t0 = time.perf_counter()
+        pred = predict_patch(tm, i, tta)
+        seconds += time.perf_counter() - t0
         keep = (ref != IGNORE_INDEX) & (nlcd != IGNORE_INDEX) & (pred != IGNORE_INDEX)
         cms[split][0][...] += confusion_matrix(ref[keep], pred[keep], k)
         cms[split][1][...] += confusion_matrix(ref[keep], nlcd[keep], k)
@@ -108,7 +115,32 @@ def score_run(ckpt: Path) -> dict:
             "gain_miou_reference_classes": sm["miou_reference_classes"] - sn["miou_reference_classes"],
             "pixels": int(cm_model.sum()),
         }
+    out["predict_seconds"] = seconds
     return out
+
+
+def sample_config(
+    model: str, seed: int, run_dir: Path, demo_settings: bool, reference_val: bool, progress_bar: bool = False
+) -> TrainConfig:
+    """The TrainConfig of one run on the sample's TRAIN split (``demo_settings``: the demo's options on
+    top of the defaults; ``reference_val``: validate, and pick best.ckpt, on the Chesapeake reference)."""
+    config = TrainConfig(
+        images=[str(SAMPLE / "naip")],
+        labels=[str(SAMPLE / "nlcd")],
+        legend="nlcd",
+        aoi=str(SAMPLE / "aoi_train.geojson"),
+        model=model,
+        seed=seed,
+        out=str(run_dir),
+        progress_bar=progress_bar,
+    )
+    if demo_settings:
+        from lcmap.pipeline.demo import DEMO_TRAINING
+
+        config = config.merged(**DEMO_TRAINING)
+    if reference_val:
+        config = config.merged(reference=[str(SAMPLE / "reference")], reference_legend="chesapeake")
+    return config
 
 
 def _fmt(v) -> str:
@@ -146,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="any other TrainConfig option, e.g. --set weight_decay=0.05 val_patch_px=128",
     )
+    ap.add_argument(
+        "--tta", default="none", choices=TTA_MODES, help="test-time augmentation of the scored maps (and validation)"
+    )
     ap.add_argument("--progress-bar", action="store_true")
     args = ap.parse_args(argv)
 
@@ -158,22 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 import shutil
 
                 shutil.rmtree(run_dir)
-            config = TrainConfig(
-                images=[str(SAMPLE / "naip")],
-                labels=[str(SAMPLE / "nlcd")],
-                legend="nlcd",
-                aoi=str(SAMPLE / "aoi_train.geojson"),
-                model=model,
-                seed=seed,
-                out=str(run_dir),
-                progress_bar=args.progress_bar,
+            config = sample_config(
+                model, seed, run_dir, args.demo_settings, not args.no_reference_val, args.progress_bar
             )
-            if args.demo_settings:
-                from lcmap.pipeline.demo import DEMO_TRAINING
-
-                config = config.merged(**DEMO_TRAINING)
-            if not args.no_reference_val:
-                config = config.merged(reference=[str(SAMPLE / "reference")], reference_legend="chesapeake")
             config = config.merged(
                 epochs=args.epochs,
                 steps_per_epoch=args.steps_per_epoch,
@@ -185,17 +207,19 @@ def main(argv: list[str] | None = None) -> int:
                 augment=args.augment,
             )
             config = config.merged(**dict(kv.split("=", 1) for kv in args.set))
+            config = config.merged(val_tta=args.tta)
             t0 = time.perf_counter()
             run_train(config)
             seconds = time.perf_counter() - t0
             for which in args.checkpoints:
-                scores = score_run(run_dir / "checkpoints" / f"{which}.ckpt")
+                scores = score_run(run_dir / "checkpoints" / f"{which}.ckpt", args.tta)
                 results.append(
                     {
                         "model": model,
                         "seed": seed,
                         "checkpoint": which,
                         "train_seconds": seconds,
+                        "tta": args.tta,
                         "config": {
                             k: v
                             for k, v in config.to_dict().items()

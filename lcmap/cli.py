@@ -43,6 +43,10 @@ AOIOpt = Annotated[
     Optional[Path],
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
 ]
+TTA_HELP = (
+    "Test-time augmentation: none; flips (4 flips, ~4x the model time); d4 (the 8 flips and rotations, ~8x). "
+    "Each window's class probabilities are averaged before blending."
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,6 +126,7 @@ def predict(
     precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
     devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
     input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
+    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
@@ -130,7 +135,7 @@ def predict(
         predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
         overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
         scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
-        input_scale=input_scale,
+        input_scale=input_scale, tta=tta,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

@@ -234,6 +234,11 @@ class TrainConfig:
     val_patch_px: int = option(
         256, parse=_whole, cli_type=int, help="Validation window side in pixels of the imagery grid (multiple of 32)."
     )
+    val_tta: str = option(
+        "none", parse=_lower, cli_type=str,
+        help="Test-time augmentation of the validation windows (as lcmap predict --tta): none, flips (~4x the "
+        "validation time) or d4 (~8x).",
+    )  # fmt: skip
     devices: int | str = option(
         1, parse=_devices, cli_type=str, metavar="N|auto",
         help="Number of devices, or auto (all); several GPUs train with DDP.",
@@ -409,6 +414,10 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{self.flag_of(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        from lcmap.models.tta import TTA_MODES  # torch: imported when checking, not for --help
+
+        if self.val_tta not in TTA_MODES:
+            problems.append(f"{self.flag_of('val_tta')} {self.val_tta!r}: choose one of {', '.join(TTA_MODES)}")
         for name in ("patch_px", "val_patch_px"):
             value = getattr(self, name)
             if value is not None and (value < 32 or value % 32):

@@ -39,6 +39,7 @@ from rasterio.windows import Window
 from lcmap.geodata.aoi import rasterize_aoi
 from lcmap.geodata.datasets import HRImagery, imagery_valid, open_imagery, read_imagery
 from lcmap.models import predict_proba, sum_probabilities
+from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
@@ -91,6 +92,9 @@ class PredictJob:
     group: tuple[int, int] = (1, 1)
     #: the imagery's values are multiplied by this before normalisation (``--input-scale``).
     input_scale: float = 1.0
+    #: test-time augmentation (:data:`lcmap.models.tta.TTA_MODES`): each window's probabilities
+    #: are averaged over these transforms before the taper and the blending
+    tta: str = "none"
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
@@ -406,7 +410,7 @@ def predict_group(
             x = batch_t[: job.batch_size]
         t0 = time.perf_counter()
         with autocast:
-            probs = predict_proba(st.model, x).float()
+            probs = predict_proba_tta(st.model, x, job.tta, predict_proba).float()
         if group is not None:  # P(target class) = sum of its LR classes' probabilities
             probs = sum_probabilities(probs, group, n_classes)
         stats["seconds_forward"] += time.perf_counter() - t0

@@ -298,6 +298,7 @@ def fingerprint(job: PredictJob) -> dict[str, Any]:
         "confidence": bool(job.confidence),
         "aoi_sha256": hashlib.sha256(job.aoi_wkb).hexdigest() if job.aoi_wkb else None,
         "input_scale": job.input_scale,
+        "tta": job.tta,
     }
     return json.loads(json.dumps(found))
 
@@ -370,6 +371,7 @@ def write_map(
         "LCMAP_MODEL_LEGEND": model_legend.name,
         "LCMAP_TILE_PX": str(job.windows.tile),
         "LCMAP_OVERLAP_PX": str(job.windows.overlap),
+        "LCMAP_TTA": job.tta,
     }
     sources = [cog.VrtSource(str(block_path(job.blocks_dir, b)), 1, b.c0, b.r0, b.width, b.height) for b in blocks]
     common: dict[str, Any] = dict(width=g.width, height=g.height, crs=g.crs, transform=g.transform)
@@ -395,6 +397,7 @@ def write_map(
             tags={
                 CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
                 "LCMAP_MODEL": Path(job.checkpoint).name,
+                "LCMAP_TTA": job.tta,
             },
             description="confidence (%)",
             **common,

@@ -47,6 +47,7 @@ from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
+from lcmap.models.tta import TTA_MODES, tta_transforms
 from lcmap.pipeline import execution, mapfile, stac
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
@@ -231,6 +232,7 @@ def plan_prediction(
     torch_threads: int | None = None,
     precision: str = "32",
     input_scale: float | None = None,
+    tta: str = "none",
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
@@ -255,6 +257,10 @@ def plan_prediction(
         raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
     if input_scale is not None and not (math.isfinite(input_scale) and input_scale > 0):
         raise LcmapInputError(f"--input-scale {input_scale}: must be a positive number, e.g. 0.025")
+    if tta not in TTA_MODES:
+        raise LcmapInputError(
+            f"--tta {tta!r}: choose none, flips (4 flips, ~4x the model time) or d4 (8 flips and rotations, ~8x)"
+        )
     dev = _resolve_device(device)
     if precision not in PRECISIONS:
         raise LcmapInputError(f"--precision {precision!r}: choose 32 or bf16 (bfloat16 on CUDA GPUs)")
@@ -328,6 +334,7 @@ def plan_prediction(
         blocks_dir=str(partial / "blocks"),
         precision=precision,
         input_scale=float(input_scale) if input_scale is not None else 1.0,
+        tta=tta,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path
@@ -367,6 +374,7 @@ def predict_map(
     precision: str = "32",
     devices: int | None = None,
     input_scale: float | None = None,
+    tta: str = "none",
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -416,6 +424,11 @@ def predict_map(
             on). Without it, imagery whose data type differs from the training imagery's, or
             whose values go far above the training range, is refused; with it, only the range
             (after scaling) is checked.
+        tta: test-time augmentation (:mod:`lcmap.models.tta`): ``none``; ``flips`` (identity,
+            horizontal, vertical, both: ~4x the model time) or ``d4`` (the 8 flips and rotations:
+            ~8x); each window's class probabilities are averaged over the transforms before the
+            taper and blending (so also in ``MAP_confidence.tif``). Recorded in the map's
+            ``LCMAP_TTA`` tag and in the resume manifest.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -447,9 +460,11 @@ def predict_map(
         legend=legend,
         precision=precision,
         input_scale=input_scale,
+        tta=tta,
     )
     if devices is not None and devices < 1:
         raise LcmapInputError(f"--devices {devices}: must be at least 1")
+    log.info("test-time augmentation (--tta): %s, %d transform(s) per window", tta, len(tta_transforms(tta)))
     sched = None if scheduler in (None, "", "local") else str(scheduler)
     if sched is not None and sched != "synchronous" and "://" not in sched and ":" not in sched:
         raise LcmapInputError(

@@ -23,7 +23,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
-from lcmap.models import build_model, predict_proba, sum_probabilities
+from lcmap.models import build_model, sum_probabilities
+from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.losses import plat_loss, weighted_ce
 from lcmap.pipeline.metrics import scores_from_confusion
 
@@ -61,6 +62,8 @@ class LandCoverTask(pl.LightningModule):
         config: the training options (stored for the record).
         allowed_classes: per class index, the class indices acceptable for its label (mixed LR
             classes, partial-label CE; see :func:`weighted_ce`), or None (plain CE).
+        val_tta: test-time augmentation of the validation windows (:mod:`lcmap.models.tta`):
+            ``none``, ``flips`` or ``d4``, as ``lcmap predict --tta``.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class LandCoverTask(pl.LightningModule):
         config: dict[str, Any] | None = None,
         allowed_classes: Sequence[Sequence[int]] | None = None,
         imagery_range: dict[str, Any] | None = None,
+        val_tta: str = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -146,7 +150,7 @@ class LandCoverTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        probs = predict_proba(self.model, batch["image"])
+        probs = predict_proba_tta(self.model, batch["image"], self.hparams.get("val_tta", "none"))
         # as lcmap predict: the target class of highest summed LR-class probability
         n = len(self.target_names)
         arg = sum_probabilities(probs, self.target_group, n + 1).argmax(dim=1)

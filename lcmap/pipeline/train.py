@@ -348,6 +348,7 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
         val_legend=inputs.ref_legend.to_dict() if inputs.ref_legend is not None else None,
         val_source="reference" if inputs.ref_legend is not None else "labels",
         config=config.to_dict(),
+        val_tta=config.val_tta,
     )
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
