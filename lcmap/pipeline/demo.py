@@ -35,8 +35,13 @@ QUICKLOOK_PATCHES = (0, 7, 3)
 DEMO_TRAINING: dict = {}
 
 
-def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress: bool = True,
-             resume: bool = False, **train_overrides) -> dict:
+def run_demo(
+    out: str | Path = "lcmap-demo",
+    epochs: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    **train_overrides,
+) -> dict:
     """Run the demo into ``out``; returns the metrics dict (also written to ``out/metrics.json``).
 
     ``epochs`` and ``train_overrides`` (TrainConfig fields, e.g. ``steps_per_epoch``) shorten the
@@ -74,8 +79,13 @@ def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress
         )
     else:
         cfg = TrainConfig().merged(
-            images=train_files["imagery"], labels=train_files["labels"], legend="nlcd",
-            aoi=all_files["aoi_train"], model="paraformer-tiny", out=run.path, **flags,
+            images=train_files["imagery"],
+            labels=train_files["labels"],
+            legend="nlcd",
+            aoi=all_files["aoi_train"],
+            model="paraformer-tiny",
+            out=run.path,
+            **flags,
         )
     # No --reference here: the reference is what the map is scored against, so it must not pick
     # the checkpoint either: predict then maps with last.ckpt (see runs.resolve_checkpoint).
@@ -86,15 +96,33 @@ def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress
     t_train = time.perf_counter() - t0
 
     results: dict = {}
-    for split, aoi, name in (("train", all_files["aoi_train"], "map"), ("held_out", all_files["aoi_heldout"], "map_heldout")):
+    for split, aoi, name in (
+        ("train", all_files["aoi_train"], "map"),
+        ("held_out", all_files["aoi_heldout"], "map_heldout"),
+    ):
         log.info("%s predicting the %s patches at 1 m", "2/4" if split == "train" else "3/4", split.replace("_", "-"))
-        map_path = predict_map(run_dir, all_files["imagery"], out / f"{name}.tif", aoi=aoi,
-                               tile_px=256, overlap_px=32, block_px=2048, scheduler="synchronous",
-                               progress=progress).path
+        map_path = predict_map(
+            run_dir,
+            all_files["imagery"],
+            out / f"{name}.tif",
+            aoi=aoi,
+            tile_px=256,
+            overlap_px=32,
+            block_px=2048,
+            scheduler="synchronous",
+            progress=progress,
+        ).path
         report_dir = out / ("report" if split == "train" else "report_heldout")
-        results[split] = evaluate_map(map_path, all_files["reference"], reference_legend, report_dir,
-                                      baseline=all_files["labels"], baseline_legend=nlcd, aoi=aoi,
-                                      progress=progress)
+        results[split] = evaluate_map(
+            map_path,
+            all_files["reference"],
+            reference_legend,
+            report_dir,
+            baseline=all_files["labels"],
+            baseline_legend=nlcd,
+            aoi=aoi,
+            progress=progress,
+        )
 
     log.info("4/4 writing the quicklook")
     quicklook(out / "quicklook.png", out / "map.tif", out / "map_heldout.tif")
@@ -106,7 +134,7 @@ def run_demo(out: str | Path = "lcmap-demo", epochs: int | None = None, progress
         "seconds_training": round(t_train, 1),
         "cpu_cores": os.cpu_count(),
         "task": "map updating: trained on the NLCD labels of the 6 training patches, mapped and "
-                "scored there; held_out = the 2 patches never trained on",
+        "scored there; held_out = the 2 patches never trained on",
     }
     _write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(_summary_md(metrics) + "\n" + (out / "report" / "report.md").read_text())
@@ -124,22 +152,31 @@ def _summary_md(m: dict) -> str:
     rows = [("Paraformer-tiny map (1 m)", m), ("NLCD 2011 label (30 m)", m["baseline"])]
     h = m["held_out"]
     rows += [("held-out: Paraformer-tiny", h), ("held-out: NLCD", h["baseline"])]
-    lines = ["# lcmap demo: embedded real sample", "",
-             "| scored against Chesapeake 1 m reference | OA | mIoU | " + " | ".join(DEFAULT_TARGET.names) + " |",
-             "|---|---|---|" + "---|" * len(DEFAULT_TARGET)]
+    lines = [
+        "# lcmap demo: embedded real sample",
+        "",
+        "| scored against Chesapeake 1 m reference | OA | mIoU | " + " | ".join(DEFAULT_TARGET.names) + " |",
+        "|---|---|---|" + "---|" * len(DEFAULT_TARGET),
+    ]
     for label, r in rows:
         ious = [r["per_class"].get(n, {}).get("iou") for n in DEFAULT_TARGET.names]
-        lines.append(f"| {label} | {r['oa']:.3f} | {r['miou']:.3f} | "
-                     + " | ".join("-" if v is None else f"{v:.3f}" for v in ious) + " |")
+        lines.append(
+            f"| {label} | {r['oa']:.3f} | {r['miou']:.3f} | "
+            + " | ".join("-" if v is None else f"{v:.3f}" for v in ious)
+            + " |"
+        )
     lines.append("")
+
     def gain(r: dict, key: str) -> str:  # evaluate_map's map-minus-baseline gains
         g = r["gain"].get(key)
         return "n/a" if g is None else f"{g:+.3f}"
 
-    lines.append(f"mIoU gain over NLCD: {gain(m, 'miou')} (training area), {gain(h, 'miou')} (held-out); "
-                 f"over the classes present in the reference, the same classes for both maps: "
-                 f"{gain(m, 'miou_reference_classes')} (training area), {gain(h, 'miou_reference_classes')} "
-                 f"(held-out). Run time {m['demo']['seconds_total']:.0f} s on {m['demo']['cpu_cores']} CPU cores.")
+    lines.append(
+        f"mIoU gain over NLCD: {gain(m, 'miou')} (training area), {gain(h, 'miou')} (held-out); "
+        f"over the classes present in the reference, the same classes for both maps: "
+        f"{gain(m, 'miou_reference_classes')} (training area), {gain(h, 'miou_reference_classes')} "
+        f"(held-out). Run time {m['demo']['seconds_total']:.0f} s on {m['demo']['cpu_cores']} CPU cores."
+    )
     return "\n".join(lines)
 
 
@@ -156,7 +193,8 @@ def _print_summary(out: Path, m: dict) -> None:
         f"  metrics.json, report.md  scores (map vs NLCD baseline; held_out)\n"
         f"  quicklook.png            imagery | LR label | prediction | reference\n"
         f"  run/                     the training run: checkpoints, loss.png, metrics.csv\n"
-        f"Go on with your own imagery: lcmap predict --model {out / 'run'} --images YOUR.tif --bbox W S E N --out MAP.tif"
+        f"Go on with your own imagery: lcmap predict --model {out / 'run'} --images YOUR.tif "
+        "--bbox W S E N --out MAP.tif"
     )
 
 
@@ -169,8 +207,12 @@ def _read_target(path: Path, legend_name: str | None, bounds, shape, crs: str | 
     from lcmap.geodata.io import Grid, LabelMosaic
 
     no_label = (0,) if legend_name is None else get_legend(legend_name).nodata
-    grid = Grid.of(crs or sample_metadata()["crs"], from_bounds(*bounds, width=shape[1], height=shape[0]),
-                   width=shape[1], height=shape[0])
+    grid = Grid.of(
+        crs or sample_metadata()["crs"],
+        from_bounds(*bounds, width=shape[1], height=shape[0]),
+        width=shape[1],
+        height=shape[0],
+    )
     with LabelMosaic(path, what="label", no_label_codes=no_label) as mosaic:
         labels = mosaic.read(grid)
     if legend_name is None:  # already target codes
@@ -190,12 +232,13 @@ def quicklook(path: Path, map_train: Path, map_heldout: Path) -> None:
 
     meta = sample_metadata()
     files = sample_paths()
-    colours = [(1, 1, 1)] + [tuple(v / 255 for v in c.color) for c in DEFAULT_TARGET.classes]
+    colours: list[tuple[float, float, float]] = [(1.0, 1.0, 1.0)]
+    colours += [(c.color[0] / 255, c.color[1] / 255, c.color[2] / 255) for c in DEFAULT_TARGET.classes]
     cmap = ListedColormap(colours)
     patches = [p for p in meta["patches"] if p["patch"] in QUICKLOOK_PATCHES]
     patches.sort(key=lambda p: QUICKLOOK_PATCHES.index(p["patch"]))
     fig, axes = plt.subplots(len(patches), 4, figsize=(13, 3.3 * len(patches)), squeeze=False)
-    for row, p in zip(axes, patches):
+    for row, p in zip(axes, patches, strict=True):
         k, bounds = p["patch"], p["bounds"]
         shape = (int(bounds[3] - bounds[1]), int(bounds[2] - bounds[0]))
         with rasterio.open(files["imagery"][k]) as src:
@@ -203,11 +246,13 @@ def quicklook(path: Path, map_train: Path, map_heldout: Path) -> None:
         panels = [
             (rgb, f"patch {k} ({'held out' if p['split'] == 'heldout' else 'training'}): NAIP 1 m"),
             (_read_target(files["labels"][k], "nlcd", bounds, shape), "NLCD 2011 (30 m): LR label"),
-            (_read_target(map_heldout if p["split"] == "heldout" else map_train, None, bounds, shape),
-             "lcmap Paraformer-tiny (1 m)"),
+            (
+                _read_target(map_heldout if p["split"] == "heldout" else map_train, None, bounds, shape),
+                "lcmap Paraformer-tiny (1 m)",
+            ),
             (_read_target(files["reference"][k], "chesapeake", bounds, shape), "Chesapeake 1 m reference"),
         ]
-        for ax, (img, title) in zip(row, panels):
+        for ax, (img, title) in zip(row, panels, strict=True):
             if img.ndim == 3:
                 ax.imshow(img)
             else:
@@ -218,8 +263,11 @@ def quicklook(path: Path, map_train: Path, map_heldout: Path) -> None:
     handles = [Patch(color=colours[c.code], label=c.name) for c in DEFAULT_TARGET.classes]
     handles.append(Patch(facecolor="white", edgecolor="grey", label="no data"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    fig.suptitle("lcmap demo: updating a 30 m NLCD map to 1 m (Chesapeake Land Cover sample, "
-                 "West Virginia; Robinson et al. CVPR 2019)", fontsize=10)
+    fig.suptitle(
+        "lcmap demo: updating a 30 m NLCD map to 1 m (Chesapeake Land Cover sample, "
+        "West Virginia; Robinson et al. CVPR 2019)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
