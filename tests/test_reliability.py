@@ -23,6 +23,11 @@ Cases (one line each: the test, then what it checks):
   the kept blocks resume after space is freed
 - test_wrong_reference_legend_names_the_option: evaluate names --reference-legend, not --legend
 - test_fractional_label_values_are_refused: float labels with fractions: "not whole numbers", the file
+
+The rest of the hostile sweep lives beside its room, each file's docstring listing its cases:
+tests/test_reliability_training.py (weights-only checkpoints, YAML errors, unwritable --out, SIGTERM,
+demo --resume, tls:// schedulers, single-class kappa) and tests/test_cluster.py (worker killed,
+scheduler lost or unreachable, Ctrl-C on predict). README "What lcmap guarantees" names them all.
 """
 
 from __future__ import annotations
