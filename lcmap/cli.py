@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,12 +35,12 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 BBox = Annotated[
-    Optional[tuple[float, float, float, float]],
+    tuple[float, float, float, float] | None,
     typer.Option("--bbox", help="Area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM)."),
 ]
 BBoxCRS = Annotated[str, typer.Option("--bbox-crs", help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917.")]
 AOIOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
 ]
 TTA_HELP = (
@@ -93,7 +93,9 @@ def _main(
 @app.command()
 @command_from_options(
     TrainConfig,
-    config_help="YAML file with the same options as these flags (keys: the flag names); flags given on the command line win.",
+    config_help=(
+        "YAML file with the same options as these flags (keys: the flag names); flags given on the command line win."
+    ),
 )
 def train(config_file: Path | None, given: dict) -> None:
     """Train Paraformer (or the U-Net baseline) on HR imagery with LR labels inside an AOI."""
@@ -110,32 +112,92 @@ def train(config_file: Path | None, given: dict) -> None:
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option("--model", help="RUN_DIR from 'lcmap train' or a .ckpt file.")],
-    images: Annotated[list[Path], typer.Option("--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP)],
-    out: Annotated[Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")],
+    images: Annotated[
+        list[Path],
+        typer.Option("--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")
+    ],
     bbox: BBox = None,
     bbox_crs: BBoxCRS = "EPSG:4326",
     aoi: AOIOpt = None,
     tile_px: Annotated[int, typer.Option("--tile-px", help="Model window side, pixels (multiple of 32).")] = 512,
-    overlap_px: Annotated[int, typer.Option("--overlap-px", help="Overlap between neighbouring windows, pixels (blended).")] = 64,
-    block_px: Annotated[int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")] = 4096,
+    overlap_px: Annotated[
+        int, typer.Option("--overlap-px", help="Overlap between neighbouring windows, pixels (blended).")
+    ] = 64,
+    block_px: Annotated[
+        int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")
+    ] = 4096,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 4,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="dask.distributed scheduler address: tls://host:8786 (TLS from Dask's config; see README) or tcp://host:8786 (unencrypted, trusted networks only); default: a local cluster sized to this machine; 'synchronous' runs in this process.")] = None,
-    confidence: Annotated[bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")] = False,
-    legend: Annotated[str, typer.Option("--legend", help="target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR legend codes.")] = "target",
-    precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
-    devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
-    input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help=(
+                "dask.distributed scheduler address: tls://host:8786 (TLS from Dask's config; see README) or "
+                "tcp://host:8786 (unencrypted, trusted networks only); default: a local cluster sized to this "
+                "machine; 'synchronous' runs in this process."
+            ),
+        ),
+    ] = None,
+    confidence: Annotated[
+        bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")
+    ] = False,
+    legend: Annotated[
+        str,
+        typer.Option(
+            "--legend",
+            help=(
+                "target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR "
+                "legend codes."
+            ),
+        ),
+    ] = "target",
+    precision: Annotated[
+        str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")
+    ] = "32",
+    devices: Annotated[
+        int | None,
+        typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible)."),
+    ] = None,
+    input_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--input-scale",
+            help=(
+                "Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery "
+                "holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or "
+                "far outside the training imagery's range is refused."
+            ),
+        ),
+    ] = None,
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
 
     result = _run(
-        predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
-        overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
-        scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
-        input_scale=input_scale, tta=tta,
+        predict_map,
+        model,
+        images,
+        out,
+        bbox=bbox,
+        bbox_crs=bbox_crs,
+        aoi=aoi,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        block_px=block_px,
+        batch_size=batch_size,
+        device=device,
+        scheduler=scheduler,
+        confidence=confidence,
+        legend=legend,
+        precision=precision,
+        devices=devices,
+        input_scale=input_scale,
+        tta=tta,
     )
     console.print(f"[green]map written to[/] {result.path}")
 
@@ -143,11 +205,28 @@ def predict(
 @app.command()
 def evaluate(
     map_path: Annotated[Path, typer.Option("--map", help="Map GeoTIFF written by 'lcmap predict'.")],
-    reference: Annotated[list[Path], typer.Option("--reference", help="HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour; where files overlap, the first in sorted path order holding a label wins)." + LIST_HELP)],
-    reference_legend: Annotated[str, typer.Option("--reference-legend", help="Legend of --reference (e.g. chesapeake, or a YAML file).")],
+    reference: Annotated[
+        list[Path],
+        typer.Option(
+            "--reference",
+            help=(
+                "HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour; where "
+                "files overlap, the first in sorted path order holding a label wins)."
+            )
+            + LIST_HELP,
+        ),
+    ],
+    reference_legend: Annotated[
+        str, typer.Option("--reference-legend", help="Legend of --reference (e.g. chesapeake, or a YAML file).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="REPORT_DIR for metrics.json, report.md, confusion.png.")],
-    baseline: Annotated[Optional[list[Path]], typer.Option("--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training)." + LIST_HELP)] = None,
-    baseline_legend: Annotated[Optional[str], typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
+    baseline: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training)." + LIST_HELP
+        ),
+    ] = None,
+    baseline_legend: Annotated[str | None, typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
     aoi: AOIOpt = None,
 ) -> None:
     """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
@@ -159,7 +238,10 @@ def evaluate(
         if baseline and not baseline_legend:
             raise LcmapInputError("--baseline needs --baseline-legend")
         metrics = evaluate_map(
-            map_path, reference, get_legend(reference_legend), out,
+            map_path,
+            reference,
+            get_legend(reference_legend),
+            out,
             baseline=baseline or None,
             baseline_legend=get_legend(baseline_legend) if baseline_legend else None,
             aoi=aoi,
@@ -176,8 +258,12 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")] = Path("lcmap-demo"),
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")
+    ] = Path("lcmap-demo"),
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted training in OUT/run, then map and score.")
     ] = False,
@@ -190,11 +276,33 @@ def demo(
 
 @app.command()
 def stats(
-    map_path: Annotated[Path, typer.Option("--map", help="Class map GeoTIFF (e.g. from 'lcmap predict'; any CRS) with an LCMAP_LEGEND tag or category names.")],
-    zones: Annotated[Path, typer.Option("--zones", help="Zone polygons (GeoPackage, GeoJSON, Shapefile; any CRS), e.g. districts.")],
-    field: Annotated[str, typer.Option("--field", help="Zone name field of --zones (features sharing a name are one zone).")],
-    out: Annotated[Path, typer.Option("--out", help="STATS_DIR for stats.csv (zone, class, pixels, km2, percent) and stats.gpkg (zones with one km2 column per class).")],
-    block_px: Annotated[int, typer.Option("--block-px", help="Side of one counting block, pixels (memory per thread: ~12 bytes per pixel).")] = 2048,
+    map_path: Annotated[
+        Path,
+        typer.Option(
+            "--map",
+            help="Class map GeoTIFF (e.g. from 'lcmap predict'; any CRS) with an LCMAP_LEGEND tag or category names.",
+        ),
+    ],
+    zones: Annotated[
+        Path, typer.Option("--zones", help="Zone polygons (GeoPackage, GeoJSON, Shapefile; any CRS), e.g. districts.")
+    ],
+    field: Annotated[
+        str, typer.Option("--field", help="Zone name field of --zones (features sharing a name are one zone).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help=(
+                "STATS_DIR for stats.csv (zone, class, pixels, km2, percent) and stats.gpkg (zones with one km2 "
+                "column per class)."
+            ),
+        ),
+    ],
+    block_px: Annotated[
+        int,
+        typer.Option("--block-px", help="Side of one counting block, pixels (memory per thread: ~12 bytes per pixel)."),
+    ] = 2048,
 ) -> None:
     """Area per class and zone: pixels, km2 and percent of the zone's classified area (nodata not counted)."""
     from lcmap.geodata.io import check_not_an_input
@@ -207,8 +315,10 @@ def stats(
         check_not_an_input(outputs, [map_path, zones])
         result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
-        console.print(f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "
-                      f"{result.area_km2.sum():.3f} km2 classified")
+        console.print(
+            f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "
+            f"{result.area_km2.sum():.3f} km2 classified"
+        )
         console.print(f"[green]statistics written to[/] {csv_path} and {gpkg_path}")
 
     _run(go)
@@ -216,12 +326,54 @@ def stats(
 
 @app.command()
 def changes(
-    map_path: Annotated[Path, typer.Option("--map", help="New map GeoTIFF written by 'lcmap predict' (its 1 m grid is the change map's grid).")],
-    old: Annotated[list[Path], typer.Option("--old", help="Older land-cover product, any CRS/resolution (resampled nearest onto the map grid). Where files overlap, the first in sorted path order holding a class wins." + LIST_HELP)],
-    old_legend: Annotated[str, typer.Option("--old-legend", help="Legend of --old: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, 4class, or a YAML file.")],
-    out: Annotated[Path, typer.Option("--out", help="Change map COG (CHANGES.tif); CHANGES.qml, .csv (pixels, km2), .md and .stac.json are written beside it.")],
-    map_legend: Annotated[Optional[str], typer.Option("--map-legend", help="Legend of the map's codes when it has no LCMAP_LEGEND tag (e.g. 4class for codes 1-4).")] = None,
-    block_px: Annotated[int, typer.Option("--block-px", help="Side of the square window read at a time, pixels of the map grid (memory; rounded up to 512).")] = 2048,
+    map_path: Annotated[
+        Path,
+        typer.Option(
+            "--map", help="New map GeoTIFF written by 'lcmap predict' (its 1 m grid is the change map's grid)."
+        ),
+    ],
+    old: Annotated[
+        list[Path],
+        typer.Option(
+            "--old",
+            help=(
+                "Older land-cover product, any CRS/resolution (resampled nearest onto the map grid). Where files "
+                "overlap, the first in sorted path order holding a class wins."
+            )
+            + LIST_HELP,
+        ),
+    ],
+    old_legend: Annotated[
+        str,
+        typer.Option(
+            "--old-legend",
+            help="Legend of --old: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, 4class, or a YAML file.",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help=(
+                "Change map COG (CHANGES.tif); CHANGES.qml, .csv (pixels, km2), .md and .stac.json are written "
+                "beside it."
+            ),
+        ),
+    ],
+    map_legend: Annotated[
+        str | None,
+        typer.Option(
+            "--map-legend",
+            help="Legend of the map's codes when it has no LCMAP_LEGEND tag (e.g. 4class for codes 1-4).",
+        ),
+    ] = None,
+    block_px: Annotated[
+        int,
+        typer.Option(
+            "--block-px",
+            help="Side of the square window read at a time, pixels of the map grid (memory; rounded up to 512).",
+        ),
+    ] = 2048,
 ) -> None:
     """Map from -> to transitions on the target classes between an older product and a new map."""
     from lcmap.pipeline.changes import map_changes
@@ -235,9 +387,25 @@ def changes(
 
 @app.command()
 def stac(
-    map_path: Annotated[Path, typer.Option("--map", help="Map or change map COG; MAP.stac.json is (re)written beside it.")],
-    imagery_datetime: Annotated[Optional[str], typer.Option("--datetime", help="Imagery date, ISO 8601 (2020-04-15) or START/END (UTC when no zone); default: the map's LCMAP_IMAGERY_DATETIME tag, else the file's time.")] = None,
-    report: Annotated[Optional[list[Path]], typer.Option("--report", help="Further files to list as metadata assets (e.g. an evaluation report.md); repeatable.")] = None,
+    map_path: Annotated[
+        Path, typer.Option("--map", help="Map or change map COG; MAP.stac.json is (re)written beside it.")
+    ],
+    imagery_datetime: Annotated[
+        str | None,
+        typer.Option(
+            "--datetime",
+            help=(
+                "Imagery date, ISO 8601 (2020-04-15) or START/END (UTC when no zone); default: the map's "
+                "LCMAP_IMAGERY_DATETIME tag, else the file's time."
+            ),
+        ),
+    ] = None,
+    report: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--report", help="Further files to list as metadata assets (e.g. an evaluation report.md); repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Write the STAC Item (MAP.stac.json) of an existing map: footprint, projection, classes, assets."""
     from lcmap.pipeline.stac import write_stac_item
