@@ -360,6 +360,8 @@ W, T, L, B = "water", "tree canopy", "low vegetation", "built-up"
 #:   are not included"), and a 10 m cell is 100 px at 1 m, not 900;
 #: - Esri 7 "Built area": "human made structures ... large homogeneous impervious surfaces";
 #: - FROM-GLC10 80 "Impervious surface" (10 m): artificial surfaces, no cover fraction defined.
+# one class per line reads as the product's own legend table
+# fmt: off
 BUILTIN_LEGENDS: dict[str, Legend] = {
     "nlcd": _legend("nlcd", (0, 255), [
         (11, "Open Water", "#466b9f", W),
@@ -471,6 +473,7 @@ BUILTIN_LEGENDS: dict[str, Legend] = {
         (6, "Impervious Roads", "#000000", B),
     ]),
 }
+# fmt: on
 
 
 def target_legend(scheme: TargetScheme = DEFAULT_TARGET) -> Legend:
