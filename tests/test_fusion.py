@@ -108,7 +108,10 @@ def test_products_in_different_crs_fuse_pixel_by_pixel(tmp_path, rule):
     b_codes, b_tr, b_proj = _product(tmp_path / "b" / "nl.tif", "EPSG:4326", 1e-4, NL, seed=2, nodata_share=0.2)
     a, a_safe = _expected_targets(a_codes, a_tr, a_proj, WC)
     b, b_safe = _expected_targets(b_codes, b_tr, b_proj, NL)
-    products = [open_labels([tmp_path / "a"], get_legend("worldcover")), open_labels([tmp_path / "b"], get_legend("nlcd"))]
+    products = [
+        open_labels([tmp_path / "a"], get_legend("worldcover")),
+        open_labels([tmp_path / "b"], get_legend("nlcd")),
+    ]
     fused = FusedLabelRaster(products, rule)
     ds = LabelledImagery(open_imagery([img]), fused)
     mask = ds[(slice(X0, X0 + W, 1.0), slice(Y0 - H, Y0, 1.0))]["mask"].numpy()
@@ -230,7 +233,7 @@ def test_train_two_products_from_a_config_file_then_predict_target_classes(tmp_p
     assert len(hp["allowed_classes"]) == 15 and len(hp["class_weights"]) == 15
     out = tmp_path / "map.tif"
     result = runner.invoke(
-        app, ["predict", "--run", str(run), "--images", str(SAMPLE / "naip" / "patch-0.tif"), "--out", str(out),
+        app, ["predict", "--model", str(run), "--images", str(SAMPLE / "naip" / "patch-0.tif"), "--out", str(out),
               "--legend", "native"]
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -141,4 +141,3 @@ class FusedLabelRaster(_CheckedRaster):
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
-

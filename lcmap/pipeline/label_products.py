@@ -55,7 +55,8 @@ def open_label_products(
     from lcmap.geodata.legends import get_legend
     from lcmap.pipeline.label_classes import allowed_classes_for, scan_label_codes
 
-    opened, counts = [], {}
+    opened: list[Any] = []
+    counts: dict[int, int] = {}
     for i, prod in enumerate(products):
         legend = get_legend(prod["legend"])
         ds = open_labels(prod["labels"], legend, what=f"label product {i + 1}")
