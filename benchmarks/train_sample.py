@@ -10,6 +10,12 @@ model was trained on) and ``heldout`` (patches 3 and 6, never seen in training).
 
     python benchmarks/train_sample.py [--models paraformer-tiny unet] [--seeds 1234 1 2]
         [--checkpoints last best] [--no-reference-val] [--epochs N] [--steps-per-epoch N] ...
+        [--products nlcd | nlcd+shifted] [--label-fusion partial|agree|first] [--shift-m 30]
+
+``--products nlcd+shifted`` trains on two fused label products (``--label-product``): NLCD and NLCD
+itself shifted east by ``--shift-m`` (one 30 m cell by default), which mimics a second product
+with a co-registration difference (no reference information is used). The "NLCD" columns always
+score NLCD alone.
 
 Prints a table and one JSON line (``RESULT {...}``). Timings on a shared 2-core machine are noisy.
 """
@@ -17,6 +23,7 @@ Prints a table and one JSON line (``RESULT {...}``). Timings on a shared 2-core 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -83,6 +90,19 @@ def predict_patch(tm, i: int, tta: str = "none") -> np.ndarray:
     group = torch.from_numpy(tm.legend.index_to_target_group())
     idx = sum_probabilities(probs[None], group, n_target + 1)[0].argmax(0).numpy().astype(np.uint8)
     return np.where(idx == n_target, IGNORE_INDEX, idx).astype(np.uint8)
+
+
+def shifted_nlcd(out_dir: Path, shift_m: float) -> Path:
+    """The sample NLCD patches shifted east by ``shift_m`` (same codes and legend), written to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted((SAMPLE / "nlcd").glob("patch-*.tif")):
+        with rasterio.open(path) as src:
+            profile, data = src.profile, src.read()
+        t = profile["transform"]
+        profile["transform"] = rasterio.Affine(t.a, t.b, t.c + shift_m, t.d, t.e, t.f)
+        with rasterio.open(out_dir / path.name, "w", **profile) as dst:
+            dst.write(data)
+    return out_dir
 
 
 def score_run(ckpt: Path, tta: str = "none", tm=None) -> dict:
@@ -181,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tta", default="none", choices=TTA_MODES, help="test-time augmentation of the scored maps (and validation)"
     )
+    ap.add_argument("--products", default="nlcd", choices=["nlcd", "nlcd+shifted"])
+    ap.add_argument("--label-fusion", default="partial", choices=["partial", "agree", "first"])
+    ap.add_argument("--shift-m", type=float, default=30.0, help="east shift of the second NLCD product (m)")
     ap.add_argument("--progress-bar", action="store_true")
     args = ap.parse_args(argv)
 
@@ -188,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for model in args.models:
         for seed in args.seeds:
-            run_dir = Path(args.out) / f"{model}-s{seed}"
+            tag = "" if args.products == "nlcd" else f"-{args.products}-{args.label_fusion}"
+            run_dir = Path(args.out) / f"{model}-s{seed}{tag}"
             if run_dir.exists():
                 import shutil
 
@@ -196,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             config = sample_config(
                 model, seed, run_dir, args.demo_settings, not args.no_reference_val, args.progress_bar
             )
+            if args.products == "nlcd+shifted":
+                shifted = shifted_nlcd(Path(args.out) / f"nlcd-shift{args.shift_m:g}m", args.shift_m)
+                products = [
+                    {"labels": [str(SAMPLE / "nlcd")], "legend": "nlcd"},
+                    {"labels": [str(shifted)], "legend": "nlcd"},
+                ]
+                config = dataclasses.replace(config, labels=[], label_products=products, label_fusion=args.label_fusion)
             config = config.merged(
                 epochs=args.epochs,
                 steps_per_epoch=args.steps_per_epoch,
@@ -217,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "model": model,
                         "seed": seed,
+                        "products": args.products,
+                        "label_fusion": args.label_fusion if args.products != "nlcd" else None,
                         "checkpoint": which,
                         "train_seconds": seconds,
                         "tta": args.tta,

@@ -29,6 +29,7 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd")
 CLASS_WEIGHTINGS = ("inv_sqrt_freq", "inv_freq", "none")
+LABEL_FUSIONS = ("partial", "agree", "first")
 
 #: Default peak learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.01}
@@ -93,6 +94,31 @@ def _devices(value: Any) -> int | str:
 def _precision(value: Any) -> str:
     text = str(value).strip().lower()
     return {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "16": "16-mixed"}.get(text, text)
+
+
+def _label_products(value: Any) -> list[dict[str, Any]]:
+    """Label products -> ``[{"labels": [paths], "legend": name}, ...]`` (in order).
+
+    Each product is a mapping ``{labels: PATH or [PATHS], legend: NAME}`` (config file) or the text
+    ``PATHS=LEGEND`` (``--label-product``; several paths of one product joined by ``,``).
+    """
+    items = [value] if isinstance(value, (str, dict)) else list(value)
+    products = []
+    for item in items:
+        if isinstance(item, dict):
+            unknown = sorted(set(map(str, item)) - {"labels", "legend"})
+            if unknown or "labels" not in item:
+                raise ValueError(f"a label product is {{labels: [PATHS], legend: NAME}}, not {item!r}")
+            paths, legend = _as_list(item["labels"]), str(item.get("legend", "nlcd"))
+        else:
+            text, sep, legend = str(item).rpartition("=")
+            if not sep or not text.strip() or not legend.strip():
+                raise ValueError(f"{item!r} is not PATHS=LEGEND")
+            paths = [p.strip() for p in text.split(",") if p.strip()]
+        if not paths:
+            raise ValueError(f"label product {item!r} names no file")
+        products.append({"labels": paths, "legend": legend.strip()})
+    return products
 
 
 def _label_trust(value: Any) -> dict[int, float]:
@@ -203,6 +229,22 @@ class TrainConfig:
     legend: str = option(
         "nlcd", parse=_text, cli_type=str,
         help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.",
+    )  # fmt: skip
+    label_products: list[dict[str, Any]] = option(
+        default_factory=list, parse=_label_products, cli_type=list[str], flag="--label-product",
+        metavar="PATHS=LEGEND",
+        help="PATHS=LEGEND (repeatable, in order): several label products fused into one label (instead of "
+        "--labels/--legend), e.g. --label-product 'esa/=worldcover' --label-product 'esri/*.tif=esri'. PATHS: a "
+        "file, folder, quoted glob or .txt list (several joined by ','). Each product is read onto the 1 m grid "
+        "in its own CRS and mapped to its target classes, then fused by --label-fusion; the network predicts the "
+        "target classes. One product trains exactly as --labels/--legend. Config file: label_products: "
+        "[{labels: [PATHS], legend: NAME}, ...].",
+    )  # fmt: skip
+    label_fusion: str = option(
+        "partial", parse=_lower, cli_type=str,
+        help="How --label-product labels are fused where the products' target classes differ: partial (the label "
+        "'one of these target classes', partial-label loss), agree (the pixel is ignored) or first (the first "
+        "product's class). Where a product has no label the others decide.",
     )  # fmt: skip
     aoi: str | None = option(
         None, parse=_text, cli_type=str, metavar="PATH",
@@ -401,8 +443,12 @@ class TrainConfig:
         problems = []
         if not self.images:
             problems.append("no imagery given (--images)")
-        if not self.labels:
-            problems.append("no labels given (--labels)")
+        if not self.labels and not self.label_products:
+            problems.append("no labels given (--labels or --label-product)")
+        if self.labels and self.label_products:
+            problems.append("give either --labels/--legend or --label-product, not both")
+        if len(self.label_products) > 1 and (self.label_trust or self.mixed_classes):
+            problems.append("--label-trust and --mixed-class name one product's codes: not with several products")
         if not self.out:
             problems.append("no RUN_DIR given (--out)")
         for name, allowed in (
@@ -411,6 +457,7 @@ class TrainConfig:
             ("accelerator", ACCELERATORS),
             ("optimizer", OPTIMIZERS),
             ("class_weighting", CLASS_WEIGHTINGS),
+            ("label_fusion", LABEL_FUSIONS),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{self.flag_of(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -448,6 +495,13 @@ class TrainConfig:
         if problems:
             raise LcmapInputError("invalid training options: " + "; ".join(problems))
 
+    def single_product(self) -> TrainConfig:
+        """One ``--label-product`` as ``--labels``/``--legend`` (today's training, unchanged); else self."""
+        if len(self.label_products) != 1:
+            return self
+        prod = self.label_products[0]
+        return dataclasses.replace(self, labels=list(prod["labels"]), legend=prod["legend"], label_products=[])
+
     def with_absolute_paths(self) -> TrainConfig:
         def absolute(p: str | None) -> str | None:
             return None if p is None else str(Path(p).expanduser().resolve())
@@ -462,6 +516,10 @@ class TrainConfig:
             self,
             images=[absolute(p) for p in self.images],  # type: ignore[misc]
             labels=[absolute(p) for p in self.labels],  # type: ignore[misc]
+            label_products=[
+                {"labels": [absolute(p) for p in prod["labels"]], "legend": absolute_legend(prod["legend"])}
+                for prod in self.label_products
+            ],
             aoi=absolute(self.aoi),
             vit_weights=absolute(self.vit_weights),
             reference=None if self.reference is None else [absolute(p) for p in self.reference],  # type: ignore[misc]

@@ -27,8 +27,8 @@ def plat_mask(head1_logits: Tensor, target: Tensor, allowed: Tensor | None = Non
     Args:
         head1_logits: ``(B, K, H, W)`` logits of head 1 (the CNN head).
         target: ``(B, H, W)`` int64 LR labels (legend indices, IGNORE_INDEX = ignored).
-        allowed: optional ``(K, K)`` bool, ``allowed[y, k]``: class ``k`` is an acceptable answer
-            for label ``y`` (identity when None; see :func:`weighted_ce`). Head 1 "agrees" where
+        allowed: optional ``(L, K)`` bool (``L >= K`` label values), ``allowed[y, k]``: class ``k`` is
+            an acceptable answer for label ``y`` (identity when None; see :func:`weighted_ce`). Head 1 "agrees" where
             its argmax is acceptable for the label.
 
     Returns:
@@ -50,7 +50,8 @@ def weighted_ce(logits: Tensor, target: Tensor, weight: Tensor | None = None, al
     ``sum_i w[y_i] * ce_i / sum_i w[y_i]`` as in :func:`torch.nn.functional.cross_entropy`, but a
     batch without any (weighted) valid pixel gives 0 instead of NaN.
 
-    With ``allowed`` (``(K, K)`` bool; row ``y`` = the classes acceptable for label ``y``), the
+    With ``allowed`` (``(L, K)`` bool, ``L >= K``; row ``y`` = the classes acceptable for label ``y``;
+    ``weight`` then has ``L`` entries, one per label value), the
     per-pixel term is the partial-label cross-entropy ``-log sum_{k in allowed[y]} p_k``: a label
     of a *mixed* LR class (e.g. NLCD 21, lawn with some pavement) asks for "one of these classes"
     and lets the image decide which. A row with only ``y`` itself is the plain cross-entropy.

@@ -60,8 +60,10 @@ class LandCoverTask(pl.LightningModule):
             validation masks are the LR labels themselves.
         val_source: ``reference`` or ``labels``, for messages.
         config: the training options (stored for the record).
-        allowed_classes: per class index, the class indices acceptable for its label (mixed LR
-            classes, partial-label CE; see :func:`weighted_ce`), or None (plain CE).
+        allowed_classes: per label value, the class indices acceptable for it (mixed LR classes,
+            partial-label CE; see :func:`weighted_ce`), or None (plain CE). Usually one row per
+            class; fused label products (:mod:`lcmap.pipeline.label_products`) add rows for label
+            values that are sets of classes (then ``class_weights`` has one weight per row).
         val_tta: test-time augmentation of the validation windows (:mod:`lcmap.models.tta`):
             ``none``, ``flips`` or ``d4``, as ``lcmap predict --tta``.
     """
@@ -90,16 +92,18 @@ class LandCoverTask(pl.LightningModule):
         self.save_hyperparameters()
         self.legend = Legend.from_dict(legend)
         self.model = build_model(model_name, in_channels, len(self.legend), vit_weights=vit_weights)
+        k = len(self.legend)
+        # label values: the legend's classes, or more with fused label products (sets of classes)
+        n_labels = k if allowed_classes is None else len(allowed_classes)
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
-        if weights is not None and weights.numel() != len(self.legend):
-            raise ValueError(f"{weights.numel()} class weights for {len(self.legend)} classes")
+        if weights is not None and weights.numel() != n_labels:
+            raise ValueError(f"{weights.numel()} class weights for {n_labels} label classes")
         self.register_buffer("class_weights", weights, persistent=False)
         allowed = None
         if allowed_classes is not None:
-            k = len(self.legend)
-            if len(allowed_classes) != k:
-                raise ValueError(f"{len(allowed_classes)} rows of allowed classes for {k} classes")
-            allowed = torch.zeros((k, k), dtype=torch.bool)
+            if n_labels < k:
+                raise ValueError(f"{n_labels} rows of allowed classes for {k} classes")
+            allowed = torch.zeros((n_labels, k), dtype=torch.bool)
             for y, row in enumerate(allowed_classes):
                 if not row:
                     raise ValueError(f"class {y}: no acceptable class for its label")

@@ -53,6 +53,7 @@ class _Inputs:
     roi: Any
     aoi_name: str
     label_counts: dict[int, int]
+    net_legend: Any = None  # the network's classes when they differ from the labels' (fused products)
 
     @property
     def in_channels(self) -> int:
@@ -73,7 +74,7 @@ def run_train(config: TrainConfig) -> Path:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
-    config, run = _prepare_config(config)
+    config, run = _prepare_config(config.single_product())
     is_zero = rank_zero_only.rank == 0
     created = run.create()
     t_start = time.perf_counter()
@@ -89,7 +90,7 @@ def run_train(config: TrainConfig) -> Path:
             datamodule = _datamodule(config, inputs, stats)
             weights = _class_weights(run, config, inputs, datamodule, is_zero)
             if is_zero:
-                _write_run_record(run, config, inputs.legend, stats)
+                _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
             task = _task(config, inputs, stats, weights)
             log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
             trainer, best_cb = _trainer(run, config)
@@ -166,14 +167,14 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
     from lcmap.geodata.legends import get_legend
     from lcmap.pipeline.label_classes import allowed_classes_for, resolve_mixed_classes, scan_label_codes
 
-    legend = get_legend(config.legend)
-    mixed = resolve_mixed_classes(legend, config.mixed_classes, config.default_mixed)
+    fused = bool(config.label_products)
+    legend = get_legend(config.legend if not fused else "4class")
+    mixed = {} if fused else resolve_mixed_classes(legend, config.mixed_classes, config.default_mixed)
     allowed = allowed_classes_for(legend, mixed)  # option errors before any work
     unknown_trust = sorted(set(config.label_trust) - set(legend.codes))
     if unknown_trust:
         raise LcmapInputError(f"label_trust names codes {unknown_trust} that legend {legend.name} does not have")
     imagery = open_imagery(config.images)
-    labels = open_labels(config.labels, legend)
     aoi = resolve_aoi(config.aoi, tuple(config.bbox) if config.bbox else None, config.bbox_crs)
     x, y, _ = imagery.bounds
     img_bounds = (float(x.start), float(y.start), float(x.stop), float(y.stop))
@@ -188,8 +189,17 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
         "imagery: %d file(s), %d bands, %s, %.2f m pixels",
         len(imagery.files), int(imagery.count), imagery.crs.to_string(), imagery.res[0],
     )  # fmt: skip
-    log.info("labels: %d file(s), legend %s (%d classes)", len(labels.files), legend.name, len(legend))
-    label_counts = scan_label_codes(labels, used_bounds, imagery.crs)
+    net_legend = None
+    if fused:
+        from lcmap.pipeline.label_products import open_label_products
+
+        products = open_label_products(config.label_products, config.label_fusion, used_bounds, imagery.crs)
+        labels, legend, allowed = products.labels, products.label_legend, products.allowed
+        label_counts, net_legend = products.label_counts, products.net_legend
+    else:
+        labels = open_labels(config.labels, legend)
+        log.info("labels: %d file(s), legend %s (%d classes)", len(labels.files), legend.name, len(legend))
+        label_counts = scan_label_codes(labels, used_bounds, imagery.crs)
     if not label_counts:
         raise LcmapInputError(
             "the label files hold no class (only nodata) over the imagery and AOI: check --labels and the AOI"
@@ -218,6 +228,7 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
         roi=roi,
         aoi_name=f"the AOI ({aoi.source})" if aoi is not None else "the imagery",
         label_counts=label_counts,
+        net_legend=net_legend,
     )
 
 
@@ -233,8 +244,9 @@ def _check_resumed_checkpoint(run: RunFolder, config: TrainConfig, inputs: _Inpu
         )
     if hp["model_name"] != config.model:
         raise LcmapInputError(f"--resume: {run.last_ckpt} holds a {hp['model_name']} model, not {config.model}")
-    if [c["code"] for c in hp["legend"]["classes"]] != inputs.legend.codes:
-        raise LcmapInputError(f"--resume: {run.last_ckpt} was trained with another legend than {inputs.legend.name}")
+    legend = inputs.net_legend or inputs.legend
+    if [c["code"] for c in hp["legend"]["classes"]] != legend.codes:
+        raise LcmapInputError(f"--resume: {run.last_ckpt} was trained with another legend than {legend.name}")
 
 
 def _normalization(run: RunFolder, config: TrainConfig, inputs: _Inputs) -> Any:
@@ -319,7 +331,7 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
     """The Lightning module (builds the network: consumes the seeded torch RNG)."""
     from lcmap.pipeline.task import LandCoverTask
 
-    legend = inputs.legend
+    legend = inputs.net_legend or inputs.legend  # the network's classes
     if config.model.startswith("paraformer"):
         if config.vit_weights:
             log.info("ViT weights: %s", config.vit_weights)
