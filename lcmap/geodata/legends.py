@@ -56,7 +56,7 @@ def _hex_to_rgb(value: str | list | tuple) -> tuple[int, int, int]:
         rgb = tuple(int(v) for v in value)
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
             raise ValueError(f"colour {value!r} is not three values 0-255")
-        return rgb  # type: ignore[return-value]
+        return rgb[0], rgb[1], rgb[2]
     text = str(value).lstrip("#")
     if len(text) != 6:
         raise ValueError(f"colour {value!r} is not of the form '#rrggbb'")

@@ -68,6 +68,12 @@ class LandCoverTask(pl.LightningModule):
             ``none``, ``flips`` or ``d4``, as ``lcmap predict --tta``.
     """
 
+    # buffers (registered in __init__; declared here for the type checker)
+    class_weights: Tensor | None
+    allowed: Tensor | None
+    target_group: Tensor
+    mask_to_target: Tensor
+
     def __init__(
         self,
         model_name: str,
@@ -179,9 +185,10 @@ class LandCoverTask(pl.LightningModule):
                 self.log(f"val_iou_{name.replace(' ', '_')}", pc["iou"], sync_dist=True)
 
     # -------------------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> Any:
+        hp: Any = self.hparams  # Lightning's AttributeDict of the saved hyper-parameters
         params = [p for p in self.model.parameters() if p.requires_grad]
+        opt: torch.optim.Optimizer
         if hp.optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         elif hp.optimizer == "sgd":

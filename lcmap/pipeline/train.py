@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def run_train(config: TrainConfig) -> Path:
     from lightning.pytorch.utilities import rank_zero_only
 
     config, run = _prepare_config(config.single_product())
-    is_zero = rank_zero_only.rank == 0
+    is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
     t_start = time.perf_counter()
     try:
@@ -175,7 +175,8 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
     if unknown_trust:
         raise LcmapInputError(f"label_trust names codes {unknown_trust} that legend {legend.name} does not have")
     imagery = open_imagery(config.images)
-    aoi = resolve_aoi(config.aoi, tuple(config.bbox) if config.bbox else None, config.bbox_crs)
+    bbox = (config.bbox[0], config.bbox[1], config.bbox[2], config.bbox[3]) if config.bbox else None
+    aoi = resolve_aoi(config.aoi, bbox, config.bbox_crs)
     x, y, _ = imagery.bounds
     img_bounds = (float(x.start), float(y.start), float(x.stop), float(y.stop))
     roi = None
@@ -204,10 +205,12 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
         raise LcmapInputError(
             "the label files hold no class (only nodata) over the imagery and AOI: check --labels and the AOI"
         )
-    if roi is not None:
+    if roi is not None and aoi is not None:
         log.info("AOI: %s, %.0f m2 in %s", aoi.source, roi.area, imagery.crs.to_string())
     ref_legend = ref_labels = None
     if config.reference:
+        if not config.reference_legend:
+            raise LcmapInputError("--reference needs --reference-legend (the legend of the reference's codes)")
         ref_legend = get_legend(config.reference_legend)
         ref_labels = open_labels(config.reference, ref_legend, what="reference")
         scan_label_codes(ref_labels, used_bounds, imagery.crs)
@@ -382,7 +385,7 @@ def _trainer(run: RunFolder, config: TrainConfig) -> tuple[Any, Any]:
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=config.devices,
-        precision=precision,
+        precision=cast(Any, precision),  # one of PRECISIONS, checked by TrainConfig
         max_epochs=config.epochs,
         logger=_loggers(run),
         callbacks=callbacks,
