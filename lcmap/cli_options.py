@@ -1,4 +1,4 @@
-"""Command-line flags generated from a dataclass whose fields carry an :class:`~lcmap.pipeline.config.Option`.
+"""Command-line flags generated from a dataclass whose fields carry an :class:`~lcmap.pipeline.option_values.Option`.
 
 ``lcmap train`` takes one flag per :class:`~lcmap.pipeline.config.TrainConfig` field (name, type
 and help from the field's declaration) plus ``--config FILE``. A flag counts only when it was

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ import yaml
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.yaml_files import read_yaml
+from lcmap.pipeline import option_values as v
+from lcmap.pipeline.option_values import Option, option
 
 __all__ = ["Option", "TrainConfig", "option"]
 
@@ -50,165 +51,6 @@ RESUME_MAY_CHANGE = (
 
 
 # ------------------------------------------------------------------------------ value parsers
-def _as_list(value: Any) -> list[str]:
-    if isinstance(value, (str, Path)):
-        return [str(value)]
-    return [str(v) for v in value]
-
-
-def _text(value: Any) -> str:
-    return str(value)
-
-
-def _lower(value: Any) -> str:
-    return str(value).strip().lower()
-
-
-def _whole(value: Any) -> int:
-    if isinstance(value, bool) or float(value) != int(float(value)):
-        raise ValueError("not a whole number")
-    return int(float(value))
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0"):
-        return False
-    raise ValueError("not true/false")
-
-
-def _bbox(value: Any) -> list[float]:
-    return [float(v) for v in (value.replace(",", " ").split() if isinstance(value, str) else value)]
-
-
-def _devices(value: Any) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    return int(value)
-
-
-def _precision(value: Any) -> str:
-    text = str(value).strip().lower()
-    return {"32": "32", "32-true": "32", "bf16": "bf16-mixed", "16": "16-mixed"}.get(text, text)
-
-
-def _label_products(value: Any) -> list[dict[str, Any]]:
-    """Label products -> ``[{"labels": [paths], "legend": name}, ...]`` (in order).
-
-    Each product is a mapping ``{labels: PATH or [PATHS], legend: NAME}`` (config file) or the text
-    ``PATHS=LEGEND`` (``--label-product``; several paths of one product joined by ``,``).
-    """
-    items = [value] if isinstance(value, (str, dict)) else list(value)
-    products = []
-    for item in items:
-        if isinstance(item, dict):
-            unknown = sorted(set(map(str, item)) - {"labels", "legend"})
-            if unknown or "labels" not in item:
-                raise ValueError(f"a label product is {{labels: [PATHS], legend: NAME}}, not {item!r}")
-            paths, legend = _as_list(item["labels"]), str(item.get("legend", "nlcd"))
-        else:
-            text, sep, legend = str(item).rpartition("=")
-            if not sep or not text.strip() or not legend.strip():
-                raise ValueError(f"{item!r} is not PATHS=LEGEND")
-            paths = [p.strip() for p in text.split(",") if p.strip()]
-        if not paths:
-            raise ValueError(f"label product {item!r} names no file")
-        products.append({"labels": paths, "legend": legend.strip()})
-    return products
-
-
-def _label_trust(value: Any) -> dict[int, float]:
-    """``{21: 0.2}``, ``"21=0.2,22=0.5"`` or ``["21=0.2", ...]`` -> ``{code: factor}`` (factors in [0, 1])."""
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        parts = [value] if isinstance(value, str) else list(value)
-        items = []
-        for part in parts:
-            for item in str(part).replace(",", " ").split():
-                code, sep, factor = item.partition("=")
-                if not sep:
-                    raise ValueError(f"{item!r} is not CODE=FACTOR")
-                items.append((code, factor))
-    trust = {}
-    for code, factor in items:
-        code_i, factor_f = int(code), float(factor)
-        if not 0.0 <= factor_f <= 1.0:
-            raise ValueError(f"trust of class {code_i} must be between 0 and 1, got {factor_f}")
-        trust[code_i] = factor_f
-    return trust
-
-
-def _mixed_classes(value: Any) -> dict[int, list[str]]:
-    """``{21: [built-up, low vegetation]}``, ``"21=built-up,low vegetation"`` (several joined by
-    ``;``) or a list of such strings -> ``{code: [target names]}``."""
-    if isinstance(value, dict):
-        items = [(k, v if isinstance(v, (list, tuple)) else str(v).split(",")) for k, v in value.items()]
-    else:
-        parts = [value] if isinstance(value, str) else list(value)
-        items = []
-        for part in parts:
-            for item in str(part).split(";"):
-                if not item.strip():
-                    continue
-                code, sep, names = item.partition("=")
-                if not sep:
-                    raise ValueError(f"{item!r} is not CODE=TARGET[,TARGET...]")
-                items.append((code, names.split(",")))
-    mixed = {}
-    for code, target_names in items:
-        clean = [str(n).strip() for n in target_names if str(n).strip()]
-        if not clean:
-            raise ValueError(f"mixed class {code} names no target class")
-        mixed[int(code)] = clean
-    return mixed
-
-
-# ------------------------------------------------------------------------------ declaration
-@dataclass(frozen=True)
-class Option:
-    """How one :class:`TrainConfig` field is given in a config file and on the command line.
-
-    Attributes:
-        help: the flag's help text (with units).
-        parse: turns a YAML or flag value into the field's type (raises ValueError/TypeError).
-        cli_type: the flag's value type for the command line (``list[str]`` for a repeatable
-            flag, ``bool`` for an on/off switch).
-        flag: the flag's name (default ``--`` + the field name with ``-``).
-        switch: for a ``bool``: the flag is ``--x/--no-x`` (True) or only ``--x`` (False).
-        metavar: the value's placeholder in ``--help``.
-    """
-
-    help: str
-    parse: Callable[[Any], Any]
-    cli_type: Any
-    flag: str | None = None
-    switch: bool = True
-    metavar: str | None = None
-
-
-def option(
-    default: Any = MISSING,
-    *,
-    help: str,
-    parse: Callable[[Any], Any],
-    cli_type: Any,
-    default_factory: Any = MISSING,
-    flag: str | None = None,
-    switch: bool = True,
-    metavar: str | None = None,
-) -> Any:
-    """A dataclass field carrying its :class:`Option` in ``metadata["option"]``."""
-    meta = {"option": Option(help, parse, cli_type, flag, switch, metavar)}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     """Options of ``lcmap train`` (config-file keys = field names with ``_`` or ``-``).
@@ -218,20 +60,20 @@ class TrainConfig:
     """
 
     images: list[str] = option(
-        default_factory=list, parse=_as_list, cli_type=list[str], metavar="PATH",
+        default_factory=list, parse=v.as_list, cli_type=list[str], metavar="PATH",
         help="HR imagery (GeoTIFF; any band count; imagery CRS and resolution define the grid).",
     )  # fmt: skip
     labels: list[str] = option(
-        default_factory=list, parse=_as_list, cli_type=list[str], metavar="PATH",
+        default_factory=list, parse=v.as_list, cli_type=list[str], metavar="PATH",
         help="LR label rasters (e.g. NLCD 30 m, WorldCover 10 m), any CRS; resampled nearest onto the imagery grid; "
         "where files overlap, the first in sorted path order holding a label wins.",
     )  # fmt: skip
     legend: str = option(
-        "nlcd", parse=_text, cli_type=str,
+        "nlcd", parse=v.text, cli_type=str,
         help="Legend of --labels: nlcd, worldcover, esri, fromglc10, glc_fcs30, chesapeake, or a YAML file.",
     )  # fmt: skip
     label_products: list[dict[str, Any]] = option(
-        default_factory=list, parse=_label_products, cli_type=list[str], flag="--label-product",
+        default_factory=list, parse=v.label_products, cli_type=list[str], flag="--label-product",
         metavar="PATHS=LEGEND",
         help="PATHS=LEGEND (repeatable, in order): several label products fused into one label (instead of "
         "--labels/--legend), e.g. --label-product 'esa/=worldcover' --label-product 'esri/*.tif=esri'. PATHS: a "
@@ -241,114 +83,114 @@ class TrainConfig:
         "[{labels: [PATHS], legend: NAME}, ...].",
     )  # fmt: skip
     label_fusion: str = option(
-        "partial", parse=_lower, cli_type=str,
+        "partial", parse=v.lower, cli_type=str,
         help="How --label-product labels are fused where the products' target classes differ: partial (the label "
         "'one of these target classes', partial-label loss), agree (the pixel is ignored) or first (the first "
         "product's class). Where a product has no label the others decide.",
     )  # fmt: skip
     aoi: str | None = option(
-        None, parse=_text, cli_type=str, metavar="PATH",
+        None, parse=v.text, cli_type=str, metavar="PATH",
         help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS (instead of --bbox).",
     )  # fmt: skip
     bbox: list[float] | None = option(
-        None, parse=_bbox, cli_type=tuple[float, float, float, float],
+        None, parse=v.bbox4, cli_type=tuple[float, float, float, float],
         help="Training area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM); "
         "default: the whole data.",
     )  # fmt: skip
     bbox_crs: str = option(
-        "EPSG:4326", parse=_text, cli_type=str, help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917."
+        "EPSG:4326", parse=v.text, cli_type=str, help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917."
     )
     model: str = option(
-        "paraformer-tiny", parse=_lower, cli_type=str,
+        "paraformer-tiny", parse=v.lower, cli_type=str,
         help="paraformer (paper size, GPU), paraformer-tiny (CPU) or unet (baseline).",
     )  # fmt: skip
-    epochs: int = option(8, parse=_whole, cli_type=int, help="Number of epochs.")
+    epochs: int = option(8, parse=v.whole, cli_type=int, help="Number of epochs.")
     steps_per_epoch: int = option(
-        30, parse=_whole, cli_type=int,
+        30, parse=v.whole, cli_type=int,
         help="Optimizer steps (batches) per epoch on one device; an epoch draws steps-per-epoch x batch-size "
         "random patches, shared among the devices.",
     )  # fmt: skip
-    batch_size: int = option(8, parse=_whole, cli_type=int, help="Patches per batch (per device).")
+    batch_size: int = option(8, parse=v.whole, cli_type=int, help="Patches per batch (per device).")
     patch_px: int | None = option(
-        None, parse=_whole, cli_type=int,
+        None, parse=v.whole, cli_type=int,
         help="Training patch side in pixels of the imagery grid (multiple of 32; default 128, 224 for paraformer).",
     )  # fmt: skip
     val_patch_px: int = option(
-        256, parse=_whole, cli_type=int, help="Validation window side in pixels of the imagery grid (multiple of 32)."
+        256, parse=v.whole, cli_type=int, help="Validation window side in pixels of the imagery grid (multiple of 32)."
     )
     val_tta: str = option(
-        "none", parse=_lower, cli_type=str,
+        "none", parse=v.lower, cli_type=str,
         help="Test-time augmentation of the validation windows (as lcmap predict --tta): none, flips (~4x the "
         "validation time) or d4 (~8x).",
     )  # fmt: skip
     devices: int | str = option(
-        1, parse=_devices, cli_type=str, metavar="N|auto",
+        1, parse=v.devices, cli_type=str, metavar="N|auto",
         help="Number of devices, or auto (all); several GPUs train with DDP.",
     )  # fmt: skip
-    accelerator: str = option("auto", parse=_lower, cli_type=str, help="auto, cpu or gpu.")
+    accelerator: str = option("auto", parse=v.lower, cli_type=str, help="auto, cpu or gpu.")
     precision: str = option(
-        "32", parse=_precision, cli_type=str, help="32, bf16-mixed or 16-mixed (mixed precision on GPU only)."
+        "32", parse=v.precision, cli_type=str, help="32, bf16-mixed or 16-mixed (mixed precision on GPU only)."
     )
     lr: float | None = option(
         None, parse=float, cli_type=float, help="Peak learning rate (default 2e-3 for adamw, 0.01 for sgd)."
     )
     optimizer: str = option(
-        "adamw", parse=_lower, cli_type=str,
+        "adamw", parse=v.lower, cli_type=str,
         help="adamw (warm-up + cosine decay) or sgd (momentum 0.9, poly decay, as the paper).",
     )  # fmt: skip
     weight_decay: float = option(
         1e-4, parse=float, cli_type=float, help="Weight decay (decoupled for adamw, L2 for sgd)."
     )
     class_weighting: str = option(
-        "inv_sqrt_freq", parse=_lower, cli_type=str,
+        "inv_sqrt_freq", parse=v.lower, cli_type=str,
         help="Loss weight per LR class: inv_sqrt_freq (1/sqrt(label frequency), default), inv_freq or none.",
     )  # fmt: skip
     augment: bool = option(
-        True, parse=_bool, cli_type=bool, help="Random flips and 90-degree rotations of the training patches."
+        True, parse=v.boolean, cli_type=bool, help="Random flips and 90-degree rotations of the training patches."
     )
     label_trust: dict[int, float] = option(
-        default_factory=dict, parse=_label_trust, cli_type=list[str], metavar="CODE=FACTOR",
+        default_factory=dict, parse=v.label_trust, cli_type=list[str], metavar="CODE=FACTOR",
         help="CODE=FACTOR (0..1, repeatable): scale the loss weight of an LR class that is mixed at 1 m, e.g. "
         "--label-trust 21=0.2 for NLCD 'Developed, Open Space' (mostly lawn). 0 ignores the class.",
     )  # fmt: skip
     mixed_classes: dict[int, list[str]] = option(
-        default_factory=dict, parse=_mixed_classes, cli_type=list[str], flag="--mixed-class",
+        default_factory=dict, parse=v.mixed_classes, cli_type=list[str], flag="--mixed-class",
         metavar="CODE=TARGET[,TARGET]",
         help="CODE=TARGET[,TARGET] (repeatable): an LR class that is a mixture at 1 m, trained as 'one of the "
         "classes of these target classes' (partial-label loss), e.g. --mixed-class '21=built-up,low vegetation' "
         "for NLCD 'Developed, Open Space'. Wins, per code, over the legend's own mixed classes.",
     )  # fmt: skip
     default_mixed: bool = option(
-        True, parse=_bool, cli_type=bool,
+        True, parse=v.boolean, cli_type=bool,
         help="Use the mixed classes the legend declares from its class definitions (e.g. NLCD 21 = built-up or "
         "low vegetation); --no-default-mixed trains every class as a plain label except those given with "
         "--mixed-class. RUN_DIR/config.yaml records the mixed classes used.",
     )  # fmt: skip
     vit_weights: str | None = option(
-        None, parse=_text, cli_type=str, metavar="PATH",
+        None, parse=v.text, cli_type=str, metavar="PATH",
         help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). "
         "Without it the ViT trains from scratch.",
     )  # fmt: skip
     reference: list[str] | None = option(
-        None, parse=_as_list, cli_type=list[str], metavar="PATH",
+        None, parse=v.as_list, cli_type=list[str], metavar="PATH",
         help="Optional HR reference land cover for validation (mIoU over target classes); "
         "without it validation measures agreement with the LR labels.",
     )  # fmt: skip
     reference_legend: str | None = option(
-        None, parse=_text, cli_type=str, help="Legend of --reference (name or YAML file); required with it."
+        None, parse=v.text, cli_type=str, help="Legend of --reference (name or YAML file); required with it."
     )
     resume: bool = option(
-        False, parse=_bool, cli_type=bool, switch=False,
+        False, parse=v.boolean, cli_type=bool, switch=False,
         help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.",
     )  # fmt: skip
-    seed: int = option(1234, parse=_whole, cli_type=int, help="Random seed.")
-    num_workers: int = option(0, parse=_whole, cli_type=int, help="DataLoader worker processes.")
+    seed: int = option(1234, parse=v.whole, cli_type=int, help="Random seed.")
+    num_workers: int = option(0, parse=v.whole, cli_type=int, help="DataLoader worker processes.")
     progress_bar: bool = option(
-        True, parse=_bool, cli_type=bool,
+        True, parse=v.boolean, cli_type=bool,
         help="Show the progress bar (on a terminal only; otherwise one log line per epoch).",
     )  # fmt: skip
     out: str | None = option(
-        None, parse=_text, cli_type=str, metavar="RUN_DIR",
+        None, parse=v.text, cli_type=str, metavar="RUN_DIR",
         help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.",
     )  # fmt: skip
 
