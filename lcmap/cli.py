@@ -117,6 +117,7 @@ def predict(
     precision: Annotated[str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")] = "32",
     devices: Annotated[Optional[int], typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible).")] = None,
     input_scale: Annotated[Optional[float], typer.Option("--input-scale", help="Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or far outside the training imagery's range is refused.")] = None,
+    crs: Annotated[Optional[str], typer.Option("--crs", help="CRS of the map, e.g. EPSG:32617 (imagery in other CRSs is warped onto it). Default: the imagery's when all its files share one, else the UTM zone of the AOI's (or the imagery's) centre, said in the log.")] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
@@ -125,7 +126,7 @@ def predict(
         predict_map, model, images, out, bbox=bbox, bbox_crs=bbox_crs, aoi=aoi, tile_px=tile_px,
         overlap_px=overlap_px, block_px=block_px, batch_size=batch_size, device=device,
         scheduler=scheduler, confidence=confidence, legend=legend, precision=precision, devices=devices,
-        input_scale=input_scale,
+        input_scale=input_scale, crs=crs,
     )
     console.print(f"[green]map written to[/] {result.path}")
 
