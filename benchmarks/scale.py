@@ -257,9 +257,12 @@ def main() -> None:
         tmp = Path(d)
         result = pipeline_only(tmp, args.km2, (16.0, 64.0) if args.rss else None)
         if not args.pipeline_only:
-            from benchmarks_scale_e2e import end_to_end  # type: ignore[import-not-found]
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from scale_e2e import end_to_end  # type: ignore[import-not-found]
 
-            result.update(end_to_end(tmp, args.km2))
+            e2e = end_to_end(tmp, args.km2)
+            result.update(e2e)
+            result["peak_rss_gb"] = max(result["peak_rss_gb"], e2e["peak_rss_gb_train"], e2e["peak_rss_gb_predict"])
         result.setdefault("km2_per_hour", None)
     print(json.dumps(result))
 
