@@ -174,6 +174,17 @@ def predict(
         ),
     ] = None,
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
+    crs: Annotated[
+        str | None,
+        typer.Option(
+            "--crs",
+            help=(
+                "CRS of the map, e.g. EPSG:32617 (imagery in other CRSs is warped onto it). Default: the imagery's "
+                "when all its files share one, else the UTM zone of the AOI's (or the imagery's) centre, said in the "
+                "log."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.predict import predict_map
@@ -198,6 +209,7 @@ def predict(
         devices=devices,
         input_scale=input_scale,
         tta=tta,
+        crs=crs,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

@@ -56,9 +56,23 @@ class Cluster:
         )  # fmt: skip
         self.workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1", "--no-nanny",
-                 "--no-dashboard", "--name", str(k), "--memory-limit", "0"],
-                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--name",
+                    str(k),
+                    "--memory-limit",
+                    "0",
+                ],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )  # fmt: skip
             for k in range(n_workers)
         ]

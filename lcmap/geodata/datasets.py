@@ -63,7 +63,14 @@ class _CheckedRaster(RasterDataset):
     filename_glob = "*"
     what = "raster"
 
-    def __init__(self, paths, crs: CRS | None = None, res: float | None = None, transforms=None, profiles=None) -> None:
+    def __init__(
+        self,
+        paths,
+        crs: CRS | None = None,
+        res: float | tuple[float, float] | None = None,
+        transforms=None,
+        profiles=None,
+    ) -> None:
         files = find_raster_files(paths, self.what)
         if profiles is None:  # LabelRaster passes the profiles its LabelMosaic has checked
             profiles = [check_raster_file(f, self.what) for f in files]
@@ -73,6 +80,11 @@ class _CheckedRaster(RasterDataset):
         self.count = counts.pop()
         self.file_nodata = sorted({p["nodata"] for p in profiles if p["nodata"] is not None})
         self.file_dtype = profiles[0]["dtype"]
+        #: the distinct CRSs of the files (first file's first); the dataset reads in ``self.crs``
+        self.file_crs: list[CRS] = []
+        for p in profiles:
+            if p["crs"] is not None and p["crs"] not in self.file_crs:
+                self.file_crs.append(p["crs"])
         super().__init__(files, crs=crs, res=res, transforms=transforms, cache=True)
 
 
@@ -144,9 +156,16 @@ class LabelRaster(_CheckedRaster):
         return sample
 
 
-def open_imagery(paths: str | Path | Sequence[str | Path]) -> HRImagery:
-    """Open imagery files/folders as one dataset in the CRS and resolution of the first file."""
-    return HRImagery(paths)
+def open_imagery(
+    paths: str | Path | Sequence[str | Path], crs: CRS | None = None, res: tuple[float, float] | None = None
+) -> HRImagery:
+    """Open imagery files/folders as one dataset.
+
+    Args:
+        crs: the CRS to read in (files in another CRS are warped on the fly); None: the first file's.
+        res: pixel size ``(x, y)`` in ``crs`` units; None: the first file's (warped to ``crs``).
+    """
+    return HRImagery(paths, crs=crs, res=res)
 
 
 def open_labels(paths, legend: Legend, what: str = "label") -> LabelRaster:

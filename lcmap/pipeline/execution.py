@@ -17,6 +17,8 @@ scheduler that goes away mid-run, or cannot be reached, is reported in one messa
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -76,6 +78,28 @@ class SchedulerLost(Exception):
     """The Dask scheduler went away (or the connection to it broke) while blocks were running."""
 
 
+def _libc_malloc_trim() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS once per task (glibc ``malloc_trim(0)``; no-op elsewhere).
+
+    Keeps a worker's RSS flat across tasks at one call per task, instead of setting
+    ``MALLOC_TRIM_THRESHOLD_`` low for the whole process, which trims on every ``free`` and made
+    GDAL's COG assembly ~4x slower in CPU time (measured: 2.9 vs 0.7 CPU-s for a 16 Mpx map).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def run_group(st: WorkerState, job: PredictJob, blocks: list[Block]) -> dict[str, Any]:
     """Predict a group of blocks and write each block's file; returns small statistics
     (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``)."""
@@ -88,6 +112,7 @@ def run_group(st: WorkerState, job: PredictJob, blocks: list[Block]) -> dict[str
             names.append(block.name)
             windows += stats["windows"]
             forward += stats["seconds_forward"]
+    release_free_memory()
     return {"blocks": names, "seconds": time.perf_counter() - t0, "windows": windows, "seconds_forward": forward}
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import rasterio
 import shapely
 import torch
+from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -140,7 +141,11 @@ def load_worker_state(
     device = worker_device(job.device, device_index)
     tm = preloaded if preloaded is not None else load_trained_model(job.checkpoint, "cpu")
     model = tm.model.to(device).eval()
-    ds = imagery if imagery is not None else open_imagery(list(job.image_files))
+    if imagery is not None:
+        ds = imagery
+    else:  # on the map's grid: files in another CRS are warped onto it
+        g = job.grid
+        ds = open_imagery(list(job.image_files), crs=CRS.from_wkt(g.crs_wkt), res=(g.res_x, g.res_y))
     # (x * scale - mean) / std == (x - mean / scale) / (std / scale)
     mean = (tm.mean / job.input_scale).reshape(-1, 1, 1).astype(np.float32)
     std = (tm.std / job.input_scale).reshape(-1, 1, 1).astype(np.float32)

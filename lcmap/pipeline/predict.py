@@ -46,6 +46,7 @@ from lcmap.geodata.aoi import AOI, resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
+from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.models.tta import TTA_MODES, tta_transforms
 from lcmap.pipeline import execution, mapfile, stac
@@ -233,8 +234,11 @@ def plan_prediction(
     precision: str = "32",
     input_scale: float | None = None,
     tta: str = "none",
+    crs: str | None = None,
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
+
+    ``crs``: the map's CRS (imagery in other CRSs is warped onto it); None: see :func:`output_crs`.
 
     Raises:
         LcmapInputError: on any bad input (see :func:`predict_map`).
@@ -287,7 +291,6 @@ def plan_prediction(
         outputs["the confidence map"] = mapfile.confidence_path(out)
     check_not_an_input(outputs, [*ds.files, str(checkpoint)])
     _check_imagery_kind(tm, ds, input_scale)
-    crs = CRS.from_user_input(ds.crs)
     bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
     if isinstance(aoi, (str, Path)):
         aoi_obj = resolve_aoi(aoi, bbox4, bbox_crs)
@@ -297,6 +300,11 @@ def plan_prediction(
         aoi_obj = aoi
     else:
         aoi_obj = resolve_aoi(None, bbox4, bbox_crs)
+    out_crs, why = output_crs(ds, crs, aoi_obj)
+    if out_crs != CRS.from_user_input(ds.crs):  # read every file onto the map's CRS
+        ds = open_imagery(images, crs=out_crs, res=grid_res(ds, out_crs))
+    log.info("map CRS: %s (%s)", out_crs.to_string(), why)
+    crs = out_crs
     x, y, _ = ds.bounds
     img_bounds = (float(x.start), float(y.start), float(x.stop), float(y.stop))
     geom = None
@@ -375,6 +383,7 @@ def predict_map(
     devices: int | None = None,
     input_scale: float | None = None,
     tta: str = "none",
+    crs: str | None = None,
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -419,6 +428,8 @@ def predict_map(
         precision: ``32`` (float32) or ``bf16`` (the model in bfloat16 autocast; CUDA only).
         devices: with ``cuda`` and a local cluster, how many GPUs to use (one worker each;
             default: all visible).
+        crs: the map's CRS, e.g. ``EPSG:32617`` (imagery in other CRSs is warped onto it); None:
+            the imagery's when its files share one, else the UTM zone of the AOI's centroid.
         input_scale: multiply the imagery's values by this factor before the model sees them
             (e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained
             on). Without it, imagery whose data type differs from the training imagery's, or
@@ -461,6 +472,7 @@ def predict_map(
         precision=precision,
         input_scale=input_scale,
         tta=tta,
+        crs=crs,
     )
     if devices is not None and devices < 1:
         raise LcmapInputError(f"--devices {devices}: must be at least 1")
