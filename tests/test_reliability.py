@@ -303,7 +303,7 @@ def test_16bit_imagery_for_an_8bit_model_is_refused(tmp_path):
 
 def test_old_checkpoint_without_imagery_record_still_predicts(data, tmp_path, caplog):
     old = _checkpoint(tmp_path / "old.ckpt")  # no imagery_range: trained by an older lcmap
-    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.predict"):
+    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
         result = P.predict_map(old, data["image"], tmp_path / "map.tif", block_px=48, **FAST)
     assert "does not record its training imagery" in caplog.text
     assert np.array_equal(_read(result.path), _read(data["ref"]))

@@ -70,7 +70,7 @@ def two_zones(tmp_path_factory):
 
 
 def test_imagery_across_utm_zones_gets_one_crs_the_aoi_centroid_zone(two_zones, caplog):
-    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.predict"):
+    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
         plan = P.plan_prediction(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", **{
             k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")
         })  # fmt: skip
