@@ -44,7 +44,7 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata import io
-from lcmap.geodata.io import Grid, LabelMosaic
+from lcmap.geodata.io import Grid, LabelMosaic, open_raster
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, TargetScheme, get_legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.cog import LEGEND_TAG
@@ -256,13 +256,7 @@ def _map_changes(
     block_px: int,
     progress: bool,
 ) -> ChangeResult:
-    try:
-        src = rasterio.open(map_path)
-    except RasterioError as exc:
-        raise LcmapInputError(f"map {map_path} is not a readable raster ({exc})") from exc
-    with src:
-        if src.crs is None:
-            raise LcmapInputError(f"map {map_path} has no CRS: assign one (gdal_edit.py -a_srs EPSG:XXXX)")
+    with open_raster(map_path, "map") as src:  # exists, readable, has a CRS
         legend = _tagged_map_legend(src, map_path, map_legend_override)
         if legend.target.names != old_legend.target.names:
             raise LcmapInputError(

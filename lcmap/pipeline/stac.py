@@ -33,6 +33,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.io import open_raster
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.cog import LEGEND_TAG
@@ -208,15 +209,7 @@ def build_stac_item(
 
     map_path = Path(map_path)
     folder = map_path.parent
-    if not map_path.is_file():
-        raise LcmapInputError(f"map {map_path} does not exist")
-    try:
-        src = rasterio.open(map_path)
-    except RasterioError as exc:
-        raise LcmapInputError(f"map {map_path} is not a readable raster ({exc})") from exc
-    with src:
-        if src.crs is None:
-            raise LcmapInputError(f"map {map_path} has no CRS: a STAC Item needs its footprint")
+    with open_raster(map_path, "map") as src:  # exists, readable, has a CRS (a STAC Item needs its footprint)
         source = "imagery"
         if imagery_datetime is None and src.tags().get(IMAGERY_DATETIME_TAG):
             when = _parse_datetime(src.tags()[IMAGERY_DATETIME_TAG], f"{map_path} tag {IMAGERY_DATETIME_TAG}")

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.io import open_raster
 from lcmap.pipeline.cog import LEGEND_TAG, read_category_names
 from lcmap.pipeline.evaluate import map_legend
 from lcmap.pipeline.zonal import DEFAULT_BLOCK_PX, count_pairs, pixel_area_m2_per_row, zone_index_raster
@@ -176,16 +177,8 @@ def zone_stats(
     import xarray
 
     map_path = Path(map_path)
-    if not map_path.exists():
-        raise LcmapInputError(f"map {map_path} does not exist")
-    zones = read_zones(zones_path, field)
-    try:
-        src = rasterio.open(map_path)
-    except RasterioError as exc:
-        raise LcmapInputError(f"map {map_path} is not a readable raster ({exc})") from exc
-    with src:
-        if src.crs is None:
-            raise LcmapInputError(f"map {map_path} has no CRS, so zones cannot be placed on it")
+    with open_raster(map_path, "map") as src:  # exists, readable, has a CRS: checked before the zones
+        zones = read_zones(zones_path, field)
         if np.dtype(src.dtypes[0]) not in (np.dtype("uint8"), np.dtype("uint16")):
             raise LcmapInputError(f"map {map_path} is {src.dtypes[0]}; a class map is uint8 or uint16")
         classes = map_classes(src, map_path)
