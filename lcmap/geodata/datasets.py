@@ -63,6 +63,17 @@ class _CheckedRaster(RasterDataset):
     filename_glob = "*"
     what = "raster"
 
+    def query_grid(self, query: Any) -> tuple[tuple[float, float, float, float], Grid]:
+        """A sampler query's bounds (CRS units) and its pixel grid in this dataset's CRS, at the
+        query's step when it has one, else at the dataset's resolution."""
+        xmin, ymin, xmax, ymax = query_bounds(query)
+        res_x, res_y = self.res
+        if isinstance(query, tuple) and query[0].step is not None:
+            res_x, res_y = query[0].step, query[1].step
+        w = int(round((xmax - xmin) / res_x))
+        h = int(round((ymax - ymin) / res_y))
+        return (xmin, ymin, xmax, ymax), Grid(self.crs, from_origin(xmin, ymax, res_x, res_y), (h, w))
+
     def __init__(
         self,
         paths,
@@ -140,15 +151,9 @@ class LabelRaster(_CheckedRaster):
         centre; where files overlap, the first in sorted path order holding a label wins.
         Returns ``{"mask": int64 (H, W)}``; pixels without a label hold the fill (nodata) code.
         """
-        xmin, ymin, xmax, ymax = query_bounds(query)
-        res_x, res_y = self.res
-        if isinstance(query, tuple) and query[0].step is not None:
-            res_x, res_y = query[0].step, query[1].step
-        w = int(round((xmax - xmin) / res_x))
-        h = int(round((ymax - ymin) / res_y))
+        (xmin, ymin, xmax, ymax), grid = self.query_grid(query)
         if not self._files_in(xmin, ymin, xmax, ymax):
             raise IndexError(f"query {query} not found in {self.what} index with bounds {self.bounds}")
-        grid = Grid(self.crs, from_origin(xmin, ymax, res_x, res_y), (h, w))
         codes = self.mosaic.read(grid, self.fill_code).codes
         sample: dict[str, Any] = {"mask": torch.from_numpy(codes.astype(np.int64))}
         if self.transforms is not None:

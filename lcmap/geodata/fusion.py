@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rasterio.transform import from_origin
 
-from lcmap.compat import query_bounds
 from lcmap.geodata.datasets import LabelRaster, _CheckedRaster
 from lcmap.geodata.io import Grid
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, LegendClass, TargetScheme
@@ -128,13 +126,7 @@ class FusedLabelRaster(_CheckedRaster):
 
     def __getitem__(self, query: Any) -> dict[str, Any]:
         """Fused codes on the query's grid: ``{"mask": int64 (H, W)}`` (0 where no product has a label)."""
-        xmin, ymin, xmax, ymax = query_bounds(query)
-        res_x, res_y = self.res
-        if isinstance(query, tuple) and query[0].step is not None:
-            res_x, res_y = query[0].step, query[1].step
-        w = int(round((xmax - xmin) / res_x))
-        h = int(round((ymax - ymin) / res_y))
-        grid = Grid(self.crs, from_origin(xmin, ymax, res_x, res_y), (h, w))
+        _, grid = self.query_grid(query)
         if not any(p.mosaic.meets(grid) for p in self.products):
             raise IndexError(f"query {query} not found in the label products")
         sample: dict[str, Any] = {"mask": torch.from_numpy(self.read_fused(grid).astype(np.int64))}
