@@ -288,3 +288,30 @@ def test_sum_probabilities_per_target_class_of_a_legend():
     low = [i for i, c in enumerate(nlcd.classes) if c.target == "low vegetation"]
     assert torch.allclose(summed[:, nlcd.target.index_of("low vegetation")], probs[:, low].sum(1))
     assert torch.allclose(summed.sum(1), torch.ones(2, 3, 4))
+
+
+def test_sum_probabilities_reuses_the_buffer_it_is_given():
+    from lcmap.models import sum_probabilities
+
+    probs = torch.softmax(torch.randn(2, 5, 3, 4), dim=1)
+    group = torch.tensor([0, 0, 1, 2, 1])
+    first = sum_probabilities(probs, group, 3)
+    again = sum_probabilities(probs * 0 + 0.2, group, 3, out=first)
+    assert again.data_ptr() == first.data_ptr()  # reused, and zeroed before summing
+    assert torch.allclose(again, torch.tensor([0.4, 0.4, 0.2]).view(1, 3, 1, 1).expand(2, 3, 3, 4))
+
+
+@pytest.mark.parametrize("name", ["unet", "paraformer-tiny"])
+def test_checkpoint_weights_load_without_random_initialisation(name: str) -> None:
+    from lcmap.pipeline.runs import _model_with_weights
+
+    torch.manual_seed(0)
+    model = build_model(name, 4, 3).eval()
+    state = model.state_dict()
+    loaded = _model_with_weights(name, 4, 3, dict(state)).eval()
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x), strict=True))
+    with pytest.raises(RuntimeError):  # strict: a missing weight is an error, not a random tensor
+        _model_with_weights(name, 4, 3, {k: v for k, v in list(state.items())[1:]})

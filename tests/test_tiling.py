@@ -190,3 +190,48 @@ def test_pixels_not_needed_stay_nodata():
     codes, conf = _blend(wg, T.Block(0, 0, 0, 0, 30, 30), probs, need=need)
     assert np.all(codes[~need] == MAP_NODATA) and np.all(conf[~need] == T.CONFIDENCE_NODATA)
     assert np.all(codes[need] != MAP_NODATA) and np.all(conf[need] <= 100)
+
+
+@pytest.mark.parametrize("rect", [(0, 32, 0, 32), (3, 20, 5, 29), (0, 7, 0, 32), (25, 32, 10, 12), (8, 24, 0, 8)])
+def test_frame_cuts_a_rectangle_into_inner_and_frame_parts_that_tile_it(rect):
+    inner = (8, 24, 6, 26)
+    covered = np.zeros((32, 32), int)
+    for y0, y1, x0, x1 in T._frame(*rect, *inner):
+        assert y1 > y0 and x1 > x0
+        part = np.zeros((32, 32), bool)
+        part[y0:y1, x0:x1] = True
+        in_inner = np.zeros((32, 32), bool)
+        in_inner[inner[0] : inner[1], inner[2] : inner[3]] = True
+        assert not part[in_inner].any() or not part[~in_inner].any()  # a part is inner or frame, not both
+        covered[y0:y1, x0:x1] += 1
+    want = np.zeros((32, 32), int)
+    want[rect[0] : rect[1], rect[2] : rect[3]] = 1
+    assert np.array_equal(covered, want)
+
+
+def test_max_over_classes_matches_torch_max_including_ties():
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randint(0, 4, (5, 40, 60), generator=g).float()  # many exact ties
+    top, arg = T._max_over_classes(acc)
+    want_top, want_arg = acc.max(dim=0)
+    assert torch.equal(top, want_top)
+    assert np.array_equal(arg, want_arg.numpy())  # the first index among equal values
+    assert torch.equal(acc.gather(0, torch.from_numpy(arg).long()[None])[0], want_top)
+
+
+def test_blender_without_confidence_gives_the_same_codes_and_keeps_no_weight_sum():
+    wg = T.WindowGrid(tile=32, overlap=8, height=70, width=90)
+    probs = _random_probs(wg, 3, seed=2)
+    block = T.Block(0, 0, 0, 0, 70, 90)
+    need = np.ones((70, 90), bool)
+    with_conf = T.BlockBlender(wg, block, need, (1, 2, 3), "uint8", True, torch.device("cpu"))
+    without = T.BlockBlender(wg, block, need, (1, 2, 3), "uint8", False, torch.device("cpu"))
+    assert without.rows.wsum is None
+    for i in range(wg.n_rows):
+        for j in range(wg.n_cols):
+            with_conf.add(i, j, probs[(i, j)])
+            without.add(i, j, probs[(i, j)])
+    codes, conf = with_conf.finish()
+    codes2, conf2 = without.finish()
+    assert conf2 is None and conf is not None
+    assert np.array_equal(codes, codes2)

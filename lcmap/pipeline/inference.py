@@ -38,7 +38,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from lcmap.geodata.aoi import rasterize_aoi
-from lcmap.geodata.datasets import HRImagery, imagery_valid, open_imagery, read_imagery
+from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
 from lcmap.models import predict_proba, sum_probabilities
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
@@ -158,28 +158,33 @@ def load_worker_state(
         mean=mean,
         std=std,
         imagery=ds,
-        reader=StripReader(ds, job.grid, mean, std),
+        reader=StripReader(ds, job.grid),
         aoi=aoi,
     )
 
 
 # ------------------------------------------------------------------------------ reading
 class StripReader:
-    """Normalised imagery of output rows/columns, into preallocated buffers.
+    """Raw imagery of output rows/columns (no normalisation), into preallocated buffers.
 
     Files on the output grid (same CRS and pixel size, whole-pixel offsets) are read straight
     with rasterio (handles kept open per process; files overlapping: the first file with a valid
     pixel wins, as in TorchGeo's merge); a strip that touches any other file is read through
-    TorchGeo (:func:`lcmap.geodata.datasets.read_imagery`, which warps). Invalid pixels (no file,
-    or every band equal to the imagery's nodata) are 0 after normalisation (the band mean).
+    TorchGeo (:func:`lcmap.geodata.datasets.read_imagery`, which warps). Strips stay in the
+    imagery's data type (:attr:`dtype`: 1 byte per band and pixel for 8-bit imagery, a quarter of
+    float32); :func:`window_into` normalises each model window as it copies it into the batch.
+    Invalid pixels (no file, or every band equal to the imagery's nodata) are False in ``valid``;
+    their values are undefined.
     """
 
-    def __init__(self, imagery: HRImagery, grid: OutputGrid, mean: np.ndarray, std: np.ndarray):
-        self.ds, self.grid, self.mean, self.std = imagery, grid, mean, std
+    def __init__(self, imagery: HRImagery, grid: OutputGrid):
+        self.ds, self.grid = imagery, grid
         self.nodata = imagery.nodata
         self.files: list[tuple[str, int, int, int, int]] | None = None  # path, r0, c0, r1, c1 (output px)
         self.other: list[tuple[float, float, float, float]] = []  # bounds of files not on the grid
         self._handles: dict[str, Any] = {}
+        #: the strips' numpy dtype: the files' (their common type), float32 when some file is warped
+        self.dtype: np.dtype = np.dtype(np.float32)
         #: bytes of imagery read (uncompressed), for the benchmark's bytes per km²
         self.bytes_read = 0
 
@@ -191,7 +196,7 @@ class StripReader:
     def _index(self) -> None:
         g = self.grid
         crs = g.crs
-        files, other = [], []
+        files, other, dtypes = [], [], []
         for path in self.ds.files:
             with rasterio.open(path) as src:
                 b = src.bounds
@@ -207,9 +212,17 @@ class StripReader:
                 if on_grid and abs(c0f - round(c0f)) < 1e-6 and abs(r0f - round(r0f)) < 1e-6:
                     c0, r0 = int(round(c0f)), int(round(r0f))
                     files.append((path, r0, c0, r0 + src.height, c0 + src.width))
+                    dtypes.append(np.dtype(src.dtypes[0]))
                 else:
                     other.append(tuple(b))
         self.files, self.other = files, other
+        self.dtype = np.dtype(np.float32) if other or not dtypes else np.result_type(*dtypes)
+
+    def prepare(self) -> np.dtype:
+        """Index the files (once) and return :attr:`dtype`, the type of the strips' buffers."""
+        if self.files is None:
+            self._index()
+        return self.dtype
 
     def _src(self, path: str):
         h = self._handles.get(path)
@@ -221,48 +234,40 @@ class StripReader:
         """Read output rows [r0, r1) x cols [c0, c1), clipped to the imagery extent, into ``out``.
 
         Args:
-            out: a float32 buffer ``(C, >= h, >= w)``.
+            out: a buffer ``(C, >= h, >= w)`` of :attr:`dtype` (see :meth:`prepare`).
 
         Returns:
-            ``(image (C, h, w) float32 view of out, valid (h, w) bool, row0, col0)`` of what was read.
+            ``(image (C, h, w) raw values, a view of out; valid (h, w) bool; row0; col0)`` of what
+            was read.
         """
         g = self.grid
         r0, r1 = max(r0, g.img_r0), min(r1, g.img_r1)
         c0, c1 = max(c0, g.img_c0), min(c1, g.img_c1)
         h, w = r1 - r0, c1 - c0
-        image = out[:, :h, :w]
-        if self.files is None:
-            self._index()
+        self.prepare()
         assert self.files is not None
+        image = out[:, :h, :w]
         if self.other and self._touches_other(r0, c0, r1, c1):
             raw, valid = self._read_torchgeo(r0, c0, r1, c1, h, w)
-            np.subtract(raw, self.mean, out=image)
-        else:
-            valid = np.zeros((h, w), bool)
-            image[:] = 0.0
-            for path, fr0, fc0, fr1, fc1 in self.files:
-                a, z = max(r0, fr0), min(r1, fr1)
-                c, d = max(c0, fc0), min(c1, fc1)
-                if z <= a or d <= c:
-                    continue
-                data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
-                self.bytes_read += data.nbytes
-                ok = imagery_valid(data, self.nodata)
-                dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
-                dst = image[:, a - r0 : z - r0, c - c0 : d - c0]
-                if dst_valid.any():  # overlapping files: the first valid pixel wins
-                    ok &= ~dst_valid
-                    np.copyto(dst, data - self.mean, where=ok[None])
-                elif ok.all():
-                    np.subtract(data, self.mean, out=dst)
-                else:
-                    np.copyto(dst, data - self.mean, where=ok[None])
-                dst_valid |= ok
-        np.divide(image, self.std, out=image)
-        # imagery nodata inside the extent (gaps between mosaic files, nodata holes) -> the band mean,
-        # i.e. 0 after normalisation, not the raw nodata value (~ -3 sigma: an input never seen on land)
-        if not valid.all():
-            image[:, ~valid] = 0.0
+            np.copyto(image, raw, casting="unsafe")
+            return image, valid, r0, c0
+        valid = np.zeros((h, w), bool)
+        for path, fr0, fc0, fr1, fc1 in self.files:
+            a, z = max(r0, fr0), min(r1, fr1)
+            c, d = max(c0, fc0), min(c1, fc1)
+            if z <= a or d <= c:
+                continue
+            data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
+            self.bytes_read += data.nbytes
+            ok = _valid_pixels(data, self.nodata)
+            dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
+            dst = image[:, a - r0 : z - r0, c - c0 : d - c0]
+            if dst_valid.any():  # overlapping files: the first valid pixel wins
+                ok &= ~dst_valid
+                np.copyto(dst, data, where=ok[None], casting="unsafe")
+            else:
+                np.copyto(dst, data, casting="unsafe")  # invalid pixels: masked by `valid`
+            dst_valid |= ok
         return image, valid, r0, c0
 
     def _touches_other(self, r0: int, c0: int, r1: int, c1: int) -> bool:
@@ -282,6 +287,15 @@ class StripReader:
         return raw, valid
 
 
+def _valid_pixels(data: np.ndarray, nodata: float) -> np.ndarray:
+    """``(h, w)`` bool: not every band of ``data`` ``(C, h, w)`` equals ``nodata`` (the rule of
+    :func:`lcmap.geodata.io.imagery_valid`, band by band: no ``(C, h, w)`` temporary)."""
+    ok = data[0] != nodata
+    for band in data[1:]:
+        ok |= band != nodata
+    return ok
+
+
 def _aoi_mask(st: WorkerState, job: PredictJob, r0: int, c0: int, h: int, w: int) -> np.ndarray:
     """``(h, w)`` bool: output pixels [r0, r0 + h) x [c0, c0 + w) whose centre is inside the AOI."""
     g = job.grid
@@ -298,14 +312,14 @@ def _aoi_mask(st: WorkerState, job: PredictJob, r0: int, c0: int, h: int, w: int
     return rasterize_aoi(part, from_origin(xmin, ymax, g.res_x, g.res_y), shape)
 
 
-def _buffer(st: WorkerState, key: str, shape: tuple[int, ...], pin: bool = False) -> Any:
-    """A float32 buffer of at least ``shape`` kept by the worker (numpy; torch if ``pin``)."""
+def _buffer(st: WorkerState, key: str, shape: tuple[int, ...], pin: bool = False, dtype: Any = np.float32) -> Any:
+    """A buffer of at least ``shape`` kept by the worker (numpy of ``dtype``; float32 torch if ``pin``)."""
     buf = st.buffers.get(key)
-    if buf is None or any(a < b for a, b in zip(buf.shape, shape, strict=True)):
+    if buf is None or buf.dtype != dtype or any(a < b for a, b in zip(buf.shape, shape, strict=True)):
         if pin:
             buf = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         else:
-            buf = np.empty(shape, np.float32)
+            buf = np.empty(shape, dtype)
         st.buffers[key] = buf
     return buf
 
@@ -329,7 +343,9 @@ def predict_group(
     cols = wg.touching(region.c0, region.c0 + region.width, wg.n_cols)
     strip_c0, strip_c1 = cols.start * S, (cols.stop - 1) * S + T
     n_classes = len(job.code_lut)
-    group = torch.tensor(job.class_group, dtype=torch.int64, device=st.device) if job.class_group is not None else None
+    group = None  # model channel -> map channel; None: the same (nothing to sum)
+    if job.class_group is not None and tuple(job.class_group) != tuple(range(n_classes)):
+        group = torch.tensor(job.class_group, dtype=torch.int64, device=st.device)
     cuda = st.device.type == "cuda"
     stats = {"windows": 0, "seconds_forward": 0.0}
     done: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
@@ -367,7 +383,8 @@ def predict_group(
     n_strip_rows = T
     n_strip_cols = strip_c1 - strip_c0
     C = st.mean.shape[0]
-    strips_buf = [_buffer(st, f"strip{k}", (C, n_strip_rows, n_strip_cols)) for k in range(2)]
+    raw_dtype = st.reader.prepare()
+    strips_buf = [_buffer(st, f"strip{k}", (C, n_strip_rows, n_strip_cols), dtype=raw_dtype) for k in range(2)]
     batch_cpu = _buffer(st, "batch", (job.batch_size, C, T, T), pin=cuda)
     batch_np = batch_cpu.numpy() if isinstance(batch_cpu, torch.Tensor) else batch_cpu
     batch_t = batch_cpu if isinstance(batch_cpu, torch.Tensor) else torch.from_numpy(batch_cpu)
@@ -383,7 +400,7 @@ def predict_group(
             need[ra - row * S : rb - row * S, ca - region.c0 : cb - region.c0] = (
                 inside & valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
             )
-        return image, sr0, sc0, need
+        return image, valid, sr0, sc0, need
 
     def strips() -> Iterator[tuple[int, tuple]]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmap-read") as pool:
@@ -416,16 +433,17 @@ def predict_group(
         t0 = time.perf_counter()
         with autocast:
             probs = predict_proba_tta(st.model, x, job.tta, predict_proba).float()
-        if group is not None:  # P(target class) = sum of its LR classes' probabilities
-            probs = sum_probabilities(probs, group, n_classes)
         stats["seconds_forward"] += time.perf_counter() - t0
+        if group is not None:  # P(target class) = sum of its LR classes' probabilities
+            probs = sum_probabilities(probs, group, n_classes, out=st.buffers.get("summed"))
+            st.buffers["summed"] = probs
         for k, (i, j, need) in enumerate(pending):
             blender.add(i, j, probs[k], need)
         stats["windows"] += n
         pending.clear()
 
     with torch.inference_mode():
-        for i, (strip, sr0, sc0, need) in strips():
+        for i, (strip, valid, sr0, sc0, need) in strips():
             ra, rb = max(i * S, region.r0), min(i * S + T, region.r0 + region.height)
             for j in cols:
                 ca, cb = max(j * S, region.c0), min(j * S + T, region.c0 + region.width)
@@ -433,7 +451,7 @@ def predict_group(
                     continue  # no pixel of this group inside the AOI with valid imagery
                 if not pending and copy_done[0] is not None:
                     copy_done[0].synchronize()  # the pinned batch is free again
-                window_into(batch_np[len(pending)], job.grid, wg, strip, sr0, sc0, i, j)
+                window_into(batch_np[len(pending)], job.grid, wg, strip, valid, sr0, sc0, i, j, st.mean, st.std)
                 pending.append((i, j, need))
                 if len(pending) == job.batch_size:
                     run()
@@ -452,17 +470,37 @@ def _flush(done: list, stats: dict) -> Iterator[tuple[Block, np.ndarray, np.ndar
 
 
 def window_into(
-    dst: np.ndarray, grid: OutputGrid, windows: WindowGrid, strip: np.ndarray, sr0: int, sc0: int, i: int, j: int
+    dst: np.ndarray,
+    grid: OutputGrid,
+    windows: WindowGrid,
+    strip: np.ndarray,
+    valid: np.ndarray,
+    sr0: int,
+    sc0: int,
+    i: int,
+    j: int,
+    mean: np.ndarray,
+    std: np.ndarray,
 ) -> None:
-    """Copy window (i, j) from a strip into ``dst`` ``(C, tile, tile)``, mirror-padded beyond the
-    imagery extent (:func:`lcmap.pipeline.tiling.window_from_strip`) only where it overhangs."""
+    """Window (i, j) of a raw strip, normalised into ``dst`` ``(C, tile, tile)`` float32.
+
+    ``(value - mean) / std`` per band (``mean``/``std`` ``(C, 1, 1)``); pixels not ``valid``
+    (``(h, w)``, the strip's) are 0, the band mean; mirror-padded beyond the imagery extent
+    (:func:`lcmap.pipeline.tiling.window_from_strip`) only where the window overhangs it.
+    """
     T, S = windows.tile, windows.stride
     wr0, wc0 = i * S, j * S
     g = grid
     if wr0 >= g.img_r0 and wc0 >= g.img_c0 and wr0 + T <= g.img_r1 and wc0 + T <= g.img_c1:
-        np.copyto(dst, strip[:, wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T])
+        raw = strip[:, wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
+        ok = valid[wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
     else:
-        np.copyto(dst, window_from_strip(grid, windows, strip, sr0, sc0, i, j))
+        raw = window_from_strip(grid, windows, strip, sr0, sc0, i, j)
+        ok = window_from_strip(grid, windows, valid[None], sr0, sc0, i, j)[0]
+    np.subtract(raw, mean, out=dst)
+    np.divide(dst, std, out=dst)
+    if not ok.all():  # imagery nodata inside the extent (gaps, holes): the band mean, not ~ -3 sigma
+        np.copyto(dst, 0.0, where=~ok[None])
 
 
 def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.ndarray, np.ndarray | None, dict]:
