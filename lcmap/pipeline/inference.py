@@ -350,7 +350,7 @@ def predict_group(
     stats = {"windows": 0, "seconds_forward": 0.0}
     done: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
 
-    # finished rows -> block-row buffers -> blocks
+    # finished rows -> the arrays of the blocks of the current block row (only blocks wanted)
     cur: dict[str, Any] = {"r0": None}
 
     def sink(r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
@@ -358,20 +358,24 @@ def predict_group(
             if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
                 start = region.r0 + (r - region.r0) // job.block_size * job.block_size
                 h = min(job.block_size, region.r0 + region.height - start)
-                cur.update(r0=start, h=h, codes=np.zeros((h, region.width), job.dtype))
-                cur["conf"] = np.full((h, region.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None
+                row = [b for (br0, _), b in sorted(wanted.items()) if br0 == start]
+                cur.update(r0=start, h=h, blocks=[
+                    (b, np.zeros((h, b.width), job.dtype),
+                     np.full((h, b.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None)
+                    for b in row
+                ])  # fmt: skip
             n = min(len(codes), cur["r0"] + cur["h"] - r)
-            cur["codes"][r - cur["r0"] : r - cur["r0"] + n] = codes[:n]
-            if conf is not None and cur["conf"] is not None:
-                cur["conf"][r - cur["r0"] : r - cur["r0"] + n] = conf[:n]
+            a = r - cur["r0"]
+            for b, bcodes, bconf in cur["blocks"]:
+                cs = slice(b.c0 - region.c0, b.c0 - region.c0 + b.width)
+                bcodes[a : a + n] = codes[:n, cs]
+                if conf is not None and bconf is not None:
+                    bconf[a : a + n] = conf[:n, cs]
             r, codes = r + n, codes[n:]
             conf = conf[n:] if conf is not None else None
             if r == cur["r0"] + cur["h"]:
-                for (br0, bc0), b in sorted(wanted.items()):
-                    if br0 == cur["r0"]:
-                        cs = slice(bc0 - region.c0, bc0 - region.c0 + b.width)
-                        bconf = cur["conf"][:, cs] if cur["conf"] is not None else None
-                        done.append((b, np.ascontiguousarray(cur["codes"][:, cs]), bconf))
+                done.extend(cur["blocks"])
+                cur["blocks"] = []
 
     blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink)
     if st.aoi is not None and not st.aoi.intersects(shapely.box(*job.grid.bounds(

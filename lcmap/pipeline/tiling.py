@@ -302,6 +302,10 @@ def window_from_strip(
 
 
 # --------------------------------------------------------------------------------- blending
+#: Columns finalised at a time (class argmax and confidence).
+_FINALISE_COLS = 2048
+
+
 def _max_over_classes(acc: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """``(K, h, w)`` -> (highest value ``(h, w)`` tensor, index of the first highest ``(h, w)`` numpy).
 
@@ -428,18 +432,19 @@ class RowBlender:
             z = max(a, min(end, self.buf_r + self.T))
         self._nodata(self.fin, min(a, end))
         if z > a and self.buf_r is not None and self.need is not None:
-            acc = self.acc[:, a - self.buf_r : z - self.buf_r]
-            top, arg = _max_over_classes(acc)
-            need = self.need[a - self.buf_r : z - self.buf_r]
+            ya, yz = a - self.buf_r, z - self.buf_r
             codes = np.zeros((z - a, b.width), self.dtype)
-            np.copyto(codes, self.lut_np[arg], where=need, casting="unsafe")
-            conf = None
-            if self.confidence:
-                assert self.wsum is not None
-                wsum = self.wsum[a - self.buf_r : z - self.buf_r].clamp_min(1e-12)
-                pct = torch.round(top.to(self.device) / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
-                conf = np.full((z - a, b.width), CONFIDENCE_NODATA, np.uint8)
-                np.copyto(conf, pct, where=need)
+            conf = np.full((z - a, b.width), CONFIDENCE_NODATA, np.uint8) if self.confidence else None
+            for x0 in range(0, b.width, _FINALISE_COLS):  # temporaries of a fixed size, whatever the width
+                x1 = min(b.width, x0 + _FINALISE_COLS)
+                top, arg = _max_over_classes(self.acc[:, ya:yz, x0:x1])
+                need = self.need[ya:yz, x0:x1]
+                np.copyto(codes[:, x0:x1], self.lut_np[arg], where=need, casting="unsafe")
+                if conf is not None:
+                    assert self.wsum is not None
+                    wsum = self.wsum[ya:yz, x0:x1].clamp_min(1e-12)
+                    pct = torch.round(top.to(self.device) / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
+                    np.copyto(conf[:, x0:x1], pct, where=need)
             self.sink(a, codes, conf)
         self._nodata(z, end)
         self.fin = end
