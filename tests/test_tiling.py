@@ -235,3 +235,24 @@ def test_blender_without_confidence_gives_the_same_codes_and_keeps_no_weight_sum
     codes2, conf2 = without.finish()
     assert conf2 is None and conf is not None
     assert np.array_equal(codes, codes2)
+
+
+@pytest.mark.parametrize("n_blocks, tasks_wanted", [((1, 1), 1), ((5, 7), 1), ((5, 7), 4), ((23, 23), 16), ((3, 2), 9)])
+def test_group_shape_runs_the_fewest_windows_among_shapes_with_enough_tasks(n_blocks, tasks_wanted):
+    wg = T.WindowGrid(tile=64, overlap=8, height=n_blocks[0] * 168 - 5, width=n_blocks[1] * 168 - 9)
+    size = T.block_side_px(168, wg)  # 3 strides of 56 px
+    blocks = T.cut_blocks(wg.height, wg.width, size)
+
+    def cost(shape):
+        groups = T.block_groups(blocks, *shape)
+        return T.model_px_per_map_px(wg, [T.group_region(g) for g in groups]), len(groups)
+
+    shape = T.group_shape(*n_blocks, tasks_wanted, size // wg.stride)
+    assert shape[0] <= T.MAX_GROUP[0] and shape[1] <= T.MAX_GROUP[1]
+    rows = range(1, min(T.MAX_GROUP[0], n_blocks[0]) + 1)
+    cols = range(1, min(T.MAX_GROUP[1], n_blocks[1]) + 1)
+    most = max(cost((gr, gc))[1] for gr in rows for gc in cols)
+    ratio, tasks = cost(shape)
+    assert tasks >= min(tasks_wanted, most)
+    others = [cost((gr, gc))[0] for gr in rows for gc in cols if cost((gr, gc))[1] >= min(tasks_wanted, most)]
+    assert ratio <= min(others) + 1e-12

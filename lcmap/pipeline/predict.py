@@ -216,7 +216,7 @@ def predict_map(
         done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
         todo_blocks = [b for b in blocks if b.name not in done]
         slots = max(1, sum(client.nthreads().values())) if client is not None else 1
-        shape = group_shape(n_rows, n_cols, 2 * slots if slots > 1 else 1)
+        shape = group_shape(n_rows, n_cols, 2 * slots if slots > 1 else 1, job.block_size // job.windows.stride)
         job = replace(job, group=shape)
         todo = block_groups(todo_blocks, *shape)
         console = None

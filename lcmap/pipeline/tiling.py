@@ -246,16 +246,30 @@ def block_groups(blocks: list[Block], rows: int, cols: int) -> list[list[Block]]
 MAX_GROUP = (24, 4)
 
 
-def group_shape(n_block_rows: int, n_block_cols: int, tasks_wanted: int = 1) -> tuple[int, int]:
-    """Blocks per task (rows, columns): :data:`MAX_GROUP`, halved (rows first) until there are
-    ``tasks_wanted`` tasks or a task is one block."""
-    gr, gc = min(MAX_GROUP[0], n_block_rows), min(MAX_GROUP[1], n_block_cols)
-    while -(-n_block_rows // gr) * -(-n_block_cols // gc) < tasks_wanted and (gr > 1 or gc > 1):
-        if gr >= gc and gr > 1:
-            gr = (gr + 1) // 2
-        else:
-            gc = (gc + 1) // 2
-    return max(1, gr), max(1, gc)
+def group_shape(
+    n_block_rows: int, n_block_cols: int, tasks_wanted: int = 1, strides_per_block: int = 9
+) -> tuple[int, int]:
+    """Blocks per task (rows, columns), at most :data:`MAX_GROUP`: of the shapes that give at least
+    ``tasks_wanted`` tasks (or as many as there can be), the one that runs the fewest windows.
+
+    A group of ``k`` blocks along an axis runs ``k * strides_per_block + 1`` windows along it (its
+    border window is also run by the neighbour), so the windows of a shape are the product of the
+    two axes' sums over the map's block rows and columns. Ties go to the narrower group (its row
+    buffers are smaller), then to fewer tasks.
+    """
+    rows_max, cols_max = min(MAX_GROUP[0], n_block_rows), min(MAX_GROUP[1], n_block_cols)
+
+    def windows(n: int, g: int) -> int:
+        return sum(min(g, n - a) * strides_per_block + 1 for a in range(0, n, g))
+
+    def tasks(gr: int, gc: int) -> int:
+        return -(-n_block_rows // gr) * -(-n_block_cols // gc)
+
+    shapes = [(gr, gc) for gr in range(1, rows_max + 1) for gc in range(1, cols_max + 1)]
+    wanted = min(tasks_wanted, max(tasks(gr, gc) for gr, gc in shapes))
+    ok = [(gr, gc) for gr, gc in shapes if tasks(gr, gc) >= wanted]
+    best = min(ok, key=lambda g: (windows(n_block_rows, g[0]) * windows(n_block_cols, g[1]), g[1], tasks(*g)))
+    return max(1, best[0]), max(1, best[1])
 
 
 def group_region(group: list[Block]) -> Block:
