@@ -7,6 +7,7 @@ Tiny rasters and a random U-Net checkpoint; ``scheduler="synchronous"``.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _tile(path: Path, crs: str, x0: float, y0: float, side_px: int, seed: int) -> Path:
+def _tile(path: Path, crs: str, x0: float, y0: float, side_px: int, seed: int, res: float = 1.0) -> Path:
     rng = np.random.default_rng(seed)
     data = rng.integers(1, 255, (4, side_px, side_px), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
         path, "w", driver="GTiff", width=side_px, height=side_px, count=4, dtype="uint8", crs=crs,
-        transform=from_origin(x0, y0, 1.0, 1.0), nodata=0,
+        transform=from_origin(x0, y0, res, res), nodata=0,
     ) as dst:  # fmt: skip
         dst.write(data)
     return path
@@ -107,6 +108,25 @@ def test_crs_option_warps_every_file_onto_one_grid(two_zones):
         col = int((xs[0] - src.transform.c) / src.transform.a)
     assert (codes[:, : col - 5] > 0).mean() > 0.3
     assert (codes[:, col + 5 :] > 0).mean() > 0.3
+
+
+def test_map_pixel_size_is_ground_metres_whatever_file_comes_first(tmp_path):
+    """A Web Mercator file sorted first (1.22 "m" pixels in EPSG:3857 units = 1 m on the ground at
+    35 N) does not make the UTM map 1.22 m: files already in the map's CRS give its pixel size,
+    and without any, the first file's pixel warped onto the map's CRS (GDAL's rule) does."""
+    k = 1 / math.cos(math.radians(35.0))
+    mx, my = _at("EPSG:3857", -83.99, 35.0)
+    _tile(tmp_path / "img" / "a_mercator.tif", "EPSG:3857", mx, my, 160, 3, res=k)
+    x17, y17 = _at("EPSG:32617", -83.99, 35.0)
+    _tile(tmp_path / "img" / "b_utm17.tif", "EPSG:32617", round(x17), round(y17), 160, 4)
+    ckpt = _checkpoint(tmp_path / "m.ckpt")
+    opts = {k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")}
+    plan = P.plan_prediction(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32617", **opts)
+    assert (plan.job.grid.res_x, plan.job.grid.res_y) == (1.0, 1.0)
+    # no file in the map's CRS: the Mercator pixel warped onto zone 16, ~1 m (not 1.22)
+    plan16 = P.plan_prediction(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32616", **opts)
+    assert plan16.job.grid.res_x == pytest.approx(1.0, abs=0.01)
+    assert plan16.job.grid.res_y == pytest.approx(1.0, abs=0.01)
 
 
 def test_bad_crs_is_an_input_error(two_zones):

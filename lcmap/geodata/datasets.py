@@ -96,6 +96,10 @@ class _CheckedRaster(RasterDataset):
         for p in profiles:
             if p["crs"] is not None and p["crs"] not in self.file_crs:
                 self.file_crs.append(p["crs"])
+        #: each file's CRS, pixel size ``(x, y)`` in its CRS units and bounds, in file order
+        self.file_grids: list[tuple[CRS | None, tuple[float, float], tuple[float, ...]]] = [
+            (p["crs"], (float(p["res"][0]), float(p["res"][1])), tuple(p["bounds"])) for p in profiles
+        ]
         super().__init__(files, crs=crs, res=res, transforms=transforms, cache=True)
 
 

@@ -11,7 +11,7 @@ import math
 
 import rasterio.errors
 from rasterio.crs import CRS
-from rasterio.warp import transform_bounds
+from rasterio.warp import calculate_default_transform, transform_bounds
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI
@@ -56,9 +56,20 @@ def output_crs(ds: HRImagery, crs: str | None, aoi_obj: AOI | None) -> tuple[CRS
 
 
 def grid_res(ds: HRImagery, out_crs: CRS) -> tuple[float, float] | None:
-    """Pixel size on ``out_crs``: the first file's when both are in metres (1 m stays 1 m), else None."""
-    first = ds.file_crs[0] if ds.file_crs else None
-    if first is not None and first.is_projected and out_crs.is_projected:
-        if first.linear_units_factor[1] == out_crs.linear_units_factor[1]:
-            return float(ds.res[0]), float(ds.res[1])
+    """The map's pixel size on ``out_crs`` (its units): the finest of the files already in
+    ``out_crs``; without any, the first file's pixel as a warp onto ``out_crs`` sizes it at the
+    file's centre (GDAL's rule), so a Web Mercator file's 1.22 "m" at 35 N stays 1 m on the ground.
+    None when no file has a CRS (TorchGeo decides)."""
+    same = [res for crs, res, _ in ds.file_grids if crs is not None and crs == out_crs]
+    if same:
+        return min(r[0] for r in same), min(r[1] for r in same)
+    for crs, res, bounds in ds.file_grids:
+        if crs is None:
+            continue
+        x = (bounds[0] + bounds[2]) / 2
+        y = (bounds[1] + bounds[3]) / 2
+        # one pixel at the file's centre, warped: its size on out_crs (square pixels, as GDAL's default)
+        tf, _, _ = calculate_default_transform(crs, out_crs, 1, 1, x, y - res[1], x + res[0], y)
+        side = float(abs(tf.a))
+        return side, side
     return None
