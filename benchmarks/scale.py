@@ -154,6 +154,10 @@ def pipeline_run(
         "mpx_s": px / 1e6 / (wall - res.seconds_forward),
         "mpx_per_cpu_s": px / 1e6 / max(cpu - res.seconds_forward, 1e-9),
         "model_px_per_map_px": res.windows * tile_px * tile_px / px,
+        "plan_s": res.seconds_plan,
+        "blocks_s": res.seconds_predict - res.seconds_plan,
+        "cog_s": res.seconds_write,
+        "blocks_mpx_s": px / 1e6 / max(res.seconds_predict - res.seconds_plan - res.seconds_forward, 1e-9),
         "windows": res.windows,
         "blocks": res.blocks,
         "peak_rss_mb": _peak_rss_mb(),
@@ -199,7 +203,7 @@ def pipeline_in_child(images: Path, ckpt: Path, out: Path, block_px: int = 4096,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, float] | None) -> dict:
+def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, ...] | None) -> dict:
     side = int(round(math.sqrt(km2) * 1000))
     ckpt = standin_checkpoint(tmp / "standin.ckpt")
     images = tmp / f"img{side}"
@@ -208,6 +212,9 @@ def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, float] | None) ->
     print(f"pipeline only: {res['map_px'] / 1e6:.1f} Mpx in {res['wall_s']:.1f} s "
           f"(stand-in {res['standin_s']:.2f} s): {res['mpx_s']:.1f} Mpx/s per process")  # fmt: skip
     print(f"  per CPU-second: {res['mpx_per_cpu_s']:.1f} Mpx (all threads, stand-in excluded)")
+    print(f"  phases: planning {res['plan_s']:.2f} s, blocks {res['blocks_s']:.2f} s "
+          f"({res['blocks_mpx_s']:.1f} Mpx/s: what one worker can feed a GPU), COG assembly {res['cog_s']:.2f} s "
+          f"({res['map_px'] / 1e6 / max(res['cog_s'], 1e-9):.0f} Mpx/s, once per map, in the client)")  # fmt: skip
     print(
         f"reference, read + decode of the same imagery (DEFLATE, same process): {res['decode_mpx_s']:.1f} Mpx/s, "
         f"{res['decode_mpx_per_cpu_s']:.1f} Mpx per CPU-second; pipeline / decode: "
@@ -218,7 +225,8 @@ def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, float] | None) ->
     out = {"pipeline_mpx_s": res["mpx_s"], "model_px_per_map_px": res["model_px_per_map_px"],
            "pipeline_mpx_per_cpu_s": res["mpx_per_cpu_s"], "decode_mpx_s": res["decode_mpx_s"],
            "pipeline_over_decode": res["mpx_s"] / res["decode_mpx_s"],
-           "pipeline_wall_s": res["wall_s"], "km2": side * side / 1e6}  # fmt: skip
+           "pipeline_wall_s": res["wall_s"], "km2": side * side / 1e6, "blocks_mpx_s": res["blocks_mpx_s"],
+           "cog_mpx_s": res["map_px"] / 1e6 / max(res["cog_s"], 1e-9)}  # fmt: skip
     rss = {km2: res["peak_rss_mb"]}
     if rss_km2:
         for a in rss_km2:
@@ -228,10 +236,11 @@ def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, float] | None) ->
             img = tmp / f"img{s}"
             write_tiles(img, s, "EPSG:32617", 500_000.0, 4_200_000.0)
             rss[a] = pipeline_in_child(img, ckpt, tmp / f"map{s}.tif")["peak_rss_mb"]
-        lo, hi = rss[min(rss_km2)], rss[max(rss_km2)]
-        print(f"peak RSS per process: {lo:.0f} MB at {min(rss_km2):g} km², {hi:.0f} MB at {max(rss_km2):g} km² "
-              f"({100 * (hi / lo - 1):+.1f} %)")  # fmt: skip
-        out["rss_growth_pct"] = 100 * (hi / lo - 1)
+        lo = rss[min(rss_km2)]
+        print("peak RSS per process: " + ", ".join(
+            f"{rss[a]:.0f} MB at {a:g} km² ({100 * (rss[a] / lo - 1):+.1f} %)" for a in sorted(rss_km2)
+        ))  # fmt: skip
+        out["rss_growth_pct"] = 100 * (rss[max(rss_km2)] / lo - 1)
     out["peak_rss_gb"] = max(rss.values()) / 1024
     out["peak_rss_mb_by_km2"] = {str(k): v for k, v in rss.items()}
     return out
@@ -242,6 +251,10 @@ def main() -> None:
     ap.add_argument("--km2", type=float, default=16.0)
     ap.add_argument("--pipeline-only", action="store_true")
     ap.add_argument("--rss", action="store_true", help="also peak RSS at 16 and 64 km² (pipeline only)")
+    ap.add_argument(
+        "--rss-km2", type=float, nargs="+", default=None, metavar="KM2",
+        help="peak RSS at these areas instead (e.g. 16 64 256: a task's group is at most 4 blocks wide)",
+    )  # fmt: skip
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name, default in (("--images", ""), ("--ckpt", ""), ("--out", "")):
         ap.add_argument(name, default=default, help=argparse.SUPPRESS)
@@ -255,7 +268,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="lcmap-scale-") as d:
         tmp = Path(d)
-        result = pipeline_only(tmp, args.km2, (16.0, 64.0) if args.rss else None)
+        areas = tuple(args.rss_km2) if args.rss_km2 else (16.0, 64.0) if args.rss else None
+        result = pipeline_only(tmp, args.km2, areas)
         if not args.pipeline_only:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from scale_e2e import end_to_end  # type: ignore[import-not-found]

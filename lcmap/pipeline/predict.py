@@ -52,8 +52,8 @@ class PredictResult:
     ``MAP.tif.partial`` and ``blocks_run`` were run now; ``windows``: model windows run;
     ``seconds_forward``: time inside the model (meaningful on CPU, synchronous only: summed over
     workers otherwise); ``block_px``: the block side used (whole window strides); ``width`` x
-    ``height``: the map in pixels; ``seconds_predict``: planning and the blocks;
-    ``seconds_write``: the COG(s).
+    ``height``: the map in pixels; ``seconds_predict``: planning and the blocks, of which
+    ``seconds_plan`` planning (inputs checked, model loaded, grids); ``seconds_write``: the COG(s).
     """
 
     path: Path
@@ -68,6 +68,7 @@ class PredictResult:
     height: int
     seconds_predict: float
     seconds_write: float
+    seconds_plan: float = 0.0
 
     def stats(self) -> dict[str, int | float]:
         """The run statistics (every field but the paths)."""
@@ -194,6 +195,7 @@ def predict_map(
         tta=tta,
         crs=crs,
     )
+    t_plan = time.perf_counter() - t0
     if devices is not None and devices < 1:
         raise LcmapInputError(f"--devices {devices}: must be at least 1")
     log.info("test-time augmentation (--tta): %s, %d transform(s) per window", tta, len(tta_transforms(tta)))
@@ -288,4 +290,5 @@ def predict_map(
         height=job.grid.height,
         seconds_predict=t1 - t0,
         seconds_write=time.perf_counter() - t1,
+        seconds_plan=t_plan,
     )
