@@ -7,9 +7,14 @@ The area (``km2``, square, centred on 84 W 35 N: the boundary of UTM zones 16 an
   part in EPSG:32616, the east part in EPSG:32617 (files straddling the boundary exist in both
   zones: they overlap, no gap), and the northern band also as EPSG:3857 files (pixel size
   1 / cos(lat) m, about 1 m on the ground; sorted first, so they win where they overlap);
-- an NLCD-like label: ONE EPSG:5070 raster, 30 m, with a margin;
-- a WorldCover-like label: EPSG:4326 tiles of 0.02 deg, 1/12000 deg (~10 m);
+- an NLCD-like label: ONE EPSG:5070 raster, 30 m, reaching :data:`NLCD_MARGIN_M` beyond the area
+  (a product much larger than the area, as a CONUS NLCD is, so that reading it whole would show);
+- a WorldCover-like label: EPSG:4326 tiles of 0.02 deg, 1/12000 deg (~10 m), over the area and
+  :data:`WORLDCOVER_MARGIN_M` around it (many tiles the AOI does not touch);
 - the AOI: a GeoJSON polygon (EPSG:4326) inset from the area.
+
+Besides the CLI runs, :mod:`scale_reads` measures in this process the bytes read from files per km²
+(labels as training reads them, imagery as ``predict_map`` reads it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ import scale  # noqa: E402
 LON0, LAT0 = -84.0, 35.0
 NLCD_CODES = (11, 21, 22, 23, 24, 41, 42, 43, 52, 71, 81, 82, 90, 95)
 WORLDCOVER_CODES = (10, 20, 30, 40, 50, 60, 80, 90)
+NLCD_MARGIN_M = 30_000  # the NLCD-like raster reaches this far beyond the area (m)
+WORLDCOVER_MARGIN_M = 5_000  # the WorldCover-like tiles cover this much around the area (m)
+READ_PATCHES = 64  # training patches drawn for the bytes-read measurement
+READ_PATCH_PX = 224
+READ_MAP_M = 1200  # side of the bbox predicted for the imagery bytes-read measurement (m)
 
 
 def _blobs(h: int, w: int, codes: tuple[int, ...], cell: int, seed: int) -> np.ndarray:
@@ -89,15 +99,15 @@ def build_area(root: Path, km2: float) -> dict:
         _write(img / f"a_3857_{c0 // F:03d}.tif", data, "EPSG:3857", from_origin(mx0 + c0 * k, my1, k, k), 0)
         n_files["EPSG:3857"] += 1
     del band
-    # NLCD-like: one EPSG:5070 raster, 30 m, 1 km margin
-    lx0, ly0, lx1, ly1 = _area_in("EPSG:5070", side, 1000)
+    # NLCD-like: one EPSG:5070 raster, 30 m, much larger than the area
+    lx0, ly0, lx1, ly1 = _area_in("EPSG:5070", side, NLCD_MARGIN_M)
     w, h = int(math.ceil((lx1 - lx0) / 30)), int(math.ceil((ly1 - ly0) / 30))
     nlcd = root / "nlcd_5070.tif"
     _write(nlcd, _blobs(h, w, NLCD_CODES, 6, 1), "EPSG:5070", from_origin(lx0, ly1, 30, 30), 0)
     # WorldCover-like: EPSG:4326 tiles of 0.02 deg at 1/12000 deg
     wc = root / "worldcover"
     wc.mkdir(exist_ok=True)
-    gx0, gy0, gx1, gy1 = _area_in("EPSG:4326", side, 500)
+    gx0, gy0, gx1, gy1 = _area_in("EPSG:4326", side, WORLDCOVER_MARGIN_M)
     step, res = 0.02, 1 / 12000
     n_wc = 0
     for ty in np.arange(math.floor(gy0 / step) * step, gy1, step):
@@ -165,6 +175,31 @@ def seam_disagreement(a_path: Path, b_path: Path, near_px: int = 128) -> dict:
     return out
 
 
+def bytes_read(tmp: Path, area: dict, km2: float) -> dict:
+    """Bytes read from files per km², in this process (:mod:`scale_reads`): each label product by
+    :data:`READ_PATCHES` training patches, the imagery by ``predict_map`` over a bbox of
+    :data:`READ_MAP_M` m (at most 90 % of the area's side) at the area's centre (the zone seam)."""
+    import scale_reads as reads
+
+    out: dict = {}
+    details: dict = {}
+    for name, legend in (("nlcd", "nlcd"), ("worldcover", "worldcover")):
+        r = reads.label_reads(area["images"], area[name], legend, area["aoi"], READ_PATCHES, READ_PATCH_PX)
+        reads.print_label_reads(f"{name}-like", r)
+        out[f"bytes_read_per_km2_labels_{name}"] = r["bytes_per_km2"]
+        details[f"labels_{name}"] = r
+    side = math.sqrt(km2) * 1000
+    x0, y0, x1, y1 = _area_in("EPSG:32617", side)
+    bbox = list(_area_in("EPSG:32617", min(READ_MAP_M, 0.9 * side)))
+    warm = [x0 + 0.1 * side, y0 + 0.1 * side, x0 + 0.1 * side + 256, y0 + 0.1 * side + 256]
+    r = reads.imagery_reads(tmp, area["images"], bbox, warm)
+    reads.print_imagery_reads(r)
+    out["bytes_read_per_km2_imagery"] = r["bytes_per_km2"]
+    details["imagery"] = r
+    out["bytes_read"] = details
+    return out
+
+
 def end_to_end(tmp: Path, km2: float) -> dict:
     from rio_cogeo.cogeo import cog_validate
 
@@ -174,6 +209,7 @@ def end_to_end(tmp: Path, km2: float) -> dict:
     print(f"test area: {km2:g} km² ({area['aoi_km2']:.2f} km² AOI), imagery files {area['files']}, "
           f"NLCD-like 1 raster EPSG:5070 30 m, WorldCover-like {area['worldcover_tiles']} tiles EPSG:4326 "
           f"({time.perf_counter() - t0:.0f} s to build)")  # fmt: skip
+    reads = bytes_read(root, area, km2)
     run = root / "run"
     train = run_cli(["train", "--images", str(area["images"]), "--labels", str(area["nlcd"]), "--legend", "nlcd",
                      "--aoi", str(area["aoi"]), "--model", "paraformer-tiny", "--epochs", "1", "--steps-per-epoch",
@@ -197,8 +233,8 @@ def end_to_end(tmp: Path, km2: float) -> dict:
     crs_line = next((ln for ln in (root / "predict.log").read_text().splitlines() if "map CRS" in ln), "")
     valid, errors, _ = cog_validate(str(out), quiet=True)
     with rasterio.open(out) as src:
-        crs = src.crs.to_string()
-    print(f"COG valid (rio-cogeo): {valid} {errors or ''}; CRS {crs} {crs_line.strip()}")
+        crs, map_res = src.crs.to_string(), src.res[0]
+    print(f"COG valid (rio-cogeo): {valid} {errors or ''}; CRS {crs}, {map_res:.4f} m pixels {crs_line.strip()}")
     out2 = root / "map2" / "map.tif"
     pred2 = run_cli(["predict", "--model", str(run), "--images", str(area["images"]), "--aoi", str(area["aoi"]),
                      "--out", str(out2), "--device", "cpu", "--block-px", "1536", "--scheduler", "synchronous"],
@@ -218,5 +254,7 @@ def end_to_end(tmp: Path, km2: float) -> dict:
         "peak_rss_gb_predict": pred["peak_rss_gb"],
         "cog_valid": bool(valid),
         "map_crs": crs,
+        "map_res_m": map_res,
         "seam_disagreement": seam,
+        **reads,
     }
