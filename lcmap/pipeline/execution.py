@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -105,25 +105,13 @@ def run_group(st: WorkerState, job: PredictJob, blocks: list[Block]) -> dict[str
     (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``)."""
     t0 = time.perf_counter()
     names, windows, forward = [], 0, 0.0
-    env = rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES)  # fixed (default: 5% of RAM): flat memory
-
-    def write(block: Block, codes: Any, conf: Any) -> None:
-        with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
-            mapfile.write_block(mapfile.block_path(job.blocks_dir, block), job.grid, block, codes, conf)
-
-    # block files are written (compressed, read back, hashed) in a thread while the next rows are
-    # predicted; at most one block waits, so memory holds one more block at most
-    with env, ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcmap-write") as writer:
-        pending: Future | None = None
+    # a fixed GDAL block cache (default: 5% of RAM), so that memory does not grow with the area read
+    with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
         for block, codes, conf, stats in predict_group(st, job, blocks):
-            if pending is not None:
-                pending.result()  # raises what the write raised (a full disk, ...)
-            pending = writer.submit(write, block, codes, conf)
+            mapfile.write_block(mapfile.block_path(job.blocks_dir, block), job.grid, block, codes, conf)
             names.append(block.name)
             windows += stats["windows"]
             forward += stats["seconds_forward"]
-        if pending is not None:
-            pending.result()
     release_free_memory()
     return {"blocks": names, "seconds": time.perf_counter() - t0, "windows": windows, "seconds_forward": forward}
 
