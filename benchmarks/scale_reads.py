@@ -217,8 +217,8 @@ def print_label_reads(name: str, r: dict) -> None:
 # ------------------------------------------------------------------------------ imagery
 def imagery_reads(tmp: Path, images: Path, bbox: list[float], warm_bbox: list[float]) -> dict:
     """Bytes read by ``predict_map`` over ``bbox`` (EPSG:32617 metres) with the stand-in model."""
-    import lcmap.pipeline.inference as inference
     import lcmap.pipeline.predict  # noqa: F401  (imported before measuring)
+    import lcmap.pipeline.strips as strips
 
     ckpt = scale.standin_checkpoint(tmp / "reads_standin.ckpt")
     calls: list = []
@@ -228,7 +228,7 @@ def imagery_reads(tmp: Path, images: Path, bbox: list[float], warm_bbox: list[fl
         gc.collect()
         out = tmp / "reads_map" / "map.tif"
         total0 = rchar()
-        with counting(inference.StripReader, "read", calls) as imagery_bytes:
+        with counting(strips.StripReader, "read", calls) as imagery_bytes:
             res = scale.pipeline_run(images, ckpt, out, 4096, 512, 64, bbox=bbox)
         total = rchar() - total0
     with rasterio.open(out) as src:

@@ -303,15 +303,15 @@ def test_sum_probabilities_reuses_the_buffer_it_is_given():
 
 @pytest.mark.parametrize("name", ["unet", "paraformer-tiny"])
 def test_checkpoint_weights_load_without_random_initialisation(name: str) -> None:
-    from lcmap.pipeline.runs import _model_with_weights
+    from lcmap.models import build_model_with_weights
 
     torch.manual_seed(0)
     model = build_model(name, 4, 3).eval()
     state = model.state_dict()
-    loaded = _model_with_weights(name, 4, 3, dict(state)).eval()
+    loaded = build_model_with_weights(name, 4, 3, dict(state)).eval()
     assert not any(t.is_meta for t in loaded.state_dict().values())
     x = torch.randn(1, 4, 64, 64)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x), strict=True))
     with pytest.raises(RuntimeError):  # strict: a missing weight is an error, not a random tensor
-        _model_with_weights(name, 4, 3, {k: v for k, v in list(state.items())[1:]})
+        build_model_with_weights(name, 4, 3, {k: v for k, v in list(state.items())[1:]})

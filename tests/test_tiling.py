@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lcmap.pipeline.blending as B
 import lcmap.pipeline.tiling as T
 from lcmap.geodata.legends import MAP_NODATA
 
@@ -15,7 +16,7 @@ from lcmap.geodata.legends import MAP_NODATA
 def _blend(windows: T.WindowGrid, block: T.Block, probs: dict, lut=(11, 22), need=None):
     """Codes and confidence of ``block`` from per-window probabilities ``{(i, j): (K, tile, tile)}``."""
     need = np.ones((block.height, block.width), bool) if need is None else need
-    blender = T.BlockBlender(windows, block, need, lut, "uint8", True, torch.device("cpu"))
+    blender = B.BlockBlender(windows, block, need, lut, "uint8", True, torch.device("cpu"))
     rows = windows.touching(block.r0, block.r0 + block.height, windows.n_rows)
     cols = windows.touching(block.c0, block.c0 + block.width, windows.n_cols)
     for i in rows:
@@ -196,7 +197,7 @@ def test_pixels_not_needed_stay_nodata():
 def test_frame_cuts_a_rectangle_into_inner_and_frame_parts_that_tile_it(rect):
     inner = (8, 24, 6, 26)
     covered = np.zeros((32, 32), int)
-    for y0, y1, x0, x1 in T._frame(*rect, *inner):
+    for y0, y1, x0, x1 in B._frame(*rect, *inner):
         assert y1 > y0 and x1 > x0
         part = np.zeros((32, 32), bool)
         part[y0:y1, x0:x1] = True
@@ -212,7 +213,7 @@ def test_frame_cuts_a_rectangle_into_inner_and_frame_parts_that_tile_it(rect):
 def test_max_over_classes_matches_torch_max_including_ties():
     g = torch.Generator().manual_seed(3)
     acc = torch.randint(0, 4, (5, 40, 60), generator=g).float()  # many exact ties
-    top, arg = T._max_over_classes(acc)
+    top, arg = B._max_over_classes(acc)
     want_top, want_arg = acc.max(dim=0)
     assert torch.equal(top, want_top)
     assert np.array_equal(arg, want_arg.numpy())  # the first index among equal values
@@ -224,8 +225,8 @@ def test_blender_without_confidence_gives_the_same_codes_and_keeps_no_weight_sum
     probs = _random_probs(wg, 3, seed=2)
     block = T.Block(0, 0, 0, 0, 70, 90)
     need = np.ones((70, 90), bool)
-    with_conf = T.BlockBlender(wg, block, need, (1, 2, 3), "uint8", True, torch.device("cpu"))
-    without = T.BlockBlender(wg, block, need, (1, 2, 3), "uint8", False, torch.device("cpu"))
+    with_conf = B.BlockBlender(wg, block, need, (1, 2, 3), "uint8", True, torch.device("cpu"))
+    without = B.BlockBlender(wg, block, need, (1, 2, 3), "uint8", False, torch.device("cpu"))
     assert without.rows.wsum is None
     for i in range(wg.n_rows):
         for j in range(wg.n_cols):

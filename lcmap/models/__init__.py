@@ -42,6 +42,26 @@ def build_model(
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
 
 
+def build_model_with_weights(name: str, in_channels: int, num_classes: int, state: dict[str, Tensor]) -> nn.Module:
+    """Network ``name`` (see :func:`build_model`) holding the weights ``state`` (strict: every key must fit).
+
+    Built on PyTorch's ``meta`` device and given the checkpoint's tensors (``assign=True``), so the
+    random initialisation that the weights overwrite anyway is skipped (0.13 s for the U-Net, more
+    for Paraformer, in every worker that loads a model). A network that keeps a tensor the
+    checkpoint does not hold (a non-persistent buffer) is built the ordinary way instead.
+    """
+    try:
+        with torch.device("meta"):
+            model = build_model(name, in_channels, num_classes)
+        model.load_state_dict(state, assign=True)
+    except NotImplementedError:  # an operation without a meta kernel in a constructor
+        model = None
+    if model is None or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build_model(name, in_channels, num_classes)
+        model.load_state_dict(state)
+    return model
+
+
 def sum_probabilities(probs: Tensor, group: Tensor, n_groups: int, out: Tensor | None = None) -> Tensor:
     """``(B, K, H, W)`` -> ``(B, n_groups, H, W)``: channel ``k`` added into channel ``group[k]``.
 

@@ -4,13 +4,13 @@ A task (:func:`predict_group`) blends a group of blocks (:func:`lcmap.pipeline.t
 in one pass, so windows are computed twice only on the group's border. It lists the global
 windows that touch the group, reads their imagery itself, one strip of ``tile`` rows at a time
 (its halo included; the next strip is read in a background thread while the model runs, into
-preallocated buffers in the imagery's own data type: :class:`StripReader` reads files that lie
-on the output grid straight with rasterio, others through TorchGeo), normalises each window as it
-copies it into a preallocated batch (pinned memory, non-blocking copies on CUDA), feeding pixels
-outside the imagery's valid area as the band mean, runs the model in batches of ``batch_size``
-windows (``bf16`` autocast on request) and blends the probabilities on the model's device
-(:class:`lcmap.pipeline.tiling.RowBlender`); finished rows go straight into the arrays of the
-group's blocks, handed back block by block. With ``--legend target`` a target class's
+preallocated buffers in the imagery's own data type: :class:`~lcmap.pipeline.strips.StripReader`
+reads files that lie on the output grid straight with rasterio, others through TorchGeo),
+normalises each window as it copies it into a preallocated batch (pinned memory, non-blocking
+copies on CUDA), feeding pixels outside the imagery's valid area as the band mean, runs the
+model in batches of ``batch_size`` windows (``bf16`` autocast on request) and blends the
+probabilities on the model's device (:class:`lcmap.pipeline.blending.RowBlender`); finished rows
+go straight into the arrays of the group's blocks, handed back block by block. With ``--legend target`` a target class's
 probability is the sum of its LR classes' (e.g. NLCD 52 + 71 + 81 + 82 + ... for low vegetation),
 so the map holds the most probable *target* class. Every pixel sums the same windows in the
 same global order whatever the block size, the grouping or the schedule, and batches are
@@ -31,33 +31,30 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
-import rasterio
 import shapely
 import torch
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
-from rasterio.windows import Window
 
 from lcmap.geodata.aoi import rasterize_aoi
-from lcmap.geodata.datasets import HRImagery, open_imagery, read_imagery
+from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.models import predict_proba, sum_probabilities
 from lcmap.models.tta import predict_proba_tta
+from lcmap.pipeline.blending import RowBlender
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
+from lcmap.pipeline.strips import StripReader, window_into
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
     Block,
     OutputGrid,
-    RowBlender,
     WindowGrid,
     cut_blocks,
     group_region,
-    window_from_strip,
 )
 
 __all__ = [
     "PredictJob",
     "WorkerState",
-    "StripReader",
     "load_worker_state",
     "predict_group",
     "predict_block",
@@ -162,139 +159,6 @@ def load_worker_state(
         reader=StripReader(ds, job.grid),
         aoi=aoi,
     )
-
-
-# ------------------------------------------------------------------------------ reading
-class StripReader:
-    """Raw imagery of output rows/columns (no normalisation), into preallocated buffers.
-
-    Files on the output grid (same CRS and pixel size, whole-pixel offsets) are read straight
-    with rasterio (handles kept open per process; files overlapping: the first file with a valid
-    pixel wins, as in TorchGeo's merge); a strip that touches any other file is read through
-    TorchGeo (:func:`lcmap.geodata.datasets.read_imagery`, which warps). Strips stay in the
-    imagery's data type (:attr:`dtype`: 1 byte per band and pixel for 8-bit imagery, a quarter of
-    float32); :func:`window_into` normalises each model window as it copies it into the batch.
-    Invalid pixels (no file, or every band equal to the imagery's nodata) are False in ``valid``;
-    their values are undefined.
-    """
-
-    def __init__(self, imagery: HRImagery, grid: OutputGrid):
-        self.ds, self.grid = imagery, grid
-        self.nodata = imagery.nodata
-        self.files: list[tuple[str, int, int, int, int]] | None = None  # path, r0, c0, r1, c1 (output px)
-        self.other: list[tuple[float, float, float, float]] = []  # bounds of files not on the grid
-        self._handles: dict[str, Any] = {}
-        #: the strips' numpy dtype: the files' (their common type), float32 when some file is warped
-        self.dtype: np.dtype = np.dtype(np.float32)
-        #: bytes of imagery read (uncompressed), for the benchmark's bytes per km²
-        self.bytes_read = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-    def _index(self) -> None:
-        g = self.grid
-        crs = g.crs
-        files, other, dtypes = [], [], []
-        for path in self.ds.files:
-            with rasterio.open(path) as src:
-                b = src.bounds
-                on_grid = (
-                    src.crs == crs
-                    and abs(src.res[0] - g.res_x) < 1e-9 * g.res_x
-                    and abs(src.res[1] - g.res_y) < 1e-9 * g.res_y
-                    and not src.transform.b
-                    and not src.transform.d
-                )
-                c0f = (b.left - g.x0) / g.res_x
-                r0f = (g.y0 - b.top) / g.res_y
-                if on_grid and abs(c0f - round(c0f)) < 1e-6 and abs(r0f - round(r0f)) < 1e-6:
-                    c0, r0 = int(round(c0f)), int(round(r0f))
-                    files.append((path, r0, c0, r0 + src.height, c0 + src.width))
-                    dtypes.append(np.dtype(src.dtypes[0]))
-                else:
-                    other.append(tuple(b))
-        self.files, self.other = files, other
-        self.dtype = np.dtype(np.float32) if other or not dtypes else np.result_type(*dtypes)
-
-    def prepare(self) -> np.dtype:
-        """Index the files (once) and return :attr:`dtype`, the type of the strips' buffers."""
-        if self.files is None:
-            self._index()
-        return self.dtype
-
-    def _src(self, path: str):
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = rasterio.open(path)
-        return h
-
-    def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Read output rows [r0, r1) x cols [c0, c1), clipped to the imagery extent, into ``out``.
-
-        Args:
-            out: a buffer ``(C, >= h, >= w)`` of :attr:`dtype` (see :meth:`prepare`).
-
-        Returns:
-            ``(image (C, h, w) raw values, a view of out; valid (h, w) bool; row0; col0)`` of what
-            was read.
-        """
-        g = self.grid
-        r0, r1 = max(r0, g.img_r0), min(r1, g.img_r1)
-        c0, c1 = max(c0, g.img_c0), min(c1, g.img_c1)
-        h, w = r1 - r0, c1 - c0
-        self.prepare()
-        assert self.files is not None
-        image = out[:, :h, :w]
-        if self.other and self._touches_other(r0, c0, r1, c1):
-            raw, valid = self._read_torchgeo(r0, c0, r1, c1, h, w)
-            np.copyto(image, raw, casting="unsafe")
-            return image, valid, r0, c0
-        valid = np.zeros((h, w), bool)
-        for path, fr0, fc0, fr1, fc1 in self.files:
-            a, z = max(r0, fr0), min(r1, fr1)
-            c, d = max(c0, fc0), min(c1, fc1)
-            if z <= a or d <= c:
-                continue
-            data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
-            self.bytes_read += data.nbytes
-            ok = _valid_pixels(data, self.nodata)
-            dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
-            dst = image[:, a - r0 : z - r0, c - c0 : d - c0]
-            if dst_valid.any():  # overlapping files: the first valid pixel wins
-                ok &= ~dst_valid
-                np.copyto(dst, data, where=ok[None], casting="unsafe")
-            else:
-                np.copyto(dst, data, casting="unsafe")  # invalid pixels: masked by `valid`
-            dst_valid |= ok
-        return image, valid, r0, c0
-
-    def _touches_other(self, r0: int, c0: int, r1: int, c1: int) -> bool:
-        xmin, ymin, xmax, ymax = self.grid.bounds(r0, c0, r1, c1)
-        return any(b[0] < xmax and b[2] > xmin and b[1] < ymax and b[3] > ymin for b in self.other)
-
-    def _read_torchgeo(self, r0: int, c0: int, r1: int, c1: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        raw, valid = read_imagery(self.ds, *self.grid.bounds(r0, c0, r1, c1))
-        self.bytes_read += raw.nbytes
-        if raw.shape[1:] != (h, w):  # defensive: rounding in the reader
-            fixed = np.full((raw.shape[0], h, w), self.nodata, np.float32)
-            fv = np.zeros((h, w), bool)
-            hh, ww = min(h, raw.shape[1]), min(w, raw.shape[2])
-            fixed[:, :hh, :ww] = raw[:, :hh, :ww]
-            fv[:hh, :ww] = valid[:hh, :ww]
-            raw, valid = fixed, fv
-        return raw, valid
-
-
-def _valid_pixels(data: np.ndarray, nodata: float) -> np.ndarray:
-    """``(h, w)`` bool: not every band of ``data`` ``(C, h, w)`` equals ``nodata`` (the rule of
-    :func:`lcmap.geodata.io.imagery_valid`, band by band: no ``(C, h, w)`` temporary)."""
-    ok = data[0] != nodata
-    for band in data[1:]:
-        ok |= band != nodata
-    return ok
 
 
 def _aoi_mask(st: WorkerState, job: PredictJob, r0: int, c0: int, h: int, w: int) -> np.ndarray:
@@ -472,40 +336,6 @@ def _flush(done: list, stats: dict) -> Iterator[tuple[Block, np.ndarray, np.ndar
         b, codes, conf = done.pop(0)
         yield b, codes, conf, dict(stats)
         stats["windows"], stats["seconds_forward"] = 0, 0.0
-
-
-def window_into(
-    dst: np.ndarray,
-    grid: OutputGrid,
-    windows: WindowGrid,
-    strip: np.ndarray,
-    valid: np.ndarray,
-    sr0: int,
-    sc0: int,
-    i: int,
-    j: int,
-    mean: np.ndarray,
-    std: np.ndarray,
-) -> None:
-    """Window (i, j) of a raw strip, normalised into ``dst`` ``(C, tile, tile)`` float32.
-
-    ``(value - mean) / std`` per band (``mean``/``std`` ``(C, 1, 1)``); pixels not ``valid``
-    (``(h, w)``, the strip's) are 0, the band mean; mirror-padded beyond the imagery extent
-    (:func:`lcmap.pipeline.tiling.window_from_strip`) only where the window overhangs it.
-    """
-    T, S = windows.tile, windows.stride
-    wr0, wc0 = i * S, j * S
-    g = grid
-    if wr0 >= g.img_r0 and wc0 >= g.img_c0 and wr0 + T <= g.img_r1 and wc0 + T <= g.img_c1:
-        raw = strip[:, wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
-        ok = valid[wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
-    else:
-        raw = window_from_strip(grid, windows, strip, sr0, sc0, i, j)
-        ok = window_from_strip(grid, windows, valid[None], sr0, sc0, i, j)[0]
-    np.subtract(raw, mean, out=dst)
-    np.divide(dst, std, out=dst)
-    if not ok.all():  # imagery nodata inside the extent (gaps, holes): the band mean, not ~ -3 sigma
-        np.copyto(dst, 0.0, where=~ok[None])
 
 
 def predict_block(st: WorkerState, job: PredictJob, block: Block) -> tuple[np.ndarray, np.ndarray | None, dict]:
