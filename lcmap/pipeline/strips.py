@@ -16,7 +16,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from lcmap.geodata.datasets import HRImagery, read_imagery
+from lcmap.geodata.datasets import HRImagery, imagery_valid, read_imagery
 from lcmap.pipeline.tiling import OutputGrid, WindowGrid, window_from_strip
 
 __all__ = ["StripReader", "window_into"]
@@ -117,7 +117,7 @@ class StripReader:
                 continue
             data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
             self.bytes_read += data.nbytes
-            ok = _valid_pixels(data, self.nodata)
+            ok = imagery_valid(data, self.nodata)
             dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
             dst = image[:, a - r0 : z - r0, c - c0 : d - c0]
             if dst_valid.any():  # overlapping files: the first valid pixel wins
@@ -143,15 +143,6 @@ class StripReader:
             fv[:hh, :ww] = valid[:hh, :ww]
             raw, valid = fixed, fv
         return raw, valid
-
-
-def _valid_pixels(data: np.ndarray, nodata: float) -> np.ndarray:
-    """``(h, w)`` bool: not every band of ``data`` ``(C, h, w)`` equals ``nodata`` (the rule of
-    :func:`lcmap.geodata.io.imagery_valid`, band by band: no ``(C, h, w)`` temporary)."""
-    ok = data[0] != nodata
-    for band in data[1:]:
-        ok |= band != nodata
-    return ok
 
 
 def window_into(
