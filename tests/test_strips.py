@@ -11,7 +11,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from lcmap.geodata.datasets import open_imagery
-from lcmap.pipeline.strips import StripReader, window_into
+from lcmap.pipeline.strips import StripReader, context_box, padded_input, valid_bbox, window_into
 from lcmap.pipeline.tiling import WindowGrid, output_grid
 
 X0, Y0 = 500_000.0, 4_200_000.0
@@ -60,7 +60,7 @@ def test_strips_keep_the_imagery_type_and_the_first_valid_file_wins(two_files):
     assert np.array_equal(image[:, ok], full[:, 4:20][:, ok])
 
 
-def test_window_into_normalises_feeds_invalid_pixels_as_the_band_mean_and_mirrors(two_files):
+def test_window_into_normalises_and_feeds_invalid_pixels_as_the_band_mean(two_files):
     folder, full, valid, _ = two_files
     ds = open_imagery(sorted(folder.glob("*.tif")))
     grid = output_grid(ds.crs.to_wkt(), (X0, Y0 - 24, X0 + 60, Y0), (1.0, 1.0))
@@ -73,16 +73,57 @@ def test_window_into_normalises_feeds_invalid_pixels_as_the_band_mean_and_mirror
     strip = np.empty((3, 16, 60), reader.prepare())
     raw, ok, sr0, sc0 = reader.read(0, 16, 0, 60, strip)
     dst = np.empty((3, 16, 16), np.float32)
-    for j in range(wg.n_cols):  # inside the extent: the normalised pixels themselves
-        window_into(dst, grid, wg, raw, ok, sr0, sc0, 0, j, mean, std)
-        c = j * wg.stride
-        if c + 16 <= 60:
+    for j in range(wg.n_cols):
+        c = wg.win_c0(j)
+        if c + 16 <= 60:  # windows inside the extent: the normalised pixels themselves
+            window_into(dst, wg, raw, ok, sr0, sc0, 0, j, mean, std)
             assert np.array_equal(dst, want_all[:, 0:16, c : c + 16])
-    # the last window overhangs the 60 px extent: mirrored, invalid pixels still the band mean
-    last = wg.n_cols - 1
-    window_into(dst, grid, wg, raw, ok, sr0, sc0, 0, last, mean, std)
-    c = last * wg.stride
-    inside = 60 - c
-    assert np.array_equal(dst[:, :, :inside], want_all[:, 0:16, c:60])
-    mirrored = want_all[:, 0:16, c:60][:, :, ::-1][:, :, 1 : 1 + 16 - inside]
-    assert np.array_equal(dst[:, :, inside:], mirrored)
+
+
+def _grid(width: int, height: int):
+    return output_grid("EPSG:32617", (X0, Y0 - height, X0 + width, Y0), (1.0, 1.0))
+
+
+def test_context_box_of_a_window_over_an_edge_is_shifted_inward():
+    """A 100 x 40 px image, tile 32 on a lattice starting 20 px before it: the first window
+    (columns -20..12) holds 12 valid columns; the model sees the 32 columns from the image's edge."""
+    grid = _grid(100, 40)
+    wg = WindowGrid(32, 8, grid.height, grid.width, row0=-4, col0=-20)
+    valid = np.ones((40, 100), bool)
+    R, B = context_box(grid, wg, valid, 0, 0, 0, 0)  # rows -4..28, cols -20..12
+    assert R == (0, 28, 0, 12)
+    assert B == (0, 32, 0, 32)  # both axes: from the image's edge inward, tile long
+    full = np.ones((40, 100), bool)
+    wg0 = WindowGrid(32, 8, grid.height, grid.width)
+    R, B = context_box(grid, wg0, full, 0, 0, 0, 1)  # a window wholly inside: itself
+    assert R == B == (0, 32, 24, 56)
+    R, B = context_box(grid, wg, valid, 0, 0, 1, 1)  # rows 20..52 of 40, cols 4..36
+    assert R == (20, 40, 4, 36) and B == (8, 40, 4, 36)  # shifted up: the image's last 32 rows
+    last = wg.n_cols - 1  # cols 76..108 of a 100 px image
+    R, B = context_box(grid, wg, valid, 0, 0, 1, last)
+    assert R == (20, 40, 76, 100) and B == (8, 40, 68, 100)
+
+
+def test_context_box_of_a_small_image_is_the_image_and_empty_windows_are_none():
+    grid = _grid(60, 50)
+    wg = WindowGrid(64, 16, 200, 200, row0=-30, col0=-30)
+    valid = np.zeros((200, 200), bool)  # the strip: output rows/cols 0..200 (a larger mosaic)
+    valid[0:20, 0:24] = True  # a 24 x 20 px image in a corner of the window (-30..34)
+    R, B = context_box(grid, wg, valid, 0, 0, 0, 0)
+    assert R == B == (0, 20, 0, 24)  # the image itself: no empty area reaches the model
+    assert context_box(grid, wg, valid, 0, 0, 2, 2) is None  # no valid pixel in that window
+    valid[0:20, 30:34] = True  # a second image, 6 px apart, inside the same window
+    R, B = context_box(grid, wg, valid, 0, 0, 0, 0)
+    assert R == (0, 20, 0, 34) and B == (0, 20, 0, 60)  # reaches the window edge: extended, to the extent
+    assert valid_bbox(valid) == (0, 20, 0, 34) and valid_bbox(np.zeros((3, 3), bool)) is None
+
+
+def test_padded_input_mirrors_to_a_multiple():
+    x = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    y = padded_input(x, 4)
+    assert y.shape == (2, 4, 8)
+    np.testing.assert_array_equal(y[:, :3, :5], x)
+    np.testing.assert_array_equal(y[:, 3, :5], x[:, 1])  # row 3 mirrors row 1
+    np.testing.assert_array_equal(y[:, :3, 5:], x[:, :, [3, 2, 1]])
+    square = np.ones((1, 4, 4), np.float32)
+    assert padded_input(square, 4) is square  # already a multiple: untouched

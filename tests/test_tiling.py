@@ -121,17 +121,28 @@ def test_output_grid_snaps_the_aoi_outwards_to_the_imagery_pixels():
     assert (beyond.x0, beyond.y0, beyond.width, beyond.height) == (500_000.0, 4_000_000.0, 50, 150)
 
 
-def test_window_overhanging_the_imagery_is_mirrored():
-    grid = T.output_grid("WKT", (0.0, 0.0, 10.0, 6.0), (1.0, 1.0))  # 10 x 6 px
-    wg = T.WindowGrid(8, 4, grid.height, grid.width)
-    strip = np.arange(2 * 6 * 10, dtype=np.float32).reshape(2, 6, 10)
-    inside = T.window_from_strip(grid, wg, strip, 0, 0, 0, 0)
-    assert inside.shape == (2, 8, 8) and inside.flags.c_contiguous
-    np.testing.assert_array_equal(inside[:, :6], strip[:, :6, :8])  # rows inside the imagery as read
-    np.testing.assert_array_equal(inside[:, 6:], strip[:, [4, 3], :8])  # rows 6, 7 mirror rows 4, 3
-    right = T.window_from_strip(grid, wg, strip, 0, 0, 0, 1)  # columns 4..11 of a 10 px wide image
-    np.testing.assert_array_equal(right[:, :6, :6], strip[:, :, 4:])
-    np.testing.assert_array_equal(right[:, :6, 6:], strip[:, :, [8, 7]])
+def test_lattice_windows_do_not_depend_on_the_output_extent():
+    """Two outputs on one 1 m pixel grid (one inside the other): the windows over a shared pixel
+    start at the same CRS coordinates, and every lattice window touching the output is in the grid."""
+    tile, overlap = 64, 16
+    small = T.output_grid("WKT", (500_037.0, 3_999_877.0, 500_101.0, 3_999_941.0), (1.0, 1.0))
+    large = T.output_grid("WKT", (499_800.0, 3_999_500.0, 500_400.0, 4_000_100.0), (1.0, 1.0))
+    for g in (small, large):
+        wg = T.lattice_windows(g, tile, overlap)
+        assert -tile < wg.row0 <= -overlap and -tile < wg.col0 <= -overlap
+        # windows start on global multiples of the stride
+        assert (g.x0 + wg.col0) % wg.stride == 0 and (-(g.y0 - wg.row0)) % wg.stride == 0
+        assert wg.win_c0(wg.n_cols - 1) < g.width <= wg.win_c0(wg.n_cols - 1) + wg.stride
+    ws, wl = T.lattice_windows(small, tile, overlap), T.lattice_windows(large, tile, overlap)
+
+    def starts(g, wg, r0, c0, r1, c1):  # CRS x/y of the windows touching output px box
+        rows, cols = wg.rows_touching(r0, r1), wg.cols_touching(c0, c1)
+        return [(g.x0 + wg.win_c0(j), g.y0 - wg.win_r0(i)) for i in rows for j in cols]
+
+    dc, dr = int(small.x0 - large.x0), int(large.y0 - small.y0)
+    assert starts(small, ws, 0, 0, small.height, small.width) == starts(
+        large, wl, dr, dc, dr + small.height, dc + small.width
+    )
 
 
 # ------------------------------------------------------------------------------- blending

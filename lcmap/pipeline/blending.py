@@ -170,13 +170,13 @@ class RowBlender:
         """Blend window (i, j)'s probabilities ``(K, tile, tile)`` (K map channels) into the region.
 
         Windows must come in global (i, j) order. ``need``: ``(tile, region.width)`` bool, the
-        pixels of output rows ``[i * stride, i * stride + tile)`` that get a class (rows outside
+        pixels of output rows ``[windows.win_r0(i), ... + tile)`` that get a class (rows outside
         the region: anything). Adds ``probs * weight`` to the accumulator and ``weight`` to the
         weight sum over the window's part inside the region.
         """
-        T, S = self.T, self.windows.stride
+        T = self.T
         b = self.region
-        wr0, wc0 = i * S, j * S
+        wr0, wc0 = self.windows.win_r0(i), self.windows.win_c0(j)
         if self.buf_r is None or wr0 != self.buf_r:
             self._finalise(wr0)
             shift = T if self.buf_r is None else wr0 - self.buf_r
@@ -241,7 +241,7 @@ class BlockBlender:
         self.codes = np.full((block.height, block.width), MAP_NODATA, dtype=dtype)
         self.conf = np.full((block.height, block.width), CONFIDENCE_NODATA, np.uint8) if confidence else None
         self.rows = RowBlender(windows, block, code_lut, dtype, confidence, device, self._take)
-        self.T, self.S = windows.tile, windows.stride
+        self.T = windows.tile
 
     def _take(self, r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
         a = r - self.block.r0
@@ -251,7 +251,7 @@ class BlockBlender:
 
     def add(self, i: int, j: int, probs: torch.Tensor) -> None:
         """Blend window (i, j)'s probabilities ``(K, tile, tile)``; windows in global (i, j) order."""
-        b, wr0 = self.block, i * self.S
+        b, wr0 = self.block, self.rows.windows.win_r0(i)
         need = np.zeros((self.T, b.width), bool)
         ra, rb = max(wr0, b.r0), min(wr0 + self.T, b.r0 + b.height)
         if rb > ra:

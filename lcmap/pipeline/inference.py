@@ -42,7 +42,7 @@ from lcmap.models import predict_proba, sum_probabilities
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.blending import RowBlender
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
-from lcmap.pipeline.strips import StripReader, window_into
+from lcmap.pipeline.strips import StripReader, context_box, normalise_into, padded_input, valid_bbox, window_into
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
     Block,
@@ -52,7 +52,11 @@ from lcmap.pipeline.tiling import (
     group_region,
 )
 
+#: Context boxes are mirrored to a multiple of this before the model (the networks downsample by 32).
+CONTEXT_MULTIPLE = 32
+
 __all__ = [
+    "CONTEXT_MULTIPLE",
     "PredictJob",
     "WorkerState",
     "load_worker_state",
@@ -201,12 +205,12 @@ def predict_group(
         (windows run) and ``seconds_forward`` (time inside the model; meaningful on CPU only).
     """
     wg = job.windows
-    T, S = wg.tile, wg.stride
+    T = wg.tile
     region = group_region(blocks)
     wanted = {(b.r0, b.c0): b for b in blocks}
-    rows = wg.touching(region.r0, region.r0 + region.height, wg.n_rows)
-    cols = wg.touching(region.c0, region.c0 + region.width, wg.n_cols)
-    strip_c0, strip_c1 = cols.start * S, (cols.stop - 1) * S + T
+    rows = wg.rows_touching(region.r0, region.r0 + region.height)
+    cols = wg.cols_touching(region.c0, region.c0 + region.width)
+    strip_c0, strip_c1 = wg.win_c0(cols.start), wg.win_c0(cols.stop - 1) + T
     n_classes = len(job.code_lut)
     group = None  # model channel -> map channel; None: the same (nothing to sum)
     if job.class_group is not None and tuple(job.class_group) != tuple(range(n_classes)):
@@ -260,13 +264,14 @@ def predict_group(
 
     def read(k: int, row: int) -> tuple:
         """Strip of window row ``row`` into buffer ``k``, with the rows' need (AOI and valid imagery)."""
-        image, valid, sr0, sc0 = st.reader.read(row * S, row * S + T, strip_c0, strip_c1, strips_buf[k])
+        wr0 = wg.win_r0(row)
+        image, valid, sr0, sc0 = st.reader.read(wr0, wr0 + T, strip_c0, strip_c1, strips_buf[k])
         need = np.zeros((T, region.width), bool)
-        ra, rb = max(row * S, region.r0, sr0), min(row * S + T, region.r0 + region.height, sr0 + valid.shape[0])
+        ra, rb = max(wr0, region.r0, sr0), min(wr0 + T, region.r0 + region.height, sr0 + valid.shape[0])
         ca, cb = max(region.c0, sc0), min(region.c0 + region.width, sc0 + valid.shape[1])
         if rb > ra and cb > ca:
             inside = _aoi_mask(st, job, ra, ca, rb - ra, cb - ca)
-            need[ra - row * S : rb - row * S, ca - region.c0 : cb - region.c0] = (
+            need[ra - wr0 : rb - wr0, ca - region.c0 : cb - region.c0] = (
                 inside & valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
             )
         return image, valid, sr0, sc0, need
@@ -311,16 +316,54 @@ def predict_group(
         stats["windows"] += n
         pending.clear()
 
+    def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray) -> None:
+        """Window (i, j) classified from its context box B (the imagery around its valid box R)."""
+        buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
+        raw, ok, br0, bc0 = st.reader.read(B[0], B[1], B[2], B[3], buf)
+        box = valid_bbox(ok)
+        assert box is not None  # R's valid pixels lie inside B
+        raw, ok = raw[:, box[0] : box[1], box[2] : box[3]], ok[box[0] : box[1], box[2] : box[3]]
+        br0, bc0 = br0 + box[0], bc0 + box[2]
+        x = np.empty(raw.shape, np.float32)
+        normalise_into(x, raw, ok, st.mean, st.std)
+        xt = torch.from_numpy(np.ascontiguousarray(padded_input(x, CONTEXT_MULTIPLE))[None]).to(st.device)
+        t0 = time.perf_counter()
+        with autocast:
+            p = predict_proba_tta(st.model, xt, job.tta, predict_proba).float()[0]
+        stats["seconds_forward"] += time.perf_counter() - t0
+        if group is not None:
+            p = sum_probabilities(p[None], group, n_classes)[0]
+        full = torch.zeros((p.shape[0], T, T), dtype=p.dtype, device=p.device)
+        wr0, wc0 = wg.win_r0(i), wg.win_c0(j)
+        full[:, R[0] - wr0 : R[1] - wr0, R[2] - wc0 : R[3] - wc0] = p[
+            :, R[0] - br0 : R[1] - br0, R[2] - bc0 : R[3] - bc0
+        ]
+        blender.add(i, j, full, need)
+        stats["windows"] += 1
+
     with torch.inference_mode():
         for i, (strip, valid, sr0, sc0, need) in strips():
-            ra, rb = max(i * S, region.r0), min(i * S + T, region.r0 + region.height)
+            wr0 = wg.win_r0(i)
+            ra, rb = max(wr0, region.r0), min(wr0 + T, region.r0 + region.height)
             for j in cols:
-                ca, cb = max(j * S, region.c0), min(j * S + T, region.c0 + region.width)
-                if not need[ra - i * S : rb - i * S, ca - region.c0 : cb - region.c0].any():
+                wc0 = wg.win_c0(j)
+                ca, cb = max(wc0, region.c0), min(wc0 + T, region.c0 + region.width)
+                if not need[ra - wr0 : rb - wr0, ca - region.c0 : cb - region.c0].any():
                     continue  # no pixel of this group inside the AOI with valid imagery
+                ctx = context_box(job.grid, wg, valid, sr0, sc0, i, j)
+                if ctx is None:
+                    continue
+                R, B = ctx
+                if R != (wr0, wr0 + T, wc0, wc0 + T):  # not all imagery: its own forward pass, in order
+                    if pending:
+                        run()
+                        yield from _flush(done, stats)
+                    run_context(i, j, R, B, need)
+                    yield from _flush(done, stats)
+                    continue
                 if not pending and copy_done[0] is not None:
                     copy_done[0].synchronize()  # the pinned batch is free again
-                window_into(batch_np[len(pending)], job.grid, wg, strip, valid, sr0, sc0, i, j, st.mean, st.std)
+                window_into(batch_np[len(pending)], wg, strip, valid, sr0, sc0, i, j, st.mean, st.std)
                 pending.append((i, j, need))
                 if len(pending) == job.batch_size:
                     run()

@@ -70,7 +70,8 @@ __all__ = [
 ]
 
 LEGEND_TAG = cog.LEGEND_TAG
-MANIFEST_VERSION = 2  # 2: --legend target sums LR-class probabilities per target class
+#: 2: --legend target sums LR-class probabilities per target class; 3: lattice windows, context boxes
+MANIFEST_VERSION = 3
 #: GDAL block cache while predicting blocks and writing the COG (bytes).
 GDAL_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -291,6 +292,7 @@ def fingerprint(job: PredictJob) -> dict[str, Any]:
         "grid": [grid.crs_wkt, grid.x0, grid.y0, grid.res_x, grid.res_y, grid.width, grid.height],
         "tile_px": job.windows.tile,
         "overlap_px": job.windows.overlap,
+        "window_lattice": [job.windows.row0, job.windows.col0],
         "block_size": job.block_size,
         "code_lut": list(lut),
         "class_group": list(group) if group is not None else None,

@@ -36,7 +36,7 @@ from lcmap.models.tta import TTA_MODES
 from lcmap.pipeline import mapfile
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
-from lcmap.pipeline.tiling import Block, WindowGrid, block_side_px, output_grid
+from lcmap.pipeline.tiling import Block, block_side_px, lattice_windows, output_grid
 
 __all__ = ["TILE_MULTIPLE", "Plan", "plan_prediction"]
 
@@ -265,7 +265,7 @@ def plan_prediction(
             f"the AOI ({aoi_obj.source if aoi_obj else ''}) only touches the imagery's edge: nothing to predict"
         )
     lut, group, out_legend, dtype = _code_lut(tm.legend, legend)
-    wg = WindowGrid(tile_px, overlap_px, grid.height, grid.width)
+    wg = lattice_windows(grid, tile_px, overlap_px)
     block_size = block_side_px(block_px, wg)
     partial = out.with_name(out.name + ".partial")
     aoi_wkb = shapely.to_wkb(geom) if geom is not None else None

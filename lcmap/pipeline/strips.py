@@ -3,9 +3,11 @@ normalised into the model's batch.
 
 :class:`StripReader` reads output rows/columns (one strip of ``tile`` rows per window row of a
 task) into preallocated buffers in the imagery's own data type (1 byte per band and pixel for
-8-bit imagery); :func:`window_into` cuts one window from a strip, mirror-pads it where it overhangs
-the imagery's extent, normalises it (``(value - mean) / std`` per band) and feeds invalid pixels
-as the band mean (0 after normalisation).
+8-bit imagery); :func:`window_into` cuts one window from a strip and normalises it
+(``(value - mean) / std`` per band), feeding invalid pixels as the band mean (0 after
+normalisation). A window that is not all imagery is classified from its *context box*
+(:func:`context_box`): the imagery around its valid pixels, never empty area, so a pixel's class
+depends only on the imagery around it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import rasterio
 from rasterio.windows import Window
 
 from lcmap.geodata.datasets import HRImagery, imagery_valid, read_imagery
-from lcmap.pipeline.tiling import OutputGrid, WindowGrid, window_from_strip
+from lcmap.pipeline.tiling import OutputGrid, WindowGrid
 
-__all__ = ["StripReader", "window_into"]
+__all__ = ["Box", "StripReader", "context_box", "normalise_into", "padded_input", "valid_bbox", "window_into"]
 
 
 class StripReader:
@@ -147,7 +149,6 @@ class StripReader:
 
 def window_into(
     dst: np.ndarray,
-    grid: OutputGrid,
     windows: WindowGrid,
     strip: np.ndarray,
     valid: np.ndarray,
@@ -158,22 +159,85 @@ def window_into(
     mean: np.ndarray,
     std: np.ndarray,
 ) -> None:
-    """Window (i, j) of a raw strip, normalised into ``dst`` ``(C, tile, tile)`` float32.
+    """Window (i, j), wholly inside the strip, normalised into ``dst`` ``(C, tile, tile)`` float32.
 
     ``(value - mean) / std`` per band (``mean``/``std`` ``(C, 1, 1)``); pixels not ``valid``
-    (``(h, w)``, the strip's) are 0, the band mean; mirror-padded beyond the imagery extent
-    (:func:`lcmap.pipeline.tiling.window_from_strip`) only where the window overhangs it.
+    (``(h, w)``, the strip's) are 0, the band mean. For windows whose context box
+    (:func:`context_box`) is the window itself.
     """
-    T, S = windows.tile, windows.stride
-    wr0, wc0 = i * S, j * S
-    g = grid
-    if wr0 >= g.img_r0 and wc0 >= g.img_c0 and wr0 + T <= g.img_r1 and wc0 + T <= g.img_c1:
-        raw = strip[:, wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
-        ok = valid[wr0 - sr0 : wr0 - sr0 + T, wc0 - sc0 : wc0 - sc0 + T]
-    else:
-        raw = window_from_strip(grid, windows, strip, sr0, sc0, i, j)
-        ok = window_from_strip(grid, windows, valid[None], sr0, sc0, i, j)[0]
+    T = windows.tile
+    wr0, wc0 = windows.win_r0(i) - sr0, windows.win_c0(j) - sc0
+    raw = strip[:, wr0 : wr0 + T, wc0 : wc0 + T]
+    ok = valid[wr0 : wr0 + T, wc0 : wc0 + T]
+    normalise_into(dst, raw, ok, mean, std)
+
+
+def normalise_into(dst: np.ndarray, raw: np.ndarray, ok: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """``(raw - mean) / std`` into ``dst`` (same shape, float32); pixels not ``ok`` are 0 (the band mean)."""
     np.subtract(raw, mean, out=dst)
     np.divide(dst, std, out=dst)
-    if not ok.all():  # imagery nodata inside the extent (gaps, holes): the band mean, not ~ -3 sigma
+    if not ok.all():  # imagery nodata inside the box (gaps, holes): the band mean, not ~ -3 sigma
         np.copyto(dst, 0.0, where=~ok[None])
+
+
+Box = tuple[int, int, int, int]  # output rows [r0, r1) x columns [c0, c1)
+
+
+def context_box(grid: OutputGrid, windows: WindowGrid, valid: np.ndarray, sr0: int, sc0: int, i: int, j: int):
+    """What window (i, j) gives the model: ``(R, B)`` (output pixel boxes ``(r0, r1, c0, c1)``), or
+    None when the window holds no valid imagery.
+
+    ``R`` is the bounding box of the window's valid imagery (``valid``: the strip's ``(h, w)``
+    mask, pixel ``[0, 0]`` = output pixel ``(sr0, sc0)``; the strip holds the window's part inside
+    the imagery extent). ``B`` is where the model looks to classify ``R``: the window itself when
+    ``R`` is the whole window; otherwise, along each axis, ``R`` extended to ``tile`` pixels on the
+    side(s) where it reaches the window's edge (the imagery may go on there) and kept where the
+    imagery ends inside the window, clipped to the imagery's extent. So the model never sees
+    empty area beyond an edge or a gap: a window hanging over an image's edge is shifted inward,
+    and an image smaller than a window is seen whole, at its own size (the caller crops ``B`` to
+    its valid pixels). ``B`` depends only on the window and the imagery, never on the block,
+    the task or the other files listed far away.
+    """
+    T = windows.tile
+    wr0, wc0 = windows.win_r0(i), windows.win_c0(j)
+    h, w = valid.shape
+    ra, rb = max(wr0, sr0), min(wr0 + T, sr0 + h)
+    ca, cb = max(wc0, sc0), min(wc0 + T, sc0 + w)
+    if rb <= ra or cb <= ca:
+        return None
+    v = valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
+    rows = np.flatnonzero(v.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(v.any(axis=0))
+    R = (ra + int(rows[0]), ra + int(rows[-1]) + 1, ca + int(cols[0]), ca + int(cols[-1]) + 1)
+
+    def extend(lo: int, hi: int, w0: int, e0: int, e1: int) -> tuple[int, int]:
+        first, last = lo == w0, hi == w0 + T  # R reaches the window's edge there
+        if first == last:
+            return lo, hi
+        return (max(hi - T, e0), hi) if first else (lo, min(lo + T, e1))
+
+    b_r = extend(R[0], R[1], wr0, grid.img_r0, grid.img_r1)
+    b_c = extend(R[2], R[3], wc0, grid.img_c0, grid.img_c1)
+    return R, (b_r[0], b_r[1], b_c[0], b_c[1])
+
+
+def valid_bbox(valid: np.ndarray) -> Box | None:
+    """``(r0, r1, c0, c1)`` of the True pixels of ``valid`` ``(h, w)``, or None."""
+    rows = np.flatnonzero(valid.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(valid.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def padded_input(image: np.ndarray, multiple: int) -> np.ndarray:
+    """``image`` ``(C, h, w)`` mirrored past its bottom/right edge to a multiple of ``multiple`` px."""
+    _, h, w = image.shape
+    ph, pw = -h % multiple, -w % multiple
+    if not ph and not pw:
+        return image
+    if min(h, w) > 1:
+        return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+    return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="edge")

@@ -2,10 +2,12 @@
 
 1. **Output grid** (:func:`output_grid`). The imagery's CRS and pixel size; extent = imagery
    extent ∩ AOI bounds, snapped outwards to the imagery's pixel grid.
-2. **Windows** (:class:`WindowGrid`). One global grid of model windows anchored at the output's
-   top-left pixel: windows of ``tile`` px at a stride of ``tile - overlap``, so neighbours share
-   exactly ``overlap`` rows/columns. Windows that overhang the imagery's extent are filled by
-   mirror reflection (:func:`window_from_strip`) so the model always sees ``tile`` x ``tile``.
+2. **Windows** (:class:`WindowGrid`). One lattice of model windows of ``tile`` px at a stride of
+   ``tile - overlap`` (neighbours share exactly ``overlap`` rows/columns), anchored on the CRS's
+   pixel grid (:func:`lattice_windows`), not on the output's corner: the windows over a pixel are
+   the same whatever other files or AOI make the output larger. A window that is not all valid
+   imagery is run on its *context box* (:func:`lcmap.pipeline.strips.context_box`): only
+   imagery, never empty area, reaches the model.
 3. **Taper** (:meth:`WindowGrid.taper`). Softmax probabilities are averaged with a weight that is
    1 except inside the overlap, where it follows a Hann (sin²) ramp whose two halves add up to
    exactly 1, floored at :data:`TAPER_FLOOR` (never 0); a window side on the output raster's own
@@ -39,9 +41,10 @@ __all__ = [
     "MAX_GROUP",
     "model_px_per_map_px",
     "output_grid",
+    "lattice_start",
+    "lattice_windows",
     "block_side_px",
     "cut_blocks",
-    "window_from_strip",
 ]
 
 #: Nodata of the confidence map (valid values are 0-100, percent).
@@ -137,39 +140,64 @@ def output_grid(
 class WindowGrid:
     """The global grid of model windows over an output of ``height`` x ``width`` pixels.
 
-    Window ``(i, j)`` covers rows ``[i*stride, i*stride + tile)`` and columns
-    ``[j*stride, j*stride + tile)``; ``stride = tile - overlap`` (all in pixels). There are just
-    enough windows to cover the output; the last ones may overhang it.
+    Window ``(i, j)`` covers rows ``[row0 + i*stride, row0 + i*stride + tile)`` and columns
+    ``[col0 + j*stride, col0 + j*stride + tile)``; ``stride = tile - overlap`` (all in pixels).
+    ``row0``/``col0`` (<= 0) place the lattice (:func:`lattice_windows`; 0: at the output's
+    corner). There are just enough windows to cover the output (with ``lattice``: every window
+    that touches it); the first and last ones may overhang it.
     """
 
     tile: int
     overlap: int
     height: int
     width: int
+    row0: int = 0
+    col0: int = 0
+    #: every window that touches the output (a lattice's), not just enough to cover it
+    lattice: bool = False
 
     @property
     def stride(self) -> int:
         return self.tile - self.overlap
 
-    def count(self, length: int) -> int:
-        """Windows along an axis of ``length`` pixels."""
-        if length <= self.tile:
+    def count(self, length: int, start: int = 0) -> int:
+        """Windows along an axis of ``length`` pixels, the first starting at pixel ``start`` (<= 0)."""
+        if self.lattice:
+            return max(1, math.ceil((length - start) / self.stride))
+        if length - start <= self.tile:
             return 1
-        return math.ceil((length - self.tile) / self.stride) + 1
+        return math.ceil((length - start - self.tile) / self.stride) + 1
 
     @property
     def n_rows(self) -> int:
-        return self.count(self.height)
+        return self.count(self.height, self.row0)
 
     @property
     def n_cols(self) -> int:
-        return self.count(self.width)
+        return self.count(self.width, self.col0)
 
-    def touching(self, lo: int, hi: int, n: int) -> range:
-        """Indices of the windows (along one axis, ``n`` in all) that touch pixels [lo, hi)."""
-        first = max(0, (lo - self.tile) // self.stride + 1)
-        last = min(n - 1, (hi - 1) // self.stride)
+    def win_r0(self, i: int) -> int:
+        """First output row of window row ``i``."""
+        return self.row0 + i * self.stride
+
+    def win_c0(self, j: int) -> int:
+        """First output column of window column ``j``."""
+        return self.col0 + j * self.stride
+
+    def touching(self, lo: int, hi: int, n: int, start: int = 0) -> range:
+        """Indices of the windows (along one axis, ``n`` in all, the first at pixel ``start``) that
+        touch pixels [lo, hi)."""
+        first = max(0, (lo - start - self.tile) // self.stride + 1)
+        last = min(n - 1, (hi - 1 - start) // self.stride)
         return range(first, last + 1)
+
+    def rows_touching(self, lo: int, hi: int) -> range:
+        """Window rows that touch output rows [lo, hi)."""
+        return self.touching(lo, hi, self.n_rows, self.row0)
+
+    def cols_touching(self, lo: int, hi: int) -> range:
+        """Window columns that touch output columns [lo, hi)."""
+        return self.touching(lo, hi, self.n_cols, self.col0)
 
     def taper(self, index: int, n: int) -> np.ndarray:
         """1-D blending weight of window ``index`` of ``n`` (float32, length ``tile``).
@@ -188,6 +216,39 @@ class WindowGrid:
             if index < n - 1:
                 w[-o:] = ramp[::-1]
         return w.astype(np.float32)
+
+
+def lattice_start(first_px: int, tile: int, stride: int) -> int:
+    """Where (<= 0, in output pixels) the first lattice window touching the output starts.
+
+    ``first_px``: the global index of the output's first pixel along the axis (pixels counted
+    from the CRS's origin). Lattice windows start at global multiples of ``stride``; the first one
+    taken is the first whose ``tile`` pixels reach the output, so every lattice window that
+    touches an output pixel is in the grid, however far the output reaches.
+    """
+    k_first = (first_px - tile) // stride + 1
+    return k_first * stride - first_px
+
+
+def lattice_windows(grid: OutputGrid, tile: int, overlap: int) -> WindowGrid:
+    """The window grid of ``grid`` on the CRS's pixel lattice (see :class:`WindowGrid`).
+
+    The lattice is fixed by the pixel's position in the CRS (``x / res_x``, ``-y / res_y``), so
+    a pixel is covered by the same windows, with the same taper, when other files, a larger AOI
+    or a bbox change the output's extent (files on one pixel grid).
+    """
+    stride = tile - overlap
+    gc = math.floor(grid.x0 / grid.res_x + 1e-6)
+    gr = math.floor(-grid.y0 / grid.res_y + 1e-6)
+    return WindowGrid(
+        tile,
+        overlap,
+        grid.height,
+        grid.width,
+        row0=lattice_start(gr, tile, stride),
+        col0=lattice_start(gc, tile, stride),
+        lattice=True,
+    )
 
 
 # ----------------------------------------------------------------------------------- blocks
@@ -274,34 +335,9 @@ def group_region(group: list[Block]) -> Block:
 
 
 def model_px_per_map_px(windows: WindowGrid, regions: list[Block]) -> float:
-    """Model pixels computed per map pixel when each region runs every window touching it."""
+    """Model pixels computed per map pixel when each region runs every window touching it (each
+    counted at ``tile`` x ``tile``: an upper bound where a window runs on a smaller context box)."""
     n = 0
     for r in regions:
-        n += len(windows.touching(r.r0, r.r0 + r.height, windows.n_rows)) * len(
-            windows.touching(r.c0, r.c0 + r.width, windows.n_cols)
-        )
+        n += len(windows.rows_touching(r.r0, r.r0 + r.height)) * len(windows.cols_touching(r.c0, r.c0 + r.width))
     return n * windows.tile**2 / (windows.height * windows.width)
-
-
-def window_from_strip(
-    grid: OutputGrid, windows: WindowGrid, strip: np.ndarray, sr0: int, sc0: int, i: int, j: int
-) -> np.ndarray:
-    """Window (i, j) cut from a strip, mirror-padded beyond the imagery extent to tile x tile.
-
-    Args:
-        strip: ``(C, h, w)`` imagery whose pixel ``[:, 0, 0]`` is output pixel ``(sr0, sc0)``; it
-            must hold the window's part inside the imagery extent.
-
-    Returns:
-        ``(C, tile, tile)``, C-contiguous.
-    """
-    g, wg = grid, windows
-    T, S = wg.tile, wg.stride
-    wr0, wc0 = i * S, j * S
-    ra, rb = max(wr0, g.img_r0), min(wr0 + T, g.img_r1)
-    ca, cb = max(wc0, g.img_c0), min(wc0 + T, g.img_c1)
-    tile = strip[:, ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
-    pads = ((0, 0), (ra - wr0, wr0 + T - rb), (ca - wc0, wc0 + T - cb))
-    if any(p for pair in pads for p in pair):
-        tile = np.pad(tile, pads, mode="reflect" if min(tile.shape[1:]) > 1 else "edge")
-    return np.ascontiguousarray(tile)
