@@ -11,7 +11,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from lcmap.geodata.datasets import open_imagery
-from lcmap.pipeline.strips import StripReader, context_box, padded_input, valid_bbox, window_into
+from lcmap.models.context import padded_input, valid_bbox
+from lcmap.pipeline.strips import StripReader, context_box, window_into
 from lcmap.pipeline.tiling import WindowGrid, output_grid
 
 X0, Y0 = 500_000.0, 4_200_000.0

@@ -224,3 +224,33 @@ def test_out_of_memory_says_which_batch_size_to_try():
     with pytest.raises(LcmapInputError, match=r"try a smaller --patch-px \(e\.g\. 96\)"):
         _raise_if_oom(MemoryError(), TrainConfig(batch_size=1), 224)
     _raise_if_oom(ValueError("something else"), cfg, 224)  # not memory: left to the caller
+
+
+def test_validation_window_sees_only_the_imagery(monkeypatch):
+    """A validation window that is not all imagery is classified from its valid box only (as lcmap
+    predict's context boxes), and pixels without imagery are not scored."""
+    from lcmap.geodata.legends import get_legend
+    from lcmap.pipeline.task import LandCoverTask
+
+    legend = get_legend("nlcd")
+    task = LandCoverTask("unet", 4, legend.to_dict(), [0.0] * 4, [1.0] * 4)
+    task.eval()
+    seen = []
+    forward = task.model.forward
+
+    def spy(x):
+        seen.append(tuple(x.shape))
+        return forward(x)
+
+    monkeypatch.setattr(task.model, "forward", spy)
+    image = torch.randn(2, 4, 64, 64)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[1] = False
+    valid[1, 8:40, 16:48] = True  # a 32 x 32 image in a corner of the second window
+    image[1, :, ~valid[1]] = 0.0
+    mask = torch.full((2, 64, 64), legend.codes.index(41), dtype=torch.long)  # every pixel labelled
+    with torch.no_grad():
+        task.validation_step({"image": image, "mask": mask, "valid": valid}, 0)
+    assert seen == [(2, 4, 64, 64), (1, 4, 32, 32)]  # the batch, then the second window's valid box
+    scored = int(task.val_confusion.compute().sum())  # a few may be predicted as no target class
+    assert 64 * 64 + 32 * 32 - 64 <= scored <= 64 * 64 + 32 * 32  # only pixels with imagery

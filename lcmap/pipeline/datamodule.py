@@ -308,4 +308,5 @@ class LandCoverDataModule(pl.LightningDataModule):
         image = (image - self.mean.to(image.device)) / self.std.to(image.device)
         if valid is not None:
             image = torch.where(valid, image, torch.zeros((), dtype=image.dtype, device=image.device))
+            return {"image": image, "mask": mask, "valid": valid[:, 0]}
         return {"image": image, "mask": mask}

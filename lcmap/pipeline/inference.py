@@ -39,10 +39,11 @@ from rasterio.transform import from_origin
 from lcmap.geodata.aoi import rasterize_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.models import predict_proba, sum_probabilities
+from lcmap.models.context import predict_proba_valid
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.blending import RowBlender
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
-from lcmap.pipeline.strips import StripReader, context_box, normalise_into, padded_input, valid_bbox, window_into
+from lcmap.pipeline.strips import StripReader, context_box, normalise_into, window_into
 from lcmap.pipeline.tiling import (
     CONFIDENCE_NODATA,
     Block,
@@ -52,11 +53,7 @@ from lcmap.pipeline.tiling import (
     group_region,
 )
 
-#: Context boxes are mirrored to a multiple of this before the model (the networks downsample by 32).
-CONTEXT_MULTIPLE = 32
-
 __all__ = [
-    "CONTEXT_MULTIPLE",
     "PredictJob",
     "WorkerState",
     "load_worker_state",
@@ -320,20 +317,18 @@ def predict_group(
         """Window (i, j) classified from its context box B (the imagery around its valid box R)."""
         buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
         raw, ok, br0, bc0 = st.reader.read(B[0], B[1], B[2], B[3], buf)
-        box = valid_bbox(ok)
-        assert box is not None  # R's valid pixels lie inside B
-        raw, ok = raw[:, box[0] : box[1], box[2] : box[3]], ok[box[0] : box[1], box[2] : box[3]]
-        br0, bc0 = br0 + box[0], bc0 + box[2]
         x = np.empty(raw.shape, np.float32)
         normalise_into(x, raw, ok, st.mean, st.std)
-        xt = torch.from_numpy(np.ascontiguousarray(padded_input(x, CONTEXT_MULTIPLE))[None]).to(st.device)
         t0 = time.perf_counter()
         with autocast:
-            p = predict_proba_tta(st.model, xt, job.tta, predict_proba).float()[0]
+            found = predict_proba_valid(st.model, x, ok, job.tta, predict_proba, st.device)
         stats["seconds_forward"] += time.perf_counter() - t0
+        assert found is not None  # R's valid pixels lie inside B
+        p, box = found
+        br0, bc0 = br0 + box[0], bc0 + box[2]
         if group is not None:
-            p = sum_probabilities(p[None], group, n_classes)[0]
-        full = torch.zeros((p.shape[0], T, T), dtype=p.dtype, device=p.device)
+            p = sum_probabilities(p[None].float(), group, n_classes)[0]
+        full = torch.zeros((p.shape[0], T, T), dtype=torch.float32, device=p.device)
         wr0, wc0 = wg.win_r0(i), wg.win_c0(j)
         full[:, R[0] - wr0 : R[1] - wr0, R[2] - wc0 : R[3] - wc0] = p[
             :, R[0] - br0 : R[1] - br0, R[2] - bc0 : R[3] - bc0

@@ -21,7 +21,7 @@ from rasterio.windows import Window
 from lcmap.geodata.datasets import HRImagery, imagery_valid, read_imagery
 from lcmap.pipeline.tiling import OutputGrid, WindowGrid
 
-__all__ = ["Box", "StripReader", "context_box", "normalise_into", "padded_input", "valid_bbox", "window_into"]
+__all__ = ["Box", "StripReader", "context_box", "normalise_into", "window_into"]
 
 
 class StripReader:
@@ -194,9 +194,9 @@ def context_box(grid: OutputGrid, windows: WindowGrid, valid: np.ndarray, sr0: i
     side(s) where it reaches the window's edge (the imagery may go on there) and kept where the
     imagery ends inside the window, clipped to the imagery's extent. So the model never sees
     empty area beyond an edge or a gap: a window hanging over an image's edge is shifted inward,
-    and an image smaller than a window is seen whole, at its own size (the caller crops ``B`` to
-    its valid pixels). ``B`` depends only on the window and the imagery, never on the block,
-    the task or the other files listed far away.
+    and an image smaller than a window is seen whole, at its own size (the caller runs the model
+    on ``B``'s valid box: :func:`lcmap.models.context.predict_proba_valid`). ``B`` depends only
+    on the window and the imagery, never on the block, the task or the other files listed far away.
     """
     T = windows.tile
     wr0, wc0 = windows.win_r0(i), windows.win_c0(j)
@@ -221,23 +221,3 @@ def context_box(grid: OutputGrid, windows: WindowGrid, valid: np.ndarray, sr0: i
     b_r = extend(R[0], R[1], wr0, grid.img_r0, grid.img_r1)
     b_c = extend(R[2], R[3], wc0, grid.img_c0, grid.img_c1)
     return R, (b_r[0], b_r[1], b_c[0], b_c[1])
-
-
-def valid_bbox(valid: np.ndarray) -> Box | None:
-    """``(r0, r1, c0, c1)`` of the True pixels of ``valid`` ``(h, w)``, or None."""
-    rows = np.flatnonzero(valid.any(axis=1))
-    if not len(rows):
-        return None
-    cols = np.flatnonzero(valid.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-
-
-def padded_input(image: np.ndarray, multiple: int) -> np.ndarray:
-    """``image`` ``(C, h, w)`` mirrored past its bottom/right edge to a multiple of ``multiple`` px."""
-    _, h, w = image.shape
-    ph, pw = -h % multiple, -w % multiple
-    if not ph and not pw:
-        return image
-    if min(h, w) > 1:
-        return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-    return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="edge")

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
 from lcmap.models import build_model, sum_probabilities
+from lcmap.models.context import predict_proba_valid
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.losses import plat_loss, weighted_ce
 from lcmap.pipeline.metrics import scores_from_confusion
@@ -160,13 +161,26 @@ class LandCoverTask(pl.LightningModule):
 
     # ------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        probs = predict_proba_tta(self.model, batch["image"], self.hparams.get("val_tta", "none"))
+        tta = self.hparams.get("val_tta", "none")
+        probs = predict_proba_tta(self.model, batch["image"], tta)
+        valid = batch.get("valid")
+        if valid is not None and not bool(valid.all()):
+            # as lcmap predict: a window that is not all imagery is classified from its valid box only
+            for k in torch.nonzero(~valid.view(len(valid), -1).all(dim=1)).flatten().tolist():
+                v = valid[k].cpu().numpy()
+                found = predict_proba_valid(self.model, batch["image"][k].cpu().numpy(), v, tta, device=probs.device)
+                probs[k] = 0.0
+                if found is not None:
+                    p, (r0, r1, c0, c1) = found
+                    probs[k, :, r0:r1, c0:c1] = p
         # as lcmap predict: the target class of highest summed LR-class probability
         n = len(self.target_names)
         arg = sum_probabilities(probs, self.target_group, n + 1).argmax(dim=1)
         pred = torch.where(arg == n, torch.full_like(arg, IGNORE_INDEX), arg)
         truth = self.mask_to_target[batch["mask"]]
         keep = (pred != IGNORE_INDEX) & (truth != IGNORE_INDEX)
+        if valid is not None:
+            keep &= valid  # no imagery, no score (lcmap predict maps it nodata)
         self.val_confusion.update(pred[keep], truth[keep])
 
     def on_validation_epoch_end(self) -> None:
