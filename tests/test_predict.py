@@ -145,7 +145,9 @@ def test_block_size_and_mosaic_invariance(data):
         data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48, confidence=True, **FAST
     )
     out = result.path
-    assert result.blocks == 4 * 4  # 150 x 170 px in 48 px blocks
+    # 150 x 170 px in 48 px blocks on the window lattice (it starts 32 px before the map's corner
+    # here): rows [0, 16, 64, 112], columns [0, 16, 64, 112, 160]
+    assert result.blocks == 4 * 5
     assert result.confidence_path == out.with_name("map_confidence.tif")
     assert np.array_equal(_read(out), _read(data["ref"]))
     assert np.array_equal(

@@ -268,3 +268,17 @@ def test_group_shape_runs_the_fewest_windows_among_shapes_with_enough_tasks(n_bl
     assert tasks >= min(tasks_wanted, most)
     others = [cost((gr, gc))[0] for gr in rows for gc in cols if cost((gr, gc))[1] >= min(tasks_wanted, most)]
     assert ratio <= min(others) + 1e-12
+
+
+def test_blocks_on_the_lattice_tile_the_output_and_start_where_windows_start():
+    wg = T.WindowGrid(64, 16, 150, 170, row0=-32, col0=-20, lattice=True)
+    blocks = T.cut_blocks(150, 170, 96, wg.row0, wg.col0)
+    cover = np.zeros((150, 170), int)
+    for b in blocks:
+        cover[b.r0 : b.r0 + b.height, b.c0 : b.c0 + b.width] += 1
+        assert b.r0 == T.block_start(b.r0 + b.height - 1, 96, wg.row0)
+    assert (cover == 1).all()
+    assert sorted({b.r0 for b in blocks}) == [0, 64]  # -32 + 96
+    assert sorted({b.c0 for b in blocks}) == [0, 76]  # -20 + 96; -20 + 192 > 170
+    inner = {b.c0 for b in blocks} - {0}
+    assert all((c - wg.col0) % wg.stride == 0 for c in inner)  # a window starts at each inner edge

@@ -49,6 +49,7 @@ from lcmap.pipeline.tiling import (
     Block,
     OutputGrid,
     WindowGrid,
+    block_start,
     cut_blocks,
     group_region,
 )
@@ -98,7 +99,7 @@ class PredictJob:
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
-        return cut_blocks(self.grid.height, self.grid.width, self.block_size)
+        return cut_blocks(self.grid.height, self.grid.width, self.block_size, self.windows.row0, self.windows.col0)
 
 
 # ------------------------------------------------------------------- per-worker state
@@ -222,8 +223,9 @@ def predict_group(
     def sink(r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
         while len(codes):
             if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
-                start = region.r0 + (r - region.r0) // job.block_size * job.block_size
-                h = min(job.block_size, region.r0 + region.height - start)
+                start = block_start(r, job.block_size, wg.row0)
+                end = wg.row0 + ((start - wg.row0) // job.block_size + 1) * job.block_size  # the next edge
+                h = min(end, region.r0 + region.height) - start
                 row = [b for (br0, _), b in sorted(wanted.items()) if br0 == start]
                 cur.update(r0=start, h=h, blocks=[
                     (b, np.zeros((h, b.width), job.dtype),

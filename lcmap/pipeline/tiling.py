@@ -44,6 +44,7 @@ __all__ = [
     "lattice_start",
     "lattice_windows",
     "block_side_px",
+    "block_start",
     "cut_blocks",
 ]
 
@@ -273,13 +274,28 @@ def block_side_px(block_px: int, windows: WindowGrid) -> int:
     return max(1, round(block_px / windows.stride)) * windows.stride
 
 
-def cut_blocks(height: int, width: int, block_size: int) -> list[Block]:
-    """Square blocks of ``block_size`` px over ``height`` x ``width`` px, row by row; the last
-    row/column of blocks is cut at the output's edge."""
+def block_start(px: int, block_size: int, origin: int = 0) -> int:
+    """First pixel of the block (row or column) holding pixel ``px`` (>= 0): block edges lie at
+    ``origin + k * block_size`` (``origin`` <= 0, the window lattice's start) and at 0."""
+    return max(0, origin + (px - origin) // block_size * block_size)
+
+
+def cut_blocks(height: int, width: int, block_size: int, row0: int = 0, col0: int = 0) -> list[Block]:
+    """Blocks of ``block_size`` px over ``height`` x ``width`` px, row by row, their edges on the
+    window lattice (``row0 + k * block_size``, ``col0 + k * block_size``: a block edge falls where
+    a window starts, so one window row/column straddles it); the first and last row/column of
+    blocks are cut at the output's edges."""
+
+    def starts(length: int, origin: int) -> list[int]:
+        return [0] + [e for e in range(origin + block_size, length, block_size) if e > 0]
+
+    rows, cols = starts(height, row0), starts(width, col0)
     out = []
-    for bi, r0 in enumerate(range(0, height, block_size)):
-        for bj, c0 in enumerate(range(0, width, block_size)):
-            out.append(Block(bi, bj, r0, c0, min(block_size, height - r0), min(block_size, width - c0)))
+    for bi, r0 in enumerate(rows):
+        r1 = rows[bi + 1] if bi + 1 < len(rows) else height
+        for bj, c0 in enumerate(cols):
+            c1 = cols[bj + 1] if bj + 1 < len(cols) else width
+            out.append(Block(bi, bj, r0, c0, r1 - r0, c1 - c0))
     return out
 
 
