@@ -31,6 +31,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help (as rio's and GDAL's): wraps every option's help in a column of 44+
+    # characters at 80 columns and when piped; typer's rich panels cut it to ~18 with ellipses.
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 

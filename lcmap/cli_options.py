@@ -32,6 +32,10 @@ LIST_HELP = (
 )
 
 
+#: Characters of a command's summary in ``lcmap --help``: all of it (``write_dl`` wraps it).
+_NO_LIMIT = 10_000
+
+
 def expand_list_options(args: list[str], names: frozenset[str] = LIST_OPTIONS) -> list[str]:
     """``--opt a b c`` -> ``--opt a --opt b --opt c`` for the list options ``names``.
 
@@ -59,10 +63,21 @@ def expand_list_options(args: list[str], names: frozenset[str] = LIST_OPTIONS) -
 
 class ListOptionsGroup(TyperGroup):
     """The ``lcmap`` command group: expands several values after one list option (see
-    :func:`expand_list_options`) before Click parses them (console script and CliRunner alike)."""
+    :func:`expand_list_options`) before Click parses them (console script and CliRunner alike),
+    and lists each command's whole first sentence in ``lcmap --help`` (wrapped, not cut with "...")."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, expand_list_options(list(args)))
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=_NO_LIMIT)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def _parameter(f: dataclasses.Field) -> inspect.Parameter:

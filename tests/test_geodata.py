@@ -214,6 +214,34 @@ def test_band_counts_dtypes_and_nodata(tmp_path: Path, bands: int, dtype) -> Non
     assert len(stats.mean) == bands and all(s > 0 for s in stats.std)
 
 
+def test_labels_put_on_the_imagery_grid_print_nothing(tmp_path: Path, capfd) -> None:
+    """TorchGeo prints "Converting LabelRaster res from (30.0, 30.0) to (1.0, 1.0)" (and CRS)
+    when the labels go onto the imagery's grid: lcmap drops those lines, nothing else."""
+    from lcmap.geodata import datasets
+
+    img = fake_imagery(tmp_path / "img.tif", h=90, w=90)
+    lbl = write_raster(
+        tmp_path / "lbl.tif", np.full((3, 3), 41, np.uint8), crs="EPSG:5070", transform=from_origin(1e6, 1.6e6, 30, 30)
+    )
+    lbl_utm = write_raster(tmp_path / "utm.tif", np.full((3, 3), 41, np.uint8), transform=from_origin(5e5, 4e6, 30, 30))
+    imagery = open_imagery(img)
+    for path in (lbl, lbl_utm):
+        labels = open_labels(path, NLCD)
+        assert labels.res == (30.0, 30.0)
+        capfd.readouterr()
+        try:
+            LabelledImagery(imagery, labels)
+        except LcmapInputError:  # the EPSG:5070 square lies elsewhere: only the notice matters here
+            pass
+        out, err = capfd.readouterr()
+        assert "Converting" not in out + err and out == "" and err == ""
+        assert labels.res == imagery.res and labels.crs == imagery.crs
+    with datasets._without_grid_notices():  # other lines still reach stdout
+        print("Converting LabelRaster res from (30.0, 30.0) to (1.0, 1.0)")
+        print("something else")
+    assert capfd.readouterr().out == "something else\n"
+
+
 # --------------------------------------------------------------------------- sampling in the AOI
 def test_sampler_draws_inside_multipolygon_aoi_and_masks_outside() -> None:
     paths = sample_paths()

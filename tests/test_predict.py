@@ -140,6 +140,34 @@ def test_cog_grid_styling_and_legend(data):
     assert valid.min() >= 25 and valid.max() <= 100  # max of 4 probabilities, in percent
 
 
+def test_preview_png_beside_the_map(data):
+    """MAP.preview.png: small; every map pixel in its class colour from the COG's colour table
+    (nodata transparent); the legend beside it shows the same colours; the STAC Item lists it."""
+    from PIL import Image
+
+    from lcmap.pipeline.preview import MIN_MAP_PX
+
+    ref = data["ref"]
+    png = ref.with_name("map.preview.png")
+    assert png.is_file() and png.stat().st_size < 200_000
+    assert not [p for p in ref.parent.iterdir() if "tmp" in p.name]  # written atomically
+    image = np.asarray(Image.open(png).convert("RGBA"))
+    assert max(image.shape[:2]) <= 1024
+    with rasterio.open(ref) as src:
+        codes, cmap = src.read(1), src.colormap(1)
+    factor = max(1, MIN_MAP_PX // max(H, W))  # small maps are enlarged by a whole factor
+    map_part = image[: H * factor : factor, : W * factor : factor]
+    expected = np.array([(*cmap[c][:3], 0 if c == 0 else 255) for c in range(256)], np.uint8)[codes]
+    assert (map_part[..., 3] == 0).sum() == (codes == 0).sum() > 0
+    opaque = codes > 0
+    assert np.array_equal(map_part[opaque], expected[opaque])
+    legend = image[:, W * factor :, :3].reshape(-1, 3)
+    for c in target_legend().classes:  # each class's swatch, in the map's colour
+        assert (legend == cmap[c.code][:3]).all(axis=1).sum() >= 100, c.name
+    item = json.loads(ref.with_suffix(".stac.json").read_text())
+    assert item["assets"]["thumbnail"]["href"] == png.name and item["assets"]["thumbnail"]["roles"] == ["thumbnail"]
+
+
 def test_block_size_and_mosaic_invariance(data):
     result = P.predict_map(
         data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48, confidence=True, **FAST

@@ -16,7 +16,11 @@ holding a label wins).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import io
+import re
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +205,8 @@ class LabelledImagery(IntersectionDataset):
 
     def __init__(self, imagery: HRImagery, labels: LabelRaster, aoi: shapely.Geometry | None = None) -> None:
         try:
-            super().__init__(imagery, labels)
+            with _without_grid_notices():
+                super().__init__(imagery, labels)
         except RuntimeError as exc:
             raise LcmapInputError(
                 f"imagery and labels do not overlap: imagery bounds {_fmt_bounds(imagery)} vs labels "
@@ -251,6 +256,29 @@ class LabelledImagery(IntersectionDataset):
         valid = imagery_valid(image, self.imagery.nodata).numpy()
         idx[~(inside & valid)] = IGNORE_INDEX
         return {"image": image, "mask": torch.from_numpy(idx)}
+
+
+#: What TorchGeo prints (``print``, every version up to 0.10) when IntersectionDataset puts the
+#: second dataset on the first's CRS and resolution.
+_GRID_NOTICE = re.compile(r"Converting \w+ (res|CRS) from .* to .*\n?")
+
+
+@contextlib.contextmanager
+def _without_grid_notices() -> Iterator[None]:
+    """Drop TorchGeo's "Converting LabelRaster res from (30.0, 30.0) to (1.0, 1.0)" lines.
+
+    Labels landing on the imagery's grid is what :class:`LabelledImagery` is for, not news for
+    the user. Only those lines are dropped: anything else printed meanwhile is written to stdout
+    afterwards, and warnings and logging are untouched.
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        kept = [line for line in printed.getvalue().splitlines(keepends=True) if not _GRID_NOTICE.fullmatch(line)]
+        if kept:
+            sys.stdout.write("".join(kept))
 
 
 def _fmt_bounds(ds: RasterDataset) -> str:

@@ -189,6 +189,7 @@ def _print_summary(out: Path, m: dict) -> None:
         f"\n[bold]Outputs in {out}[/]:\n"
         f"  map.tif (+ map.qml)      the 1 m map (COG); QGIS: Layer > Add Raster Layer, or drag it in:\n"
         f"                           the .qml beside it gives the class colours and names\n"
+        f"  map.preview.png          the map small, with its legend\n"
         f"  map_heldout.tif          the held-out patches\n"
         f"  metrics.json, report.md  scores (map vs NLCD baseline; held_out)\n"
         f"  quicklook.png            imagery | LR label | prediction | reference\n"

@@ -35,7 +35,7 @@ from pathlib import Path
 from lcmap.errors import Interrupted, LcmapInputError
 from lcmap.geodata.aoi import AOI
 from lcmap.models.tta import tta_transforms
-from lcmap.pipeline import execution, mapfile, stac
+from lcmap.pipeline import execution, mapfile, preview, stac
 from lcmap.pipeline.planning import plan_prediction
 from lcmap.pipeline.tiling import block_groups, group_shape
 
@@ -114,7 +114,8 @@ def predict_map(
         images: imagery files and/or folders (searched recursively); one mosaic, with the bands the
             model was trained on. The map has the imagery's CRS and pixel size (e.g. 1 m).
         out: the map to write (``MAP.tif``, a COG). Also written: ``MAP.tif.aux.xml`` (category
-            names), ``MAP.qml`` (QGIS style), ``MAP.stac.json`` (STAC Item, dated by the imagery's
+            names), ``MAP.qml`` (QGIS style), ``MAP.preview.png`` (a small picture with the legend:
+            :mod:`lcmap.pipeline.preview`), ``MAP.stac.json`` (STAC Item, dated by the imagery's
             date tags when present: :func:`lcmap.pipeline.stac.imagery_datetime_of`) and, with
             ``confidence``, ``MAP_confidence.tif``.
             ``MAP.tif.partial/`` holds finished blocks while running (kept on failure, to resume).
@@ -276,6 +277,7 @@ def predict_map(
                 raise
         shutil.rmtree(plan.partial, ignore_errors=True)
     plan.model = None
+    preview.write_preview(plan.out)  # MAP.preview.png, before the STAC Item that lists it
     stac.write_stac_item(plan.out, imagery_datetime=stac.imagery_datetime_of(job.image_files))  # MAP.stac.json
     return PredictResult(
         path=plan.out,

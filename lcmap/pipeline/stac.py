@@ -10,8 +10,8 @@ The Item is built with ``rio-stac`` (geometry and bbox in EPSG:4326, projection 
   nodata, spatial resolution) and the classification extension's classes (value, machine name,
   title, colour as hex, nodata; pixel counts and percentages when given);
 - assets for the sidecars present: ``style`` (``MAP.qml``), ``categories`` (``MAP.tif.aux.xml``,
-  which holds GDAL's category names), ``report`` / ``table`` (``MAP.md`` / ``MAP.csv``, as the
-  change maps have) and any further reports given;
+  which holds GDAL's category names), ``thumbnail`` (``MAP.preview.png``), ``report`` /
+  ``table`` (``MAP.md`` / ``MAP.csv``, as the change maps have) and any further reports given;
 - ``derived_from`` links to the inputs (e.g. a change map's map and old products).
 
 Every href is relative to the Item's folder (an absolute path only where none exists, e.g. another
@@ -278,6 +278,7 @@ def build_stac_item(
     sidecars = [
         ("style", cog.qml_path(map_path), ["style"], "QGIS style (paletted renderer)"),
         ("categories", Path(str(map_path) + ".aux.xml"), ["metadata"], "GDAL category names (PAM sidecar)"),
+        ("thumbnail", map_path.with_suffix(".preview.png"), ["thumbnail"], "preview with legend (PNG)"),
         ("report", map_path.with_suffix(".md"), ["metadata"], "summary"),
         ("table", map_path.with_suffix(".csv"), ["metadata"], "table"),
     ]
