@@ -282,11 +282,15 @@ def demo(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the interrupted training in OUT/run, then map and score.")
     ] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Random seed of the training (default: lcmap train's, 1234); scores move with it."),
+    ] = None,
 ) -> None:
     """Train paraformer-tiny on the embedded real sample (NAIP 1 m + NLCD 30 m), map it, score it."""
     from lcmap.pipeline.demo import run_demo
 
-    _run(run_demo, out, epochs=epochs, resume=resume)
+    _run(run_demo, out, epochs=epochs, resume=resume, **({"seed": seed} if seed is not None else {}))
 
 
 @app.command()
