@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from lcmap.geodata.datasets import HRImagery, imagery_valid, read_imagery
@@ -39,7 +40,8 @@ class StripReader:
         self.ds, self.grid = imagery, grid
         self.nodata = imagery.nodata
         self.files: list[tuple[str, int, int, int, int]] | None = None  # path, r0, c0, r1, c1 (output px)
-        self.other: list[tuple[float, float, float, float]] = []  # bounds of files not on the grid
+        #: bounds of the files not on the grid, in the grid's CRS (their own CRS may differ)
+        self.other: list[tuple[float, float, float, float]] = []
         self._handles: dict[str, Any] = {}
         #: the strips' numpy dtype: the files' (their common type), float32 when some file is warped
         self.dtype: np.dtype = np.dtype(np.float32)
@@ -71,8 +73,10 @@ class StripReader:
                     c0, r0 = int(round(c0f)), int(round(r0f))
                     files.append((path, r0, c0, r0 + src.height, c0 + src.width))
                     dtypes.append(np.dtype(src.dtypes[0]))
-                else:
+                elif src.crs is None or src.crs == crs:
                     other.append(tuple(b))
+                else:  # another CRS (zone, datum or units): its footprint on the map's CRS
+                    other.append(transform_bounds(src.crs, crs, *b, densify_pts=21))
         self.files, self.other = files, other
         self.dtype = np.dtype(np.float32) if other or not dtypes else np.result_type(*dtypes)
 
