@@ -1,20 +1,24 @@
 """Block inference: the model and imagery of a worker process, and the class codes of a group of blocks.
 
 A task (:func:`predict_group`) blends a group of blocks (:func:`lcmap.pipeline.tiling.block_groups`)
-in one pass, so windows are computed twice only on the group's border. It lists the global windows
-that touch the group, reads their imagery itself, one strip of ``tile`` rows at a time (its halo
-included; the next strip is read in a background thread while the model runs, into preallocated
-buffers in the imagery's own data type: :class:`~lcmap.pipeline.strips.StripReader` reads files that
-lie on the output grid straight with rasterio, others through TorchGeo), normalises each window as
-it copies it into a preallocated batch (pinned memory, non-blocking copies on CUDA), feeding pixels
-outside the imagery's valid area as the band mean, runs the model in batches of ``batch_size``
-windows (``bf16`` autocast on request) and blends the probabilities on the model's device
-(:class:`lcmap.pipeline.blending.RowBlender`); finished rows go straight into the arrays of the
-group's blocks, handed back block by block. With ``--legend target`` a target class's probability is
-the sum of its LR classes' (e.g. NLCD 52 + 71 + 81 + 82 + ... for low vegetation), so the map holds
-the most probable *target* class. Every pixel sums the same windows in the same global order
-whatever the block size, the grouping or the schedule, and batches are always padded to
-``batch_size``, so the map is bit-identical for any block size and scheduler.
+in one pass, so windows are computed twice only on the group's border. It lists the lattice windows
+(:func:`lcmap.pipeline.tiling.lattice_windows`) that touch the group, reads their imagery itself,
+one strip of ``tile`` rows at a time (its halo included; the next strip is read in a background
+thread while the model runs, into preallocated buffers in the imagery's own data type:
+:class:`~lcmap.pipeline.strips.StripReader` reads files on the output grid straight with rasterio,
+others warped once onto it), normalises each window as it copies it into a preallocated batch
+(pinned memory, non-blocking copies on CUDA), feeding nodata holes inside the imagery as the band
+mean, runs the model in batches of ``batch_size`` windows (``bf16`` autocast on request) and blends
+the probabilities on the model's device (:class:`lcmap.pipeline.blending.RowBlender`). A window
+that is not all imagery (an edge, a gap, an image smaller than a window) is run alone, in its
+place in the global order, on its context box (:func:`lcmap.pipeline.strips.context_box`): the
+model never sees empty area, so a pixel's class depends only on the imagery around it. Finished
+rows go straight into the arrays of the group's blocks, handed back block by block. With
+``--legend target`` a target class's probability is the sum of its LR classes' (e.g. NLCD 52 + 71 +
+81 + 82 + ... for low vegetation), so the map holds the most probable *target* class. Every pixel
+sums the same windows in the same global order whatever the block size, the grouping or the
+schedule, and batches are always padded to ``batch_size``, so the map is bit-identical for any
+block size and scheduler.
 
 The model is loaded once per worker process (:func:`load_worker_state`; on Dask by the worker
 plugin of :mod:`lcmap.pipeline.execution`), never shipped inside tasks; :class:`PredictJob`

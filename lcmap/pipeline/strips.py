@@ -12,38 +12,52 @@ depends only on the imagery around it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from lcmap.geodata.datasets import HRImagery, imagery_valid, read_imagery
+from lcmap.geodata.datasets import HRImagery, imagery_valid
 from lcmap.pipeline.tiling import OutputGrid, WindowGrid
 
 __all__ = ["Box", "StripReader", "context_box", "normalise_into", "window_into"]
+
+
+#: How a file in another CRS (or off the map's pixel grid) is resampled onto the map's grid, in
+#: one step (GDAL's warper, straight onto the map's pixels). Nearest neighbour keeps the sensor's
+#: values (no water/vegetation mixtures): a per-pixel classifier's map of the sample's NAIP on
+#: EPSG:32616 agrees with its own-CRS map on 99.4 % of pixels (bilinear: 91.5 %).
+WARP_RESAMPLING = Resampling.nearest
 
 
 class StripReader:
     """Raw imagery of output rows/columns (no normalisation), into preallocated buffers.
 
     Files on the output grid (same CRS and pixel size, whole-pixel offsets) are read straight
-    with rasterio (handles kept open per process; files overlapping: the first file with a valid
-    pixel wins, as in TorchGeo's merge); a strip that touches any other file is read through
-    TorchGeo (:func:`lcmap.geodata.datasets.read_imagery`, which warps). Strips stay in the
-    imagery's data type (:attr:`dtype`: 1 byte per band and pixel for 8-bit imagery, a quarter of
-    float32); :func:`window_into` normalises each model window as it copies it into the batch.
-    Invalid pixels (no file, or every band equal to the imagery's nodata) are False in ``valid``;
-    their values are undefined.
+    with rasterio; any other file (another CRS: zone, datum or unit; another pixel size or an
+    offset grid) is read through a GDAL warped VRT laid on the map's own grid over the file's
+    footprint, so its pixels are resampled once (:data:`WARP_RESAMPLING`), straight onto the
+    map's pixels. Handles are kept open per process; where files overlap, the first file (in
+    :attr:`HRImagery.files` order) with a valid pixel wins, as in TorchGeo's merge. Strips stay in
+    the imagery's data type (:attr:`dtype`: 1 byte per band and pixel for 8-bit imagery, a
+    quarter of float32); :func:`window_into` normalises each model window as it copies it into
+    the batch. Invalid pixels (no file, or every band equal to the imagery's nodata) are False
+    in ``valid``; their values are undefined.
     """
 
     def __init__(self, imagery: HRImagery, grid: OutputGrid):
         self.ds, self.grid = imagery, grid
         self.nodata = imagery.nodata
-        self.files: list[tuple[str, int, int, int, int]] | None = None  # path, r0, c0, r1, c1 (output px)
-        self.other: list[tuple[float, float, float, float]] = []  # bounds of files not on the grid
+        #: path, r0, c0, r1, c1 (output px: the file's footprint), warped (not on the map's grid)
+        self.files: list[tuple[str, int, int, int, int, bool]] | None = None
         self._handles: dict[str, Any] = {}
-        #: the strips' numpy dtype: the files' (their common type), float32 when some file is warped
+        #: the strips' numpy dtype: the files' (their common type)
         self.dtype: np.dtype = np.dtype(np.float32)
         #: bytes of imagery read (uncompressed), for the benchmark's bytes per km²
         self.bytes_read = 0
@@ -56,10 +70,11 @@ class StripReader:
     def _index(self) -> None:
         g = self.grid
         crs = g.crs
-        files, other, dtypes = [], [], []
+        files, dtypes = [], []
         for path in self.ds.files:
             with rasterio.open(path) as src:
                 b = src.bounds
+                dtypes.append(np.dtype(src.dtypes[0]))
                 on_grid = (
                     src.crs == crs
                     and abs(src.res[0] - g.res_x) < 1e-9 * g.res_x
@@ -71,12 +86,15 @@ class StripReader:
                 r0f = (g.y0 - b.top) / g.res_y
                 if on_grid and abs(c0f - round(c0f)) < 1e-6 and abs(r0f - round(r0f)) < 1e-6:
                     c0, r0 = int(round(c0f)), int(round(r0f))
-                    files.append((path, r0, c0, r0 + src.height, c0 + src.width))
-                    dtypes.append(np.dtype(src.dtypes[0]))
-                else:
-                    other.append(tuple(b))
-        self.files, self.other = files, other
-        self.dtype = np.dtype(np.float32) if other or not dtypes else np.result_type(*dtypes)
+                    files.append((path, r0, c0, r0 + src.height, c0 + src.width, False))
+                    continue
+                # its footprint on the map's CRS (edges densified), in whole output pixels
+                left, bottom, right, top = b if src.crs == crs else transform_bounds(src.crs, crs, *b, densify_pts=21)
+                c0, c1 = math.floor((left - g.x0) / g.res_x), math.ceil((right - g.x0) / g.res_x)
+                r0, r1 = math.floor((g.y0 - top) / g.res_y), math.ceil((g.y0 - bottom) / g.res_y)
+                files.append((path, r0, c0, r1, c1, True))
+        self.files = files
+        self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
 
     def prepare(self) -> np.dtype:
         """Index the files (once) and return :attr:`dtype`, the type of the strips' buffers."""
@@ -84,10 +102,24 @@ class StripReader:
             self._index()
         return self.dtype
 
-    def _src(self, path: str):
+    def _src(self, path: str, r0: int, c0: int, r1: int, c1: int, warped: bool):
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = rasterio.open(path)
+            src = rasterio.open(path)
+            if warped:  # the file on the map's grid, rows [r0, r1) x cols [c0, c1)
+                g = self.grid
+                h = WarpedVRT(
+                    src,
+                    crs=g.crs,
+                    transform=from_origin(g.x0 + c0 * g.res_x, g.y0 - r0 * g.res_y, g.res_x, g.res_y),
+                    width=c1 - c0,
+                    height=r1 - r0,
+                    resampling=WARP_RESAMPLING,
+                    nodata=self.nodata,
+                )
+            else:
+                h = src
+            self._handles[path] = h
         return h
 
     def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -107,17 +139,14 @@ class StripReader:
         self.prepare()
         assert self.files is not None
         image = out[:, :h, :w]
-        if self.other and self._touches_other(r0, c0, r1, c1):
-            raw, valid = self._read_torchgeo(r0, c0, r1, c1, h, w)
-            np.copyto(image, raw, casting="unsafe")
-            return image, valid, r0, c0
         valid = np.zeros((h, w), bool)
-        for path, fr0, fc0, fr1, fc1 in self.files:
+        for path, fr0, fc0, fr1, fc1, warped in self.files:
             a, z = max(r0, fr0), min(r1, fr1)
             c, d = max(c0, fc0), min(c1, fc1)
             if z <= a or d <= c:
                 continue
-            data = self._src(path).read(window=Window(c - fc0, a - fr0, d - c, z - a))
+            src = self._src(path, fr0, fc0, fr1, fc1, warped)
+            data = src.read(window=Window(c - fc0, a - fr0, d - c, z - a))
             self.bytes_read += data.nbytes
             ok = imagery_valid(data, self.nodata)
             dst_valid = valid[a - r0 : z - r0, c - c0 : d - c0]
@@ -129,22 +158,6 @@ class StripReader:
                 np.copyto(dst, data, casting="unsafe")  # invalid pixels: masked by `valid`
             dst_valid |= ok
         return image, valid, r0, c0
-
-    def _touches_other(self, r0: int, c0: int, r1: int, c1: int) -> bool:
-        xmin, ymin, xmax, ymax = self.grid.bounds(r0, c0, r1, c1)
-        return any(b[0] < xmax and b[2] > xmin and b[1] < ymax and b[3] > ymin for b in self.other)
-
-    def _read_torchgeo(self, r0: int, c0: int, r1: int, c1: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        raw, valid = read_imagery(self.ds, *self.grid.bounds(r0, c0, r1, c1))
-        self.bytes_read += raw.nbytes
-        if raw.shape[1:] != (h, w):  # defensive: rounding in the reader
-            fixed = np.full((raw.shape[0], h, w), self.nodata, np.float32)
-            fv = np.zeros((h, w), bool)
-            hh, ww = min(h, raw.shape[1]), min(w, raw.shape[2])
-            fixed[:, :hh, :ww] = raw[:, :hh, :ww]
-            fv[:hh, :ww] = valid[:hh, :ww]
-            raw, valid = fixed, fv
-        return raw, valid
 
 
 def window_into(
