@@ -3,7 +3,7 @@ and ``lcmap predict --aoi`` through the CLI (subprocesses), and what they cost.
 
 The area (``km2``, square, centred on 84 W 35 N: the boundary of UTM zones 16 and 17):
 
-- imagery: 1 m GeoTIFFs of :data:`scale.FILE_PX` px from the embedded NAIP patches, the west
+- imagery: 1 m GeoTIFFs of :data:`common.FILE_PX` px from the embedded NAIP patches, the west
   part in EPSG:32616, the east part in EPSG:32617 (files straddling the boundary exist in both
   zones: they overlap, no gap), and the northern band also as EPSG:3857 files (pixel size
   1 / cos(lat) m, about 1 m on the ground; sorted first, so they win where they overlap);
@@ -33,7 +33,7 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform, transform_bounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scale  # noqa: E402
+import scale_common as common  # noqa: E402
 
 LON0, LAT0 = -84.0, 35.0
 NLCD_CODES = (11, 21, 22, 23, 24, 41, 42, 43, 52, 71, 81, 82, 90, 95)
@@ -71,10 +71,10 @@ def _write(path: Path, data: np.ndarray, crs: str, tf, nodata: float) -> None:
 def build_area(root: Path, km2: float) -> dict:
     """Write the imagery, the two label products and the AOI; return their paths and counts."""
     side = math.sqrt(km2) * 1000
-    patches = scale._patches()
+    patches = common.sample_patches()
     img = root / "imagery"
     img.mkdir(parents=True, exist_ok=True)
-    F = scale.FILE_PX
+    F = common.FILE_PX
     n_files = {"EPSG:32616": 0, "EPSG:32617": 0, "EPSG:3857": 0}
     for crs in ("EPSG:32616", "EPSG:32617"):
         x0, y0, x1, y1 = _area_in(crs, side)
@@ -86,7 +86,7 @@ def build_area(root: Path, km2: float) -> dict:
                 half_deg = F / 2 / (111_320 * math.cos(math.radians(LAT0)))
                 if (crs == "EPSG:32616" and lon > LON0 + half_deg) or (crs == "EPSG:32617" and lon < LON0 - half_deg):
                     continue  # wholly in the other zone
-                data = scale.texture(r0, c0, F, F, patches)
+                data = common.texture(r0, c0, F, F, patches)
                 _write(img / f"b_{crs[5:]}_{r0 // F:03d}_{c0 // F:03d}.tif", data, crs,
                        from_origin(x0 + c0, y1 - r0, 1.0, 1.0), 0)  # fmt: skip
                 n_files[crs] += 1
@@ -95,7 +95,7 @@ def build_area(root: Path, km2: float) -> dict:
     k = 1 / math.cos(math.radians(LAT0))  # 3857 metres per ground metre
     band = F * k
     for c0 in range(0, int(math.ceil((mx1 - mx0) / k)), F):
-        data = scale.texture(0, c0, F, F, patches)
+        data = common.texture(0, c0, F, F, patches)
         _write(img / f"a_3857_{c0 // F:03d}.tif", data, "EPSG:3857", from_origin(mx0 + c0 * k, my1, k, k), 0)
         n_files["EPSG:3857"] += 1
     del band
@@ -141,7 +141,7 @@ def build_area(root: Path, km2: float) -> dict:
 
 def run_cli(args: list[str], log: Path) -> dict:
     """``python -m lcmap.cli ARGS``: wall seconds and peak RSS (GB; the process or any process it waited for)."""
-    env = {**os.environ, "PYTHONPATH": str(scale.REPO), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(common.REPO), "COLUMNS": "200"}
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "lcmap.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env)

@@ -19,7 +19,7 @@ read only where needed. Measured here with the kernel's I/O accounting:
   ``LabelRaster.__getitem__``. Compared with the product's size on disk, and with the compressed
   bytes of the product's blocks (GeoTIFF tiles) that the patches touch: a reader that reads only
   where needed reads about those blocks (plus file headers); a whole-file read reads the file.
-- Imagery, as ``lcmap predict`` reads it: :func:`scale.pipeline_run` (``predict_map``,
+- Imagery, as ``lcmap predict`` reads it: :func:`common.pipeline_run` (``predict_map``,
   ``scheduler="synchronous"``, ``device="cpu"``, the stand-in model) over a bbox; the process's
   ``rchar`` (everything: checkpoint, imagery, block files read back, COG assembly) and the
   imagery part (the calling thread's ``rchar`` inside ``StripReader.read``), per km² of map.
@@ -50,7 +50,7 @@ from rasterio.windows import from_bounds
 from shapely.ops import transform as transform_geometry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import scale  # noqa: E402
+import scale_common as common  # noqa: E402
 
 EQUAL_AREA = "EPSG:5070"
 
@@ -220,16 +220,16 @@ def imagery_reads(tmp: Path, images: Path, bbox: list[float], warm_bbox: list[fl
     import lcmap.pipeline.predict  # noqa: F401  (imported before measuring)
     import lcmap.pipeline.strips as strips
 
-    ckpt = scale.standin_checkpoint(tmp / "reads_standin.ckpt")
+    ckpt = common.standin_checkpoint(tmp / "reads_standin.ckpt")
     calls: list = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NodataShadowWarning)  # the imagery's band 4 is tagged alpha
-        scale.pipeline_run(images, ckpt, tmp / "reads_warm" / "map.tif", 4096, 512, 64, bbox=warm_bbox)
+        common.pipeline_run(images, ckpt, tmp / "reads_warm" / "map.tif", 4096, 512, 64, bbox=warm_bbox)
         gc.collect()
         out = tmp / "reads_map" / "map.tif"
         total0 = rchar()
         with counting(strips.StripReader, "read", calls) as imagery_bytes:
-            res = scale.pipeline_run(images, ckpt, out, 4096, 512, 64, bbox=bbox)
+            res = common.pipeline_run(images, ckpt, out, 4096, 512, 64, bbox=bbox)
         total = rchar() - total0
     with rasterio.open(out) as src:
         map_km2 = res["map_px"] * abs(src.res[0] * src.res[1]) / 1e6
