@@ -8,6 +8,8 @@ Cases (one line each, with the test):
 - ``lcmap train --resume`` refuses a last.ckpt carrying pickled code (exit 2, nothing run, run kept):
   test_train_resume_refuses_pickled_code
 - the loader Dask workers use and Lightning's resume reader refuse it too: test_worker_and_lightning_loaders_refuse
+- a checkpoint with NaN/inf weights (or a NaN/inf/0 norm_std) is refused at load, naming the file and tensor
+  (exit 2, no map): test_checkpoint_with_non_finite_weights_is_refused
 - non-UTF-8 ``--config`` -> one line naming the file, exit 2: test_config_not_utf8
 - a run folder's config.yaml not UTF-8 or not YAML -> exit 2 for predict and train --resume (not ignored):
   test_run_folder_config_unreadable
@@ -193,6 +195,33 @@ def test_worker_and_lightning_loaders_refuse(tmp_path: Path) -> None:
     (tmp_path / "cut.ckpt").write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(LcmapInputError, match="not a readable checkpoint"):
         load_trained_model(tmp_path / "cut.ckpt")
+
+
+@pytest.mark.parametrize(("where", "value"), [("weight", float("nan")), ("weight", float("inf")), ("norm_std", 0.0)])
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path: Path, where: str, value: float) -> None:
+    """A checkpoint holding NaN/inf weights (a diverged run) maps every pixel as class 0 ("water"):
+    refused at load, naming the file and the tensor (exit 2, no map); a NaN/inf/0 std likewise."""
+    from lcmap.geodata.legends import target_legend
+    from lcmap.models import build_model
+    from lcmap.pipeline.runs import load_trained_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("unet", 4, 4)
+    std = [60.0] * 4
+    if where == "weight":
+        with torch.no_grad():
+            model.net.segmentation_head[0].weight[0, 0, 0, 0] = value
+    else:
+        std[2] = value
+    ckpt = save_checkpoint(tmp_path / "diverged.ckpt", model, "unet", target_legend(), [128.0] * 4, std)
+    with pytest.raises(LcmapInputError, match=r"diverged\.ckpt holds NaN or infinite values"):
+        load_trained_model(ckpt)
+    args = ["predict", "--model", str(ckpt), "--images", str(SAMPLE / "naip" / "patch-0.tif")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m.tif"), "--scheduler", "synchronous"])
+    out = _one_line(result.output)
+    assert result.exit_code == 2, out
+    assert _says(out, ckpt, "segmentation_head.0.weight" if where == "weight" else "norm_std", "refused")
+    assert not (tmp_path / "m.tif").exists()
 
 
 # ------------------------------------------------------------------------------ 3. YAML files
