@@ -7,6 +7,7 @@ Cases (one line each: the test, then what it checks):
 - test_cli_second_run_exits_2: the same through the CLI: exit 2, "another lcmap process (pid N)"
 - test_sigkilled_holder_releases_the_lock: after SIGKILL of the holder the next run works
 - test_out_equal_to_an_input_image_is_refused: --out = the imagery (or a symlink to it): exit 2, untouched
+- test_out_equal_to_the_aoi_is_refused: --out (or its .qml, .stac.json) = the --aoi file: exit 2, untouched
 - test_outputs_in_the_images_folder_are_skipped: maps, confidence maps, .partial blocks in an --images
   folder are skipped (logged) and the next run works
 - test_other_commands_refuse_out_equal_to_an_input: evaluate, stats, changes: --out = an input, exit 2
@@ -33,6 +34,7 @@ scheduler lost or unreachable, Ctrl-C on predict). README "What lcmap guarantees
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -211,6 +213,27 @@ def test_out_equal_to_an_input_image_is_refused(data, tmp_path):
     with pytest.raises(LcmapInputError, match="is also an input"):
         P.predict_map(data["ckpt"], link, image, **FAST)
     assert _sha(image) == before
+
+
+def test_out_equal_to_the_aoi_is_refused(data, tmp_path):
+    """--out (or a file written beside it: MAP.qml, MAP.stac.json) equal to the --aoi file: exit 2,
+    the AOI untouched (before: the AOI was replaced by the GeoTIFF, exit 0)."""
+    from rasterio.warp import transform_bounds
+
+    w, s, e, n = transform_bounds("EPSG:32617", "EPSG:4326", 500_010, 3_999_930, 500_080, 3_999_990)
+    ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
+    feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    for aoi, out in (("aoi.geojson", "aoi.geojson"), ("map.qml", "map.tif"), ("map.stac.json", "map.tif")):
+        path = tmp_path / aoi
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+        before = _sha(path)
+        args = ["predict", "--model", str(data["ckpt"]), "--images", str(data["image"]), "--aoi", str(path)]
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out), "--scheduler", "synchronous"])
+        assert result.exit_code == 2, result.output
+        assert "is also an input" in _said(result) and aoi in _said(result)
+        assert _sha(path) == before and not (tmp_path / "map.tif").exists()
+    # a different --out with the same AOI maps
+    assert P.predict_map(data["ckpt"], data["image"], tmp_path / "ok.tif", aoi=tmp_path / "aoi.geojson", **FAST).path
 
 
 def test_outputs_in_the_images_folder_are_skipped(data, tmp_path, caplog):

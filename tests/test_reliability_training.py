@@ -14,6 +14,8 @@ Cases (one line each, with the test):
 - a run folder's config.yaml not UTF-8 or not YAML -> exit 2 for predict and train --resume (not ignored):
   test_run_folder_config_unreadable
 - ``lcmap train --out`` on a folder that cannot be created -> one line, exit 2: test_train_out_not_writable
+- ``lcmap train --out`` whose files would overwrite the user's --config/--legend YAML there, or --out = an input
+  file: exit 2, nothing written: test_train_out_holding_an_input_is_refused
 - a train failing on bad input leaves no folder it created, keeps one that existed: test_bad_input_leaves_nothing
 - SIGTERM during training saves last.ckpt at the step the message names: test_sigterm_saves_the_step_it_names
 - SIGTERM before training: interrupted, no folder left: test_sigterm_before_training_leaves_nothing
@@ -269,6 +271,34 @@ def test_train_out_not_writable(tmp_path: Path) -> None:
     out_text = _one_line(result.output)
     assert result.exit_code == 2 and _says(out_text, "cannot create or write the run folder", out)
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_train_out_holding_an_input_is_refused(tmp_path: Path) -> None:
+    """RUN_DIR's files (config.yaml, legend.yaml, ...) are not written over the user's --config or
+    --legend YAML kept there, and --out equal to an input file is refused: exit 2, inputs untouched."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    legend = run / "legend.yaml"
+    legend.write_text(
+        yaml.safe_dump({"name": "mine", "classes": [{"code": 41, "name": "forest", "target": "tree canopy"}]})
+    )
+    config = run / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": "unet", "epochs": 1}))
+    cases = (
+        (_train_flags(run, **{"--legend": str(legend)}), "legend.yaml"),
+        (["train", "--config", str(config), *_train_flags(run)[1:]], "config.yaml"),
+        (_train_flags(tmp_path / "labels.tif", **{"--labels": str(tmp_path / "labels.tif")}), "labels.tif"),
+    )
+    before = {p: p.read_bytes() for p in (legend, config)}
+    for args, name in cases:
+        result = runner.invoke(app, args)
+        out = _one_line(result.output)
+        assert result.exit_code == 2, out
+        assert _says(out, "is also an input", name)
+    assert {p: p.read_bytes() for p in (legend, config)} == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "legend.yaml"]
 
 
 def test_bad_input_leaves_nothing(tmp_path: Path) -> None:

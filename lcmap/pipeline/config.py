@@ -344,6 +344,14 @@ class TrainConfig:
         prod = self.label_products[0]
         return dataclasses.replace(self, labels=list(prod["labels"]), legend=prod["legend"], label_products=[])
 
+    def input_files(self) -> list[str]:
+        """Every input path the options name, as given: imagery, labels (products included),
+        reference, AOI, YAML legends and ViT weights."""
+        rasters = [*self.images, *self.labels, *(p for prod in self.label_products for p in prod["labels"])]
+        legends = [self.legend, self.reference_legend, *(prod["legend"] for prod in self.label_products)]
+        yamls = [n for n in legends if n and Path(n).suffix.lower() in (".yaml", ".yml")]
+        return [str(p) for p in [*rasters, *(self.reference or []), self.aoi, self.vit_weights, *yamls] if p]
+
     def with_absolute_paths(self) -> TrainConfig:
         def absolute(p: str | None) -> str | None:
             return None if p is None else str(Path(p).expanduser().resolve())

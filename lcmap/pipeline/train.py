@@ -27,6 +27,7 @@ from typing import Any, cast
 import numpy as np
 
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
+from lcmap.geodata.io import check_not_an_input
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
 from lcmap.pipeline.runs import RunFolder
 from lcmap.pipeline.signals import sigterm_as_interrupt
@@ -61,8 +62,8 @@ class _Inputs:
 
 
 # ---------------------------------------------------------------------------------- training
-def run_train(config: TrainConfig) -> Path:
-    """Train a model as ``config`` says; return RUN_DIR.
+def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Path:
+    """Train a model as ``config`` says (read from ``config_file``, if any, and flags); return RUN_DIR.
 
     Raises:
         LcmapInputError: bad options or inputs (legend vs label values, AOI, band counts, a resumed
@@ -74,7 +75,7 @@ def run_train(config: TrainConfig) -> Path:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
-    config, run = _prepare_config(config.single_product())
+    config, run = _prepare_config(config.single_product(), config_file)
     is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
     t_start = time.perf_counter()
@@ -117,8 +118,9 @@ def run_train(config: TrainConfig) -> Path:
     return run.path
 
 
-def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, RunFolder]:
-    """The options to train with (the saved ones when resuming), checked, with absolute paths."""
+def _prepare_config(config: TrainConfig, config_file: str | Path | None = None) -> tuple[TrainConfig, RunFolder]:
+    """The options to train with (the saved ones when resuming), checked, with absolute paths;
+    refused when RUN_DIR or a file written there is an input (``config_file``: the ``--config``)."""
     if not config.out:
         raise LcmapInputError("no RUN_DIR given (--out)")
     run = RunFolder(Path(config.out).expanduser().resolve())
@@ -132,6 +134,11 @@ def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, RunFolder]:
             "or choose another --out."
         )
     config.check()
+    written = (run.config_yaml, run.legend_yaml, run.normalization_json, run.class_weights_json, run.metrics_csv)
+    written += (run.loss_png, run.train_log, run.last_ckpt, run.best_ckpt)
+    outputs = {"--out": run.path, **{f"--out's {p.relative_to(run.path)}": p for p in written}}
+    config_files = [str(config_file)] if config_file and not config.resume else []  # resume: the run's own
+    check_not_an_input(outputs, [*config.input_files(), *config_files])
     return config.with_absolute_paths(), run
 
 
