@@ -16,6 +16,8 @@ Cases (one line each, with the test):
 - ``lcmap train --out`` on a folder that cannot be created -> one line, exit 2: test_train_out_not_writable
 - ``lcmap train --out`` whose files would overwrite the user's --config/--legend YAML there, or --out = an input
   file: exit 2, nothing written: test_train_out_holding_an_input_is_refused
+- two ``lcmap train`` on one --out: the second is refused with the first's pid (exit 2), the lock of a
+  SIGKILLed run does not block the next: test_second_train_on_one_out_is_refused_and_a_dead_holder_is_not
 - a train failing on bad input leaves no folder it created, keeps one that existed: test_bad_input_leaves_nothing
 - SIGTERM during training saves last.ckpt at the step the message names: test_sigterm_saves_the_step_it_names
 - SIGTERM before training: interrupted, no folder left: test_sigterm_before_training_leaves_nothing
@@ -299,6 +301,39 @@ def test_train_out_holding_an_input_is_refused(tmp_path: Path) -> None:
         assert _says(out, "is also an input", name)
     assert {p: p.read_bytes() for p in (legend, config)} == before
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "legend.yaml"]
+
+
+def _hold_run_lock(run: Path) -> subprocess.Popen:
+    """A separate process holding RUN_DIR's lock (as a running ``lcmap train`` does) until killed."""
+    code = (
+        "import time; from pathlib import Path; from lcmap.pipeline.folder_lock import hold_folder_lock\n"
+        f"with hold_folder_lock(Path({str(run)!r}), 'run folder'):\n"
+        "    print('locked', flush=True); time.sleep(120)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_train_on_one_out_is_refused_and_a_dead_holder_is_not(tmp_path: Path) -> None:
+    """Two ``lcmap train`` on one --out: the second is refused at once with the first's pid (exit 2),
+    writing nothing there (before: both succeeded into one mixed folder); once the holder is dead
+    (SIGKILL: its .lock file and pid stay behind) the next run trains, and removes the lock file."""
+    run = tmp_path / "run"
+    holder = _hold_run_lock(run)
+    try:
+        result = runner.invoke(app, _train_flags(run))
+        out = _one_line(result.output)
+        assert result.exit_code == 2, out
+        assert _says(out, f"run folder {run} is being written by another lcmap process (pid {holder.pid})")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").read_text() == str(holder.pid)  # stale: its process is gone
+    assert run_train(_sample_config(run)) == run
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / ".lock").exists()
 
 
 def test_bad_input_leaves_nothing(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
 from lcmap.geodata.io import check_not_an_input
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
+from lcmap.pipeline.folder_lock import hold_folder_lock
 from lcmap.pipeline.runs import RunFolder
 from lcmap.pipeline.signals import sigterm_as_interrupt
 from lcmap.pipeline.train_logging import run_logging
@@ -78,8 +80,13 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
     config, run = _prepare_config(config.single_product(), config_file)
     is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
+    locked = contextlib.ExitStack()  # RUN_DIR's lock, as predict's (rank 0 holds it for the ranks)
+    if is_zero:
+        locked.enter_context(hold_folder_lock(run.path, f"run folder {run.path}", remove=True))
     t_start = time.perf_counter()
     try:
+        if is_zero and not config.resume:
+            _refuse_existing_run(run)  # a run that finished in the folder since the check
         with sigterm_as_interrupt() as sigterm, run_logging(run.train_log, is_zero):
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
@@ -115,6 +122,8 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
     except LcmapInputError:
         run.remove_created(created)
         raise
+    finally:
+        locked.close()
     return run.path
 
 
@@ -128,11 +137,8 @@ def _prepare_config(config: TrainConfig, config_file: str | Path | None = None) 
         if not run.last_ckpt.is_file():
             raise LcmapInputError(f"--resume: {run.last_ckpt} does not exist; nothing to resume in {run.path}")
         config = _resume_config(config, run)
-    elif run.last_ckpt.exists():
-        raise LcmapInputError(
-            f"{run.path} already holds a training run ({run.last_ckpt}). Continue it with --resume, "
-            "or choose another --out."
-        )
+    else:
+        _refuse_existing_run(run)
     config.check()
     written = (run.config_yaml, run.legend_yaml, run.normalization_json, run.class_weights_json, run.metrics_csv)
     written += (run.loss_png, run.train_log, run.last_ckpt, run.best_ckpt)
@@ -140,6 +146,14 @@ def _prepare_config(config: TrainConfig, config_file: str | Path | None = None) 
     config_files = [str(config_file)] if config_file and not config.resume else []  # resume: the run's own
     check_not_an_input(outputs, [*config.input_files(), *config_files])
     return config.with_absolute_paths(), run
+
+
+def _refuse_existing_run(run: RunFolder) -> None:
+    if run.last_ckpt.exists():
+        raise LcmapInputError(
+            f"{run.path} already holds a training run ({run.last_ckpt}). Continue it with --resume, "
+            "or choose another --out."
+        )
 
 
 def _resume_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
