@@ -288,7 +288,10 @@ class TrainConfig:
         if not self.labels and not self.label_products:
             problems.append("no labels given (--labels or --label-product)")
         if self.labels and self.label_products:
-            problems.append("give either --labels/--legend or --label-product, not both")
+            problems.append(
+                "give either --labels/--legend or --label-product, not both: to train on both products, give "
+                "--labels as one more --label-product 'PATHS=LEGEND'"
+            )
         if len(self.label_products) > 1 and (self.label_trust or self.mixed_classes):
             problems.append("--label-trust and --mixed-class name one product's codes: not with several products")
         if not self.out:
@@ -338,8 +341,9 @@ class TrainConfig:
             raise LcmapInputError("invalid training options: " + "; ".join(problems))
 
     def single_product(self) -> TrainConfig:
-        """One ``--label-product`` as ``--labels``/``--legend`` (today's training, unchanged); else self."""
-        if len(self.label_products) != 1:
+        """One ``--label-product`` as ``--labels``/``--legend`` (today's training, unchanged); else self
+        (with ``--labels`` given too: self, which :meth:`check` refuses, never ``--labels`` dropped)."""
+        if len(self.label_products) != 1 or self.labels:
             return self
         prod = self.label_products[0]
         return dataclasses.replace(self, labels=list(prod["labels"]), legend=prod["legend"], label_products=[])
