@@ -329,7 +329,7 @@ def stats(
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(
             f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "
-            f"{result.area_km2.sum():.3f} km2 classified"
+            f"{result.area_km2.sum():.3f} km2 classified (summed over the zones; overlaps count in each)"
         )
         console.print(f"[green]statistics written to[/] {csv_path} and {gpkg_path}")
 
