@@ -271,7 +271,15 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")
+        Path,
+        typer.Option(
+            "--out",
+            help=(
+                "Folder for the map, report, quicklook and the training run: a new or empty folder, or one an "
+                "earlier lcmap demo made (it holds a .lcmap-demo file; its files are replaced). A folder holding "
+                "other files is refused, never overwritten."
+            ),
+        ),
     ] = Path("lcmap-demo"),
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")

@@ -410,10 +410,12 @@ def test_sigterm_cli_subprocess_then_resume(tmp_path: Path) -> None:
 
 def test_demo_rerun_and_interrupt_say_demo_resume(tmp_path: Path, monkeypatch) -> None:
     import lcmap.pipeline.train as train
+    from lcmap.pipeline.demo import DEMO_MARKER
 
     out = tmp_path / "demo"
     RunFolder(out / "run").checkpoints.mkdir(parents=True)
     RunFolder(out / "run").last_ckpt.write_bytes(b"")
+    (out / DEMO_MARKER).write_text("")  # a folder an earlier demo made
     result = runner.invoke(app, ["demo", "--out", str(out)])
     text = _one_line(result.output)
     assert result.exit_code == 2 and _says(text, f"lcmap demo --out {out} --resume"), text
