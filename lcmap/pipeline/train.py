@@ -140,8 +140,8 @@ def _prepare_config(config: TrainConfig, config_file: str | Path | None = None) 
     else:
         _refuse_existing_run(run)
     config.check()
-    written = (run.config_yaml, run.legend_yaml, run.normalization_json, run.class_weights_json, run.metrics_csv)
-    written += (run.loss_png, run.train_log, run.last_ckpt, run.best_ckpt)
+    written = [run.config_yaml, run.legend_yaml, run.normalization_json, run.class_weights_json, run.metrics_csv]
+    written += [run.loss_png, run.train_log, run.last_ckpt, run.best_ckpt]
     outputs = {"--out": run.path, **{f"--out's {p.relative_to(run.path)}": p for p in written}}
     config_files = [str(config_file)] if config_file and not config.resume else []  # resume: the run's own
     check_not_an_input(outputs, [*config.input_files(), *config_files])
