@@ -166,8 +166,8 @@ def test_stac_refuses_rasters_lcmap_did_not_write_whole(tmp_path: Path):
     nlcd.write_bytes(Path(files["labels"][0]).read_bytes())
     naip.write_bytes(Path(files["imagery"][0]).read_bytes())
     cases = [
-        (nlcd, "not a map written by lcmap"),
-        (naip, "not a map written by lcmap"),
+        (nlcd, "not a land-cover or change map written by lcmap"),
+        (naip, "not a land-cover or change map written by lcmap"),
         (striped, "not a valid Cloud Optimized GeoTIFF"),
         (cut, "cut short"),
     ]

@@ -181,8 +181,8 @@ def _check_lcmap_cog(src: Any, path: Path) -> None:
     ``LCMAP_LEGEND`` / ``LCMAP_CHANGES`` tag), not a valid COG, or cut short (:func:`cog.validate_cog`)."""
     if not {LEGEND_TAG, CHANGES_TAG} & set(src.tags()):
         raise LcmapInputError(
-            f"{path} is not a map written by lcmap (no {LEGEND_TAG} or {CHANGES_TAG} tag): 'lcmap stac' describes "
-            f"lcmap's maps and change maps only. For another raster use rio-stac ('rio stac {path}')."
+            f"{path} is not a land-cover or change map written by lcmap (no {LEGEND_TAG} or {CHANGES_TAG} tag): "
+            f"'lcmap stac' describes those only. For another raster use rio-stac ('rio stac {path}')."
         )
     try:
         cog.validate_cog(path)
