@@ -103,7 +103,7 @@ def train(config_file: Path | None, given: dict) -> None:
 
     def go():
         cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
-        run_dir = run_train(cfg.merged(**given), config_file)
+        run_dir = run_train(cfg.merged(**given), config_file=config_file)
         console.print(f"[green]run written to[/] {run_dir}")
 
     _run(go)

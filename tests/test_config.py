@@ -64,7 +64,7 @@ def _invoke_train(monkeypatch, args: list[str]):
 
     got: list[TrainConfig] = []
 
-    def fake_run_train(cfg: TrainConfig):
+    def fake_run_train(cfg: TrainConfig, config_file=None):
         got.append(cfg)
         return cfg.out
 
