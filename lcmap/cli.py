@@ -106,7 +106,7 @@ def train(config_file: Path | None, given: dict) -> None:
 
     def go():
         cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
-        run_dir = run_train(cfg.merged(**given))
+        run_dir = run_train(cfg.merged(**given), config_file=config_file)
         console.print(f"[green]run written to[/] {run_dir}")
 
     _run(go)
@@ -274,7 +274,15 @@ def evaluate(
 @app.command()
 def demo(
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for the map, report, quicklook and the training run.")
+        Path,
+        typer.Option(
+            "--out",
+            help=(
+                "Folder for the map, report, quicklook and the training run: a new or empty folder, or one an "
+                "earlier lcmap demo made (it holds a .lcmap-demo file; its files are replaced). A folder holding "
+                "other files is refused, never overwritten."
+            ),
+        ),
     ] = Path("lcmap-demo"),
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Override the demo's number of epochs (for a quicker look).")
@@ -336,7 +344,7 @@ def stats(
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(
             f"{len(result.zone_names)} zones x {len(result.class_codes)} classes, "
-            f"{result.area_km2.sum():.3f} km2 classified"
+            f"{result.area_km2.sum():.3f} km2 classified (summed over the zones; overlaps count in each)"
         )
         console.print(f"[green]statistics written to[/] {csv_path} and {gpkg_path}")
 

@@ -64,7 +64,7 @@ def _invoke_train(monkeypatch, args: list[str]):
 
     got: list[TrainConfig] = []
 
-    def fake_run_train(cfg: TrainConfig):
+    def fake_run_train(cfg: TrainConfig, config_file=None):
         got.append(cfg)
         return cfg.out
 
@@ -144,3 +144,32 @@ def test_a_config_key_may_be_spelled_as_its_flag(tmp_path):
     cfg_file.write_text('mixed-class: ["21=built-up,low vegetation"]\npatch_px: 64\n')
     cfg = TrainConfig.from_yaml(cfg_file)
     assert cfg.mixed_classes == {21: ["built-up", "low vegetation"]} and cfg.patch_px == 64
+
+
+def test_labels_with_one_label_product_is_refused_not_ignored(tmp_path):
+    """--labels with one --label-product: refused naming both flags and what to do (before: --labels
+    and --legend were silently replaced by the product and the run trained, exit 0)."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from lcmap.cli import app
+    from lcmap.pipeline.train import run_train
+
+    sample = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
+    both = TrainConfig(
+        images=[str(sample / "naip")],
+        labels=[str(sample / "reference")],
+        legend="chesapeake",
+        label_products=[{"labels": [str(sample / "nlcd")], "legend": "nlcd"}],
+        out=str(tmp_path / "run"),
+    )
+    assert both.single_product() == both  # nothing dropped
+    with pytest.raises(LcmapInputError, match=r"either --labels/--legend or --label-product.*PATHS=LEGEND"):
+        run_train(both)
+    flags = ["--images", str(sample / "naip"), "--labels", str(sample / "reference"), "--legend", "chesapeake"]
+    flags += ["--label-product", f"{sample / 'nlcd'}=nlcd", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, ["train", *flags])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--labels/--legend or --label-product, not both" in said, said
+    assert not (tmp_path / "run").exists()

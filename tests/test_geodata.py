@@ -242,6 +242,39 @@ def test_labels_put_on_the_imagery_grid_print_nothing(tmp_path: Path, capfd) -> 
     assert capfd.readouterr().out == "something else\n"
 
 
+def test_nan_float_imagery_is_nodata_for_labels_statistics_and_batches(tmp_path: Path) -> None:
+    """Float imagery with NaN as nodata (and a stray +inf): those pixels are ignored by the labels,
+    left out of the normalisation statistics and fed to the network as the band mean (0), never NaN."""
+    import torch
+
+    from lcmap.pipeline.datamodule import LandCoverDataModule
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(10, 200, (3, 64, 64)).astype(np.float32)
+    data[:, :8, :8] = np.nan
+    data[1, 20, 30] = np.nan  # one band only
+    data[2, 40, 50] = np.inf
+    img = write_raster(tmp_path / "img.tif", data, nodata=float("nan"))
+    lbl = write_raster(tmp_path / "lbl.tif", np.full((64, 64), 41, np.uint8), nodata=0)
+    ds = pair_imagery_labels(img, lbl, NLCD)
+    sample = ds[(slice(500_000, 500_064, 1.0), slice(3_999_936, 4_000_000, 1.0))]
+    bad = ~np.isfinite(data).all(axis=0)
+    assert bad.sum() == 66
+    mask = sample["mask"].numpy()
+    assert (mask[bad] == IGNORE_INDEX).all() and (mask[~bad] == NLCD.codes.index(41)).all()
+    stats = compute_band_stats(ds.imagery)
+    good = data[:, ~bad].astype(np.float64)
+    np.testing.assert_allclose(stats.mean, good.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(stats.std, good.std(axis=1), rtol=1e-5)
+    assert np.isfinite([*stats.low, *stats.high]).all()
+    dm = LandCoverDataModule(
+        ds.imagery, ds.labels, None, 64, 1, 1, stats.mean, stats.std, augment=False, nodata=ds.imagery.nodata
+    )
+    batch = dm.on_after_batch_transfer({"image": sample["image"][None], "mask": sample["mask"][None]}, 0)
+    x = batch["image"][0]
+    assert torch.isfinite(x).all() and (x[:, torch.from_numpy(bad)] == 0).all()
+
+
 # --------------------------------------------------------------------------- sampling in the AOI
 def test_sampler_draws_inside_multipolygon_aoi_and_masks_outside() -> None:
     paths = sample_paths()

@@ -125,6 +125,25 @@ def test_imagery_valid_numpy_and_torch() -> None:
     np.testing.assert_array_equal(imagery_valid(torch.from_numpy(image)[None], 0).numpy()[0], expected)
 
 
+@pytest.mark.parametrize("nodata", [float("nan"), -9999.0, 0.0])
+def test_nan_and_inf_imagery_is_nodata_numpy_and_torch(nodata: float) -> None:
+    """NaN or +-inf in any band makes the pixel nodata, whatever the files' nodata value (NaN, as
+    float imagery writes it, never equals itself); uint8 imagery keeps the plain rule."""
+    import torch
+
+    image = np.full((3, 2, 3), 7.0, np.float32)
+    image[:, 0, 0] = np.nan  # every band NaN (float imagery's nodata)
+    image[1, 0, 1] = np.nan  # one band NaN
+    image[2, 1, 0] = np.inf
+    image[0, 1, 1] = -np.inf
+    expected = np.array([[False, False, True], [False, False, True]])
+    np.testing.assert_array_equal(imagery_valid(image, nodata), expected)
+    np.testing.assert_array_equal(imagery_valid(torch.from_numpy(image)[None], nodata).numpy()[0], expected)
+    as_int = np.ones((3, 2, 2), np.uint8)
+    as_int[:, 1, 1] = 0
+    np.testing.assert_array_equal(imagery_valid(as_int, 0), [[True, True], [True, False]])
+
+
 # --------------------------------------------------------------------------- input forms
 @pytest.fixture
 def tiles(tmp_path: Path) -> list[Path]:

@@ -430,3 +430,30 @@ def test_imagery_nodata_reaches_the_model_as_the_band_mean(data, tmp_path, monke
     x = torch.cat(seen)
     assert x.min() > (1 - 128) / 60 - 1e-4
     assert ((x == 0).all(dim=1)).sum() >= 20 * 30  # at least the hole's pixels, all bands 0
+
+
+def test_nan_in_float_imagery_is_map_nodata_and_the_rest_maps_normally(data, tmp_path):
+    """Float imagery with NaN as nodata (a NaN block, one NaN band, an inf): those pixels get the
+    map's nodata; every other pixel gets the class it gets when the same pixels hold a finite
+    nodata value (the one valid-pixel rule), so NaN is not fed to the model ("all water" before)."""
+    with rasterio.open(data["images"][0]) as src:
+        raw, profile = src.read().astype(np.float32), src.profile
+    bad = np.zeros(raw.shape[1:], bool)
+    bad[40:70, 20:50] = True
+    nan = raw.copy()
+    nan[:, bad] = np.nan
+    nan[0, 5, 5], nan[2, 6, 6] = np.nan, np.inf
+    bad[5, 5] = bad[6, 6] = True
+    finite = raw.copy()
+    finite[:, bad] = -9999.0
+    maps = []
+    for name, values, nodata in (("nan", nan, float("nan")), ("finite", finite, -9999.0)):
+        path = tmp_path / name / "img.tif"
+        path.parent.mkdir()
+        with rasterio.open(path, "w", **{**profile, "dtype": "float32", "nodata": nodata}) as dst:
+            dst.write(values)
+        maps.append(_read(P.predict_map(data["ckpt"], path, tmp_path / name / "map.tif", **FAST).path))
+    got, expected = maps
+    assert (got[bad] == 0).all() and (got[~bad] != 0).all()
+    assert np.array_equal(got, expected)
+    assert len(np.unique(got[~bad])) > 1  # not one class everywhere

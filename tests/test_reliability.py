@@ -6,7 +6,10 @@ Cases (one line each: the test, then what it checks):
   with the holder's pid (other parameters too); the holder's partial folder is left alone
 - test_cli_second_run_exits_2: the same through the CLI: exit 2, "another lcmap process (pid N)"
 - test_sigkilled_holder_releases_the_lock: after SIGKILL of the holder the next run works
+- test_symlinked_partial_folder_is_refused_and_nothing_is_deleted_through_it: a planted MAP.tif.partial
+  link (or blocks/ link) is refused, exit 2; a link among an old run's files is removed, not followed
 - test_out_equal_to_an_input_image_is_refused: --out = the imagery (or a symlink to it): exit 2, untouched
+- test_out_equal_to_the_aoi_is_refused: --out (or its .qml, .stac.json) = the --aoi file: exit 2, untouched
 - test_outputs_in_the_images_folder_are_skipped: maps, confidence maps, .partial blocks in an --images
   folder are skipped (logged) and the next run works
 - test_other_commands_refuse_out_equal_to_an_input: evaluate, stats, changes: --out = an input, exit 2
@@ -33,6 +36,7 @@ scheduler lost or unreachable, Ctrl-C on predict). README "What lcmap guarantees
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -196,6 +200,38 @@ def test_sigkilled_holder_releases_the_lock(data, tmp_path):
     assert not out.with_name("map.tif.partial").exists()
 
 
+def test_symlinked_partial_folder_is_refused_and_nothing_is_deleted_through_it(data, tmp_path):
+    """A pre-planted MAP.tif.partial symlink (or a blocks/ link inside) whose target holds a
+    manifest.json: refused, exit 2, the target's files kept (before: deleted, the map written there)."""
+    victim = tmp_path / "victim"
+    (victim / "photos").mkdir(parents=True)
+    (victim / "manifest.json").write_text("{}")
+    (victim / "thesis.txt").write_text("years of work")
+    (victim / "photos" / "a.jpg").write_text("x")
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    out = tmp_path / "map.tif"
+    partial = tmp_path / "map.tif.partial"
+    partial.symlink_to(victim, target_is_directory=True)
+    args = ["predict", "--model", str(data["ckpt"]), "--images", str(data["image"]), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--scheduler", "synchronous", "--tile-px", "64", "--overlap-px", "16"])
+    assert result.exit_code == 2, result.output
+    assert "is a symlink" in _said(result) and "map.tif.partial" in _said(result)
+    partial.unlink()
+    partial.mkdir()
+    (partial / "manifest.json").write_text("{}")
+    (partial / "blocks").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(LcmapInputError, match=r"blocks is a symlink"):
+        P.predict_map(data["ckpt"], data["image"], out, **FAST)
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before and not out.exists()
+    # a link among an older run's files is removed, never followed
+    (partial / "blocks").unlink()
+    (partial / "old").symlink_to(victim, target_is_directory=True)
+    result = P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+    assert np.array_equal(_read(result.path), _read(data["ref"])) and not partial.exists()
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+    assert (victim / "thesis.txt").read_text() == "years of work"
+
+
 # ------------------------------------------------------------------------------ 2. outputs vs inputs
 def test_out_equal_to_an_input_image_is_refused(data, tmp_path):
     image = _imagery(tmp_path / "naip.tif")
@@ -211,6 +247,27 @@ def test_out_equal_to_an_input_image_is_refused(data, tmp_path):
     with pytest.raises(LcmapInputError, match="is also an input"):
         P.predict_map(data["ckpt"], link, image, **FAST)
     assert _sha(image) == before
+
+
+def test_out_equal_to_the_aoi_is_refused(data, tmp_path):
+    """--out (or a file written beside it: MAP.qml, MAP.stac.json) equal to the --aoi file: exit 2,
+    the AOI untouched (before: the AOI was replaced by the GeoTIFF, exit 0)."""
+    from rasterio.warp import transform_bounds
+
+    w, s, e, n = transform_bounds("EPSG:32617", "EPSG:4326", 500_010, 3_999_930, 500_080, 3_999_990)
+    ring = [[w, s], [e, s], [e, n], [w, n], [w, s]]
+    feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+    for aoi, out in (("aoi.geojson", "aoi.geojson"), ("map.qml", "map.tif"), ("map.stac.json", "map.tif")):
+        path = tmp_path / aoi
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+        before = _sha(path)
+        args = ["predict", "--model", str(data["ckpt"]), "--images", str(data["image"]), "--aoi", str(path)]
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out), "--scheduler", "synchronous"])
+        assert result.exit_code == 2, result.output
+        assert "is also an input" in _said(result) and aoi in _said(result)
+        assert _sha(path) == before and not (tmp_path / "map.tif").exists()
+    # a different --out with the same AOI maps
+    assert P.predict_map(data["ckpt"], data["image"], tmp_path / "ok.tif", aoi=tmp_path / "aoi.geojson", **FAST).path
 
 
 def test_outputs_in_the_images_folder_are_skipped(data, tmp_path, caplog):

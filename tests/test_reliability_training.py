@@ -8,10 +8,16 @@ Cases (one line each, with the test):
 - ``lcmap train --resume`` refuses a last.ckpt carrying pickled code (exit 2, nothing run, run kept):
   test_train_resume_refuses_pickled_code
 - the loader Dask workers use and Lightning's resume reader refuse it too: test_worker_and_lightning_loaders_refuse
+- a checkpoint with NaN/inf weights (or a NaN/inf/0 norm_std) is refused at load, naming the file and tensor
+  (exit 2, no map): test_checkpoint_with_non_finite_weights_is_refused
 - non-UTF-8 ``--config`` -> one line naming the file, exit 2: test_config_not_utf8
 - a run folder's config.yaml not UTF-8 or not YAML -> exit 2 for predict and train --resume (not ignored):
   test_run_folder_config_unreadable
 - ``lcmap train --out`` on a folder that cannot be created -> one line, exit 2: test_train_out_not_writable
+- ``lcmap train --out`` whose files would overwrite the user's --config/--legend YAML there, or --out = an input
+  file: exit 2, nothing written: test_train_out_holding_an_input_is_refused
+- two ``lcmap train`` on one --out: the second is refused with the first's pid (exit 2), the lock of a
+  SIGKILLed run does not block the next: test_second_train_on_one_out_is_refused_and_a_dead_holder_is_not
 - a train failing on bad input leaves no folder it created, keeps one that existed: test_bad_input_leaves_nothing
 - SIGTERM during training saves last.ckpt at the step the message names: test_sigterm_saves_the_step_it_names
 - SIGTERM before training: interrupted, no folder left: test_sigterm_before_training_leaves_nothing
@@ -195,6 +201,33 @@ def test_worker_and_lightning_loaders_refuse(tmp_path: Path) -> None:
         load_trained_model(tmp_path / "cut.ckpt")
 
 
+@pytest.mark.parametrize(("where", "value"), [("weight", float("nan")), ("weight", float("inf")), ("norm_std", 0.0)])
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path: Path, where: str, value: float) -> None:
+    """A checkpoint holding NaN/inf weights (a diverged run) maps every pixel as class 0 ("water"):
+    refused at load, naming the file and the tensor (exit 2, no map); a NaN/inf/0 std likewise."""
+    from lcmap.geodata.legends import target_legend
+    from lcmap.models import build_model
+    from lcmap.pipeline.runs import load_trained_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("unet", 4, 4)
+    std = [60.0] * 4
+    if where == "weight":
+        with torch.no_grad():
+            model.net.segmentation_head[0].weight[0, 0, 0, 0] = value
+    else:
+        std[2] = value
+    ckpt = save_checkpoint(tmp_path / "diverged.ckpt", model, "unet", target_legend(), [128.0] * 4, std)
+    with pytest.raises(LcmapInputError, match=r"diverged\.ckpt holds NaN or infinite values"):
+        load_trained_model(ckpt)
+    args = ["predict", "--model", str(ckpt), "--images", str(SAMPLE / "naip" / "patch-0.tif")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "m.tif"), "--scheduler", "synchronous"])
+    out = _one_line(result.output)
+    assert result.exit_code == 2, out
+    assert _says(out, ckpt, "segmentation_head.0.weight" if where == "weight" else "norm_std", "refused")
+    assert not (tmp_path / "m.tif").exists()
+
+
 # ------------------------------------------------------------------------------ 3. YAML files
 def test_config_not_utf8(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
@@ -240,6 +273,67 @@ def test_train_out_not_writable(tmp_path: Path) -> None:
     out_text = _one_line(result.output)
     assert result.exit_code == 2 and _says(out_text, "cannot create or write the run folder", out)
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_train_out_holding_an_input_is_refused(tmp_path: Path) -> None:
+    """RUN_DIR's files (config.yaml, legend.yaml, ...) are not written over the user's --config or
+    --legend YAML kept there, and --out equal to an input file is refused: exit 2, inputs untouched."""
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    legend = run / "legend.yaml"
+    legend.write_text(
+        yaml.safe_dump({"name": "mine", "classes": [{"code": 41, "name": "forest", "target": "tree canopy"}]})
+    )
+    config = run / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": "unet", "epochs": 1}))
+    cases = (
+        (_train_flags(run, **{"--legend": str(legend)}), "legend.yaml"),
+        (["train", "--config", str(config), *_train_flags(run)[1:]], "config.yaml"),
+        (_train_flags(tmp_path / "labels.tif", **{"--labels": str(tmp_path / "labels.tif")}), "labels.tif"),
+    )
+    before = {p: p.read_bytes() for p in (legend, config)}
+    for args, name in cases:
+        result = runner.invoke(app, args)
+        out = _one_line(result.output)
+        assert result.exit_code == 2, out
+        assert _says(out, "is also an input", name)
+    assert {p: p.read_bytes() for p in (legend, config)} == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "legend.yaml"]
+
+
+def _hold_run_lock(run: Path) -> subprocess.Popen:
+    """A separate process holding RUN_DIR's lock (as a running ``lcmap train`` does) until killed."""
+    code = (
+        "import time; from pathlib import Path; from lcmap.pipeline.folder_lock import hold_folder_lock\n"
+        f"with hold_folder_lock(Path({str(run)!r}), 'run folder'):\n"
+        "    print('locked', flush=True); time.sleep(120)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_train_on_one_out_is_refused_and_a_dead_holder_is_not(tmp_path: Path) -> None:
+    """Two ``lcmap train`` on one --out: the second is refused at once with the first's pid (exit 2),
+    writing nothing there (before: both succeeded into one mixed folder); once the holder is dead
+    (SIGKILL: its .lock file and pid stay behind) the next run trains, and removes the lock file."""
+    run = tmp_path / "run"
+    holder = _hold_run_lock(run)
+    try:
+        result = runner.invoke(app, _train_flags(run))
+        out = _one_line(result.output)
+        assert result.exit_code == 2, out
+        assert _says(out, f"run folder {run} is being written by another lcmap process (pid {holder.pid})")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").read_text() == str(holder.pid)  # stale: its process is gone
+    assert run_train(_sample_config(run)) == run
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / ".lock").exists()
 
 
 def test_bad_input_leaves_nothing(tmp_path: Path) -> None:
@@ -316,10 +410,12 @@ def test_sigterm_cli_subprocess_then_resume(tmp_path: Path) -> None:
 
 def test_demo_rerun_and_interrupt_say_demo_resume(tmp_path: Path, monkeypatch) -> None:
     import lcmap.pipeline.train as train
+    from lcmap.pipeline.demo import DEMO_MARKER
 
     out = tmp_path / "demo"
     RunFolder(out / "run").checkpoints.mkdir(parents=True)
     RunFolder(out / "run").last_ckpt.write_bytes(b"")
+    (out / DEMO_MARKER).write_text("")  # a folder an earlier demo made
     result = runner.invoke(app, ["demo", "--out", str(out)])
     text = _one_line(result.output)
     assert result.exit_code == 2 and _says(text, f"lcmap demo --out {out} --resume"), text

@@ -144,6 +144,41 @@ def test_cli_stac_rewrites_the_item(map_path: Path):
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 
+def test_stac_refuses_rasters_lcmap_did_not_write_whole(tmp_path: Path):
+    """An Item claims a complete cloud-optimised lcmap map: a raster without lcmap's tags (NLCD,
+    NAIP), an lcmap-tagged GeoTIFF that is not a COG, or a truncated copy of a map is refused,
+    exit 2, no Item written (before: an Item for each, exit 0)."""
+    from lcmap.cli import app
+    from lcmap.geodata.sample import sample_paths
+    from lcmap.pipeline.cog import legend_tag
+
+    codes = np.random.default_rng(0).integers(0, 5, (1100, 1300)).astype(np.uint8)
+    whole = write_map_cog(tmp_path / "whole.tif", codes, UTM, from_origin(X0, Y0, 1, 1))
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[:-100])  # the last tile cut short (a COG tile's 4-byte trailer and more)
+    striped = tmp_path / "striped.tif"
+    profile = dict(driver="GTiff", width=300, height=200, count=1, dtype="uint8", crs=UTM, nodata=0)
+    with rasterio.open(striped, "w", transform=from_origin(X0, Y0, 1, 1), **profile) as dst:
+        dst.write(codes[None, :200, :300])
+        dst.update_tags(LCMAP_LEGEND=legend_tag(get_legend("4class")))
+    files = sample_paths()
+    nlcd, naip = tmp_path / "nlcd.tif", tmp_path / "naip.tif"  # copies: no Item lands in the package
+    nlcd.write_bytes(Path(files["labels"][0]).read_bytes())
+    naip.write_bytes(Path(files["imagery"][0]).read_bytes())
+    cases = [
+        (nlcd, "not a land-cover or change map written by lcmap"),
+        (naip, "not a land-cover or change map written by lcmap"),
+        (striped, "not a valid Cloud Optimized GeoTIFF"),
+        (cut, "cut short"),
+    ]
+    runner = CliRunner()
+    for path, why in cases:
+        result = runner.invoke(app, ["stac", "--map", str(path)], env={"COLUMNS": "400"})
+        assert result.exit_code == 2 and why in result.output, (path, result.output)
+        assert not stac_item_path(path).exists()
+    assert runner.invoke(app, ["stac", "--map", str(whole)]).exit_code == 0 and stac_item_path(whole).is_file()
+
+
 # ------------------------------------------------------------------------------------ validation
 #: Optional local copies of further schemas, laid out as their URLs:
 #: $LCMAP_STAC_SCHEMA_DIR/stac-extensions.github.io/raster/v1.1.0/schema.json

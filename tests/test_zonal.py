@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import get_legend, target_legend
 from lcmap.pipeline.cog import legend_tag
-from lcmap.pipeline.zonal import count_pairs, pixel_area_m2_per_row
+from lcmap.pipeline.zonal import count_pairs, overlap_layers, pixel_area_m2_per_row
 from lcmap.pipeline.zone_stats import write_stats, zone_stats
 from tests.rasters import write_raster
 
@@ -111,6 +111,31 @@ def test_projected_map_zones_in_another_crs(tmp_path) -> None:
         np.testing.assert_allclose(stats.percent[z], want / want.sum() * 100)
     assert stats.pixels[0].sum() + stats.pixels[1].sum() == (data > 0).sum()  # nodata not counted
     assert stats.pixels[2].sum() == 0 and stats.percent[2].sum() == 0
+
+
+def test_overlapping_zones_each_count_the_shared_pixels(tmp_path) -> None:
+    """Zones that overlap both count the area they share (before: the later zone took it, the
+    earlier got 0 km² there); a partition stays one layer, touching zones do not overlap."""
+    data = _layout()  # 60 x 80 px of 2 m; nodata rows 10-14
+    map_path = _tagged_map(tmp_path / "map.tif", data)
+    boxes = {
+        "a": (X0, Y0 - 120, X0 + 100, Y0),  # columns 0-49
+        "b": (X0 + 60, Y0 - 120, X0 + 160, Y0),  # columns 30-79: shares 30-49 with a
+        "c": (X0 + 20, Y0 - 80, X0 + 40, Y0 - 40),  # columns 10-19, rows 20-39: inside a
+        "d": (X0 + 160, Y0 - 120, X0 + 200, Y0),  # touches b's edge, off the map
+    }
+    stats, _ = zone_stats(map_path, _zones(tmp_path / "z.gpkg", boxes), "name", block_px=16)
+    windows = {"a": np.s_[:, 0:50], "b": np.s_[:, 30:80], "c": np.s_[20:40, 10:20]}
+    for z, name in enumerate(stats.zone_names[:3]):
+        want = np.array([(data[windows[name]] == c).sum() for c in (1, 2, 3, 4)])
+        np.testing.assert_array_equal(stats.pixels[z], want)
+        np.testing.assert_allclose(stats.area_km2[z], want * RES * RES / 1e6)
+    # by hand: a 50 x 60 px less 5 nodata rows = 2750 px = 0.011 km²; b the same; c 20 x 10 = 200 px
+    np.testing.assert_allclose(stats.area_km2[:3].sum(axis=1), [0.011, 0.011, 0.0008])
+    assert stats.pixels[3].sum() == 0
+    geoms = [shapely.box(*b) for b in boxes.values()]
+    assert overlap_layers(geoms) == [[0, 3], [1, 2]]
+    assert overlap_layers([geoms[0], geoms[3]]) == [[0, 1]] and overlap_layers([]) == []
 
 
 def test_same_result_for_several_block_sizes(tmp_path) -> None:

@@ -287,14 +287,22 @@ def check_raster_file(path: str | Path, what: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- valid pixels
 def imagery_valid(image: Any, nodata: float) -> Any:
     """Valid-pixel mask ``(..., H, W)`` of an image ``(C, H, W)`` or a batch ``(B, C, H, W)``
-    (numpy array or torch tensor, the mask is of the same kind): not all bands equal to ``nodata``.
-    Numpy arrays are compared band by band (no ``(C, H, W)`` temporary: half the time)."""
+    (numpy array or torch tensor, the mask is of the same kind): not all bands equal to ``nodata``,
+    and (float imagery) every band finite: NaN and +-inf are nodata whatever the file's nodata
+    value (NaN is float imagery's usual nodata, and ``NaN != NaN``). The one valid-pixel rule of
+    lcmap. Numpy arrays are compared band by band (no ``(C, H, W)`` temporary: half the time)."""
     if isinstance(image, np.ndarray):
         ok = image[..., 0, :, :] != nodata
         for band in range(1, image.shape[-3]):
             ok |= image[..., band, :, :] != nodata
+        if image.dtype.kind == "f":
+            for band in range(image.shape[-3]):
+                ok &= np.isfinite(image[..., band, :, :])
         return ok
-    return ~(image == nodata).all(dim=-3)
+    ok = ~(image == nodata).all(dim=-3)
+    if image.is_floating_point():
+        ok &= image.isfinite().all(dim=-3)
+    return ok
 
 
 def valid_mask(ds: Any, data: np.ndarray, window: Window | None) -> np.ndarray:

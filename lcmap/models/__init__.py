@@ -62,6 +62,13 @@ def build_model_with_weights(name: str, in_channels: int, num_classes: int, stat
     return model
 
 
+def non_finite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` holding a NaN or an infinity (in
+    ``state``'s order): a network with such a weight gives NaN logits, whose argmax is class 0
+    everywhere."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def sum_probabilities(probs: Tensor, group: Tensor, n_groups: int, out: Tensor | None = None) -> Tensor:
     """``(B, K, H, W)`` -> ``(B, n_groups, H, W)``: channel ``k`` added into channel ``group[k]``.
 

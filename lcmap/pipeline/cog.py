@@ -159,12 +159,36 @@ def _bigtiff(width: int, height: int, itemsize: int) -> str:
 
 
 def validate_cog(path: str | Path) -> None:
-    """Raise RuntimeError when ``path`` is not a valid COG according to rio-cogeo."""
+    """Raise RuntimeError when ``path`` is not a valid COG according to rio-cogeo, or is cut short:
+    a tile (full resolution or overview) ends past the end of the file, which rio-cogeo, reading
+    only the headers, does not see (a truncated copy)."""
     from rio_cogeo.cogeo import cog_validate
 
     valid, errors, _warnings = cog_validate(str(path), quiet=True)
     if not valid:
         raise RuntimeError(f"{path} is not a valid Cloud Optimized GeoTIFF: {'; '.join(errors)}")
+    size = os.path.getsize(path)
+    with rasterio.open(path) as src:
+        levels = len(src.overviews(1))
+    for level in range(-1, levels):
+        with rasterio.open(path, **({"overview_level": level} if level >= 0 else {})) as src:
+            end = _tiles_end(src)
+        if end > size:
+            raise RuntimeError(
+                f"{path} is cut short: its tiles need {end} bytes, the file has {size} (a truncated copy)"
+            )
+
+
+def _tiles_end(src: rasterio.DatasetReader) -> int:
+    """The byte just past the last tile of every band of an open TIFF (0 when GDAL does not say)."""
+    (bh, bw), end = src.block_shapes[0], 0
+    for band in range(1, src.count + 1):
+        for y in range(-(-src.height // bh)):
+            for x in range(-(-src.width // bw)):
+                offset = src.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+                nbytes = src.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+                end = max(end, int(offset or 0) + int(nbytes or 0))
+    return end
 
 
 def write_cog(

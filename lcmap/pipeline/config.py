@@ -288,7 +288,10 @@ class TrainConfig:
         if not self.labels and not self.label_products:
             problems.append("no labels given (--labels or --label-product)")
         if self.labels and self.label_products:
-            problems.append("give either --labels/--legend or --label-product, not both")
+            problems.append(
+                "give either --labels/--legend or --label-product, not both: to train on both products, give "
+                "--labels as one more --label-product 'PATHS=LEGEND'"
+            )
         if len(self.label_products) > 1 and (self.label_trust or self.mixed_classes):
             problems.append("--label-trust and --mixed-class name one product's codes: not with several products")
         if not self.out:
@@ -338,11 +341,20 @@ class TrainConfig:
             raise LcmapInputError("invalid training options: " + "; ".join(problems))
 
     def single_product(self) -> TrainConfig:
-        """One ``--label-product`` as ``--labels``/``--legend`` (today's training, unchanged); else self."""
-        if len(self.label_products) != 1:
+        """One ``--label-product`` as ``--labels``/``--legend`` (today's training, unchanged); else self
+        (with ``--labels`` given too: self, which :meth:`check` refuses, never ``--labels`` dropped)."""
+        if len(self.label_products) != 1 or self.labels:
             return self
         prod = self.label_products[0]
         return dataclasses.replace(self, labels=list(prod["labels"]), legend=prod["legend"], label_products=[])
+
+    def input_files(self) -> list[str]:
+        """Every input path the options name, as given: imagery, labels (products included),
+        reference, AOI, YAML legends and ViT weights."""
+        rasters = [*self.images, *self.labels, *(p for prod in self.label_products for p in prod["labels"])]
+        legends = [self.legend, self.reference_legend, *(prod["legend"] for prod in self.label_products)]
+        yamls = [n for n in legends if n and Path(n).suffix.lower() in (".yaml", ".yml")]
+        return [str(p) for p in [*rasters, *(self.reference or []), self.aoi, self.vit_weights, *yamls] if p]
 
     def with_absolute_paths(self) -> TrainConfig:
         def absolute(p: str | None) -> str | None:

@@ -34,6 +34,9 @@ QUICKLOOK_PATCHES = (0, 7, 3)
 #: legend declares it (lcmap.geodata.legends), so the defaults already train it so.
 DEMO_TRAINING: dict = {}
 
+#: The file that marks a folder as the demo's own (``lcmap demo`` refuses any other non-empty folder).
+DEMO_MARKER = ".lcmap-demo"
+
 
 def run_demo(
     out: str | Path = "lcmap-demo",
@@ -50,8 +53,9 @@ def run_demo(
     change), then map and score as usual.
 
     Raises:
-        LcmapInputError: ``out/run`` already holds a training run and ``resume`` is False (or holds
-            none and ``resume`` is True).
+        LcmapInputError: ``out`` holds files an ``lcmap demo`` did not write (:func:`_claim_out`);
+            ``out/run`` already holds a training run and ``resume`` is False (or holds none and
+            ``resume`` is True).
         TrainingInterrupted: Ctrl-C or SIGTERM during training; the message says ``lcmap demo --resume``.
     """
     from lcmap.errors import LcmapInputError, TrainingInterrupted
@@ -61,7 +65,7 @@ def run_demo(
     from lcmap.pipeline.train import TrainConfig, run_train
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_out(out)
     train_files, all_files = sample_paths("train"), sample_paths()
     nlcd, reference_legend = get_legend("nlcd"), get_legend(all_files["reference_legend"])
     t0 = time.perf_counter()
@@ -140,6 +144,27 @@ def run_demo(
     (out / "report.md").write_text(_summary_md(metrics) + "\n" + (out / "report" / "report.md").read_text())
     _print_summary(out, metrics)
     return metrics
+
+
+def _claim_out(out: Path) -> None:
+    """Make ``out`` the demo's folder, or refuse it: the demo writes ``map.tif``, ``report.md``,
+    ``metrics.json`` ... there, so ``out`` must be new, empty, or made by an earlier ``lcmap demo``
+    (holding its :data:`DEMO_MARKER` file, written here); a user's files are never overwritten."""
+    from lcmap.errors import LcmapInputError
+
+    marker = out / DEMO_MARKER
+    if out.exists() and not out.is_dir():
+        raise LcmapInputError(f"--out {out} is a file, not a folder: choose a new or empty folder for the demo")
+    if out.is_dir() and not marker.is_file():
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            raise LcmapInputError(
+                f"--out {out} already holds files lcmap demo did not write ({', '.join(found[:5])}"
+                f"{' ...' if len(found) > 5 else ''}); the demo writes map.tif, report.md, metrics.json and more "
+                "there and would replace them. Choose a new or empty folder for --out."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("Made by 'lcmap demo': a later 'lcmap demo --out' here replaces its files.\n")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,10 +42,11 @@ import rasterio
 import rasterio.errors
 from rasterio.transform import Affine
 
-from lcmap.errors import DiskFullError, LcmapInputError, OutputLockedError
+from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.io import CONFIDENCE_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
+from lcmap.pipeline.folder_lock import LOCK_NAME, hold_folder_lock
 from lcmap.pipeline.inference import PredictJob
 from lcmap.pipeline.tiling import CONFIDENCE_NODATA, Block, OutputGrid
 
@@ -82,52 +82,32 @@ def confidence_path(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ one writer
-LOCK_NAME = ".lock"
-
-
 @contextmanager
 def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
     """Hold the OS lock on ``partial`` (``MAP.tif.partial``) while the body runs; the folder is created.
 
-    The lock (``fcntl.flock`` on ``partial/.lock``, which holds the owner's pid) is released when the
-    body ends or the process dies (SIGKILL included). It is still held while the body removes
-    ``partial`` after a finished map.
+    The lock (:func:`lcmap.pipeline.folder_lock.hold_folder_lock`: ``partial/.lock``, holding the
+    owner's pid) is released when the body ends or the process dies (SIGKILL included). It is
+    still held while the body removes ``partial`` after a finished map.
 
     Raises:
         OutputLockedError: another process holds the lock (the message names ``out`` and its pid).
-        LcmapInputError: ``partial`` exists and is not an unfinished lcmap map.
+        LcmapInputError: ``partial`` exists and is not an unfinished lcmap map, or is a symlink.
     """
     _check_partial_is_ours(partial)
-    while True:
-        partial.mkdir(parents=True, exist_ok=True)
-        lock = partial / LOCK_NAME
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise OutputLockedError(
-                f"{out} is being written by another lcmap process (pid {pid}). Wait for it to finish, "
-                "stop it, or choose another --out.",
-                pid=int(pid) if pid.isdigit() else None,
-            ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:  # the previous owner removed the folder after we opened the file
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with hold_folder_lock(partial, str(out)) as lock:
         yield lock
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _check_partial_is_ours(partial: Path) -> None:
+    """Refuse a ``partial`` that lcmap did not make: a symlink (or one inside: its target would be
+    emptied and written), a file, or a folder of other files without a manifest."""
+    links = [p for p in (partial, partial / "blocks", partial / "manifest.json") if p.is_symlink()]
+    if links:
+        raise LcmapInputError(
+            f"{links[0]} is a symlink: lcmap follows none in an unfinished map's folder (it would delete and "
+            f"write files where it points). Remove the link, or choose another --out"
+        )
     if partial.exists() and not (partial / "manifest.json").is_file():
         if not partial.is_dir():
             raise LcmapInputError(f"{partial} exists and is not a folder: move it away or choose another --out")
@@ -326,8 +306,8 @@ def prepare_partial(partial: Path, manifest_data: dict[str, Any], blocks_dir: Pa
     if old != manifest_data and any(p.name != LOCK_NAME for p in partial.iterdir()):
         log.info("%s was made with other parameters: starting over", partial)
         for p in partial.iterdir():
-            if p.name != LOCK_NAME:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.name != LOCK_NAME:  # a symlink is removed, never followed
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     blocks_dir.mkdir(parents=True, exist_ok=True)
     if old != manifest_data:
         tmp = manifest.with_name(".manifest.json.tmp")

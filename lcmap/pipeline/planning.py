@@ -33,9 +33,10 @@ from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
 from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.models.tta import TTA_MODES
-from lcmap.pipeline import mapfile
+from lcmap.pipeline import cog, mapfile
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
+from lcmap.pipeline.stac import stac_item_path
 from lcmap.pipeline.tiling import Block, block_side_px, lattice_windows, output_grid
 
 __all__ = ["TILE_MULTIPLE", "Plan", "plan_prediction"]
@@ -233,9 +234,11 @@ def plan_prediction(
             "in the same order, as the training imagery"
         )
     outputs = {"--out": out, "the map's .partial folder": out.with_name(out.name + ".partial")}
+    outputs.update({"the map's style": cog.qml_path(out), "the map's STAC Item": stac_item_path(out)})
     if confidence:
         outputs["the confidence map"] = mapfile.confidence_path(out)
-    check_not_an_input(outputs, [*ds.files, str(checkpoint)])
+    aoi_files = [str(aoi)] if isinstance(aoi, (str, Path)) else []  # the --aoi file (a bbox or AOI object: none)
+    check_not_an_input(outputs, [*ds.files, str(checkpoint), *aoi_files])
     _check_imagery_kind(tm, ds, input_scale)
     bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
     if isinstance(aoi, (str, Path)):

@@ -201,13 +201,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Load RUN_DIR or a ``.ckpt`` into a :class:`TrainedModel` (eval mode) on ``device``."""
-    from lcmap.models import build_model_with_weights
+    from lcmap.models import build_model_with_weights, non_finite_tensors
 
     ckpt_path = resolve_checkpoint(path)
     ckpt = read_checkpoint(ckpt_path)
     hp = ckpt["hyper_parameters"]
     legend = Legend.from_dict(hp["legend"], source=str(ckpt_path))
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    bad = non_finite_tensors(state) + [n for n in ("norm_mean", "norm_std") if not np.all(np.isfinite(hp[n]))]
+    if bad or not np.all(np.asarray(hp["norm_std"]) > 0):  # a model that diverged maps every pixel as one class
+        raise LcmapInputError(
+            f"checkpoint {ckpt_path} holds NaN or infinite values ({', '.join(bad[:3]) or 'norm_std <= 0'}): "
+            "refused, it would map every pixel as one class. Use an earlier checkpoint or train again (lower --lr)."
+        )
     try:
         model = build_model_with_weights(hp["model_name"], int(hp["in_channels"]), len(legend), state)
     except RuntimeError as exc:

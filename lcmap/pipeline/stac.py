@@ -33,7 +33,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from lcmap.errors import LcmapInputError
-from lcmap.geodata.io import open_raster
+from lcmap.geodata.io import CHANGES_TAG, open_raster
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.cog import LEGEND_TAG
@@ -176,6 +176,23 @@ def imagery_datetime_of(files: Sequence[str | Path]) -> str | None:
     return first.isoformat() if first == last else f"{first.isoformat()}/{last.isoformat()}"
 
 
+def _check_lcmap_cog(src: Any, path: Path) -> None:
+    """Refuse a raster the Item would describe falsely: not an lcmap map or change map (no
+    ``LCMAP_LEGEND`` / ``LCMAP_CHANGES`` tag), not a valid COG, or cut short (:func:`cog.validate_cog`)."""
+    if not {LEGEND_TAG, CHANGES_TAG} & set(src.tags()):
+        raise LcmapInputError(
+            f"{path} is not a land-cover or change map written by lcmap (no {LEGEND_TAG} or {CHANGES_TAG} tag): "
+            f"'lcmap stac' describes those only. For another raster use rio-stac ('rio stac {path}')."
+        )
+    try:
+        cog.validate_cog(path)
+    except RuntimeError as exc:
+        raise LcmapInputError(
+            f"{exc}. 'lcmap stac' describes complete Cloud Optimized GeoTIFFs only: copy the map again, or "
+            "write it again with lcmap predict (or lcmap changes)"
+        ) from None
+
+
 def build_stac_item(
     map_path: str | Path,
     *,
@@ -198,7 +215,8 @@ def build_stac_item(
         properties: extra Item properties.
 
     Raises:
-        LcmapInputError: the map is missing, unreadable, has no CRS, or a date is malformed.
+        LcmapInputError: the map is missing, unreadable, has no CRS, is not an lcmap map or change
+            map, not a valid COG or cut short, or a date is malformed.
     """
     import pystac
     from pystac.extensions.classification import Classification, ClassificationExtension
@@ -210,6 +228,7 @@ def build_stac_item(
     map_path = Path(map_path)
     folder = map_path.parent
     with open_raster(map_path, "map") as src:  # exists, readable, has a CRS (a STAC Item needs its footprint)
+        _check_lcmap_cog(src, map_path)
         source = "imagery"
         if imagery_datetime is None and src.tags().get(IMAGERY_DATETIME_TAG):
             when = _parse_datetime(src.tags()[IMAGERY_DATETIME_TAG], f"{map_path} tag {IMAGERY_DATETIME_TAG}")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -27,7 +28,9 @@ from typing import Any, cast
 import numpy as np
 
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
+from lcmap.geodata.io import check_not_an_input
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
+from lcmap.pipeline.folder_lock import hold_folder_lock
 from lcmap.pipeline.runs import RunFolder
 from lcmap.pipeline.signals import sigterm_as_interrupt
 from lcmap.pipeline.train_logging import run_logging
@@ -61,8 +64,8 @@ class _Inputs:
 
 
 # ---------------------------------------------------------------------------------- training
-def run_train(config: TrainConfig) -> Path:
-    """Train a model as ``config`` says; return RUN_DIR.
+def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Path:
+    """Train a model as ``config`` says (read from ``config_file``, if any, and flags); return RUN_DIR.
 
     Raises:
         LcmapInputError: bad options or inputs (legend vs label values, AOI, band counts, a resumed
@@ -74,11 +77,16 @@ def run_train(config: TrainConfig) -> Path:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
-    config, run = _prepare_config(config.single_product())
+    config, run = _prepare_config(config.single_product(), config_file)
     is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
+    locked = contextlib.ExitStack()  # RUN_DIR's lock, as predict's (rank 0 holds it for the ranks)
+    if is_zero:
+        locked.enter_context(hold_folder_lock(run.path, f"run folder {run.path}", remove=True))
     t_start = time.perf_counter()
     try:
+        if is_zero and not config.resume:
+            _refuse_existing_run(run)  # a run that finished in the folder since the check
         with sigterm_as_interrupt() as sigterm, run_logging(run.train_log, is_zero):
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
@@ -114,11 +122,14 @@ def run_train(config: TrainConfig) -> Path:
     except LcmapInputError:
         run.remove_created(created)
         raise
+    finally:
+        locked.close()
     return run.path
 
 
-def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, RunFolder]:
-    """The options to train with (the saved ones when resuming), checked, with absolute paths."""
+def _prepare_config(config: TrainConfig, config_file: str | Path | None = None) -> tuple[TrainConfig, RunFolder]:
+    """The options to train with (the saved ones when resuming), checked, with absolute paths;
+    refused when RUN_DIR or a file written there is an input (``config_file``: the ``--config``)."""
     if not config.out:
         raise LcmapInputError("no RUN_DIR given (--out)")
     run = RunFolder(Path(config.out).expanduser().resolve())
@@ -126,13 +137,23 @@ def _prepare_config(config: TrainConfig) -> tuple[TrainConfig, RunFolder]:
         if not run.last_ckpt.is_file():
             raise LcmapInputError(f"--resume: {run.last_ckpt} does not exist; nothing to resume in {run.path}")
         config = _resume_config(config, run)
-    elif run.last_ckpt.exists():
+    else:
+        _refuse_existing_run(run)
+    config.check()
+    written = [run.config_yaml, run.legend_yaml, run.normalization_json, run.class_weights_json, run.metrics_csv]
+    written += [run.loss_png, run.train_log, run.last_ckpt, run.best_ckpt]
+    outputs = {"--out": run.path, **{f"--out's {p.relative_to(run.path)}": p for p in written}}
+    config_files = [str(config_file)] if config_file and not config.resume else []  # resume: the run's own
+    check_not_an_input(outputs, [*config.input_files(), *config_files])
+    return config.with_absolute_paths(), run
+
+
+def _refuse_existing_run(run: RunFolder) -> None:
+    if run.last_ckpt.exists():
         raise LcmapInputError(
             f"{run.path} already holds a training run ({run.last_ckpt}). Continue it with --resume, "
             "or choose another --out."
         )
-    config.check()
-    return config.with_absolute_paths(), run
 
 
 def _resume_config(config: TrainConfig, run: RunFolder) -> TrainConfig:

@@ -28,7 +28,10 @@ share of a district at 1-2 m, so weighing them by coverage changes nothing an ag
 exactextract also reads each zone's bounding box separately (neighbouring boxes overlap, so tiles
 are decoded several times), has no per-row ellipsoidal pixel area of its own, and cannot count a
 confusion matrix (two rasters, no polygons); so it is not a dependency. Pixel centres: a zone owns
-the pixels whose centre lies inside it; where zone polygons overlap, the later zone owns them.
+the pixels whose centre lies inside it. Zones whose polygons overlap each own the shared pixels:
+:func:`overlap_layers` splits the zones into layers of zones that do not overlap (one layer for a
+partition such as districts), one zone raster per layer, and :func:`count_pairs` adds up the
+layers' counts in one pass over the map.
 Memory (same benchmark, one process, GDAL block cache capped at 64 MB by
 :mod:`lcmap.pipeline.zone_stats`): peak RSS 346 / 395 / 438 MB for 17 / 67 / 252 Mpx, i.e. +177 /
 +113 / +107 MB over the RSS before each run; without the cap GDAL's cache grows to 5 % of RAM.
@@ -57,6 +60,7 @@ __all__ = [
     "DEFAULT_BLOCK_PX",
     "PairCounts",
     "count_pairs",
+    "overlap_layers",
     "pixel_area_m2_per_row",
     "zone_index_raster",
 ]
@@ -153,6 +157,25 @@ def zone_index_raster(
     )
 
 
+def overlap_layers(geoms: Sequence[shapely.Geometry]) -> list[list[int]]:
+    """Positions of ``geoms`` in layers (each sorted) of polygons whose interiors do not overlap
+    (touching is not overlapping): each polygon in one layer, the first layer that has no polygon
+    overlapping it; zones that partition an area give one layer."""
+    geoms_arr = np.asarray(geoms, dtype=object)
+    left, right = shapely.STRtree(geoms_arr).query(geoms_arr, predicate="intersects")
+    pair = left < right
+    left, right = left[pair], right[pair]
+    overlap = ~shapely.touches(geoms_arr[left], geoms_arr[right])
+    neighbours: dict[int, set[int]] = {}
+    for i, j in zip(left[overlap].tolist(), right[overlap].tolist(), strict=True):
+        neighbours.setdefault(j, set()).add(i)
+    layer_of: list[int] = []
+    for i in range(len(geoms_arr)):
+        taken = {layer_of[j] for j in neighbours.get(i, ())}
+        layer_of.append(next(k for k in range(len(taken) + 1) if k not in taken))
+    return [[i for i, k in enumerate(layer_of) if k == layer] for layer in range(max(layer_of, default=-1) + 1)]
+
+
 def _axis_chunks(n: int, step: int) -> tuple[int, ...]:
     return tuple(min(step, n - i) for i in range(0, n, step)) or (0,)
 
@@ -216,6 +239,9 @@ def count_pairs(
         a, b: dask arrays of the same shape ``(H, W)``; ``a`` in ``[0, n_a)``, ``b`` in ``[0, n_b)``
             (``b`` is rechunked to ``a``'s blocks if they differ). A value outside raises ValueError
             when it overflows the pair index, so encode "not counted" as an index and drop it.
+            ``a`` may be a list of such arrays (layers of zones, :func:`overlap_layers`): their
+            counts are added, each block of ``b`` computed once (index 0, "outside", then sums
+            over the layers).
         n_a, n_b: number of indices on each side.
         row_area_m2: float64 ``(H,)``, the area of one pixel of each row
             (:func:`pixel_area_m2_per_row`).
@@ -229,8 +255,10 @@ def count_pairs(
     import dask
     import dask.array as da
 
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"count_pairs needs two 2-D arrays of one shape, got {a.shape} and {b.shape}")
+    layers = list(a) if isinstance(a, (list, tuple)) else [a]
+    a = layers[0]
+    if any(x.ndim != 2 or x.shape != b.shape or x.chunks != a.chunks for x in layers):
+        raise ValueError(f"count_pairs needs 2-D arrays of one shape and blocks, got {a.shape} and {b.shape}")
     if len(row_area_m2) != a.shape[0]:
         raise ValueError(f"row_area_m2 has {len(row_area_m2)} rows, the arrays {a.shape[0]}")
     if b.chunks != a.chunks:
@@ -244,21 +272,24 @@ def count_pairs(
         with lock:
             on_block(px)  # type: ignore[misc]
 
-    blocks = da.map_blocks(
-        _count_block,
-        a,
-        b,
-        n_a=n_a,
-        n_b=n_b,
-        row_area_m2=row_area_m2,
-        constant_area=constant,
-        on_block=report if on_block else None,
-        new_axis=[2, 3],
-        chunks=((1,) * len(a.chunks[0]), (1,) * len(a.chunks[1]), (2,), (n,)),
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0, 0), dtype=np.float64),
-        name=f"count-pairs-{uuid.uuid4().hex}",
-    )
-    total = blocks.sum(axis=(0, 1))
+    totals = [
+        da.map_blocks(
+            _count_block,
+            layer,
+            b,
+            n_a=n_a,
+            n_b=n_b,
+            row_area_m2=row_area_m2,
+            constant_area=constant,
+            on_block=report if on_block else None,
+            new_axis=[2, 3],
+            chunks=((1,) * len(a.chunks[0]), (1,) * len(a.chunks[1]), (2,), (n,)),
+            dtype=np.float64,
+            meta=np.empty((0, 0, 0, 0), dtype=np.float64),
+            name=f"count-pairs-{uuid.uuid4().hex}",
+        ).sum(axis=(0, 1))
+        for layer in layers
+    ]
+    total = totals[0] if len(totals) == 1 else da.stack(totals).sum(axis=0)
     (result,) = dask.compute(total, scheduler="threads", num_workers=num_workers)
     return PairCounts(pixels=np.rint(result[0]).astype(np.int64).reshape(n_a, n_b), area_m2=result[1].reshape(n_a, n_b))

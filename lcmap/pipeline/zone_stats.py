@@ -11,7 +11,8 @@ blockwise pair counting of :mod:`lcmap.pipeline.zonal` gives pixels and km² per
   outside the legend are not counted either (logged with their pixel count).
 - ``percent`` is a class's share of the zone's classified area (km²), nodata left out.
 - Features that share a name in ``--field`` are one zone; a zone without any classified pixel
-  (outside the map, or all nodata) is listed with 0 km².
+  (outside the map, or all nodata) is listed with 0 km². Zones that overlap each count the pixels
+  they share (so zones' areas may add up to more than the map's).
 
 Outputs (each written under a temporary name and renamed into place): ``STATS_DIR/stats.csv``
 (zone, class_code, class_name, pixels, km2, percent: one row per zone and legend class) and
@@ -39,7 +40,13 @@ from lcmap.errors import LcmapInputError
 from lcmap.geodata.io import open_raster
 from lcmap.pipeline.cog import LEGEND_TAG, read_category_names
 from lcmap.pipeline.evaluate import map_legend
-from lcmap.pipeline.zonal import DEFAULT_BLOCK_PX, count_pairs, pixel_area_m2_per_row, zone_index_raster
+from lcmap.pipeline.zonal import (
+    DEFAULT_BLOCK_PX,
+    count_pairs,
+    overlap_layers,
+    pixel_area_m2_per_row,
+    zone_index_raster,
+)
 
 __all__ = ["MapClasses", "ZoneStats", "Zones", "map_classes", "read_zones", "write_stats", "zone_stats"]
 
@@ -199,24 +206,23 @@ def zone_stats(
         raise LcmapInputError(f"map {map_path} holds several subdatasets; pass one class raster")
     codes = raster.isel(band=0).data
     class_index = codes.map_blocks(lambda block: lut[block], dtype=np.int32)
-    zone_index = zone_index_raster(
-        [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty],
-        transform,
-        shape,
-        block_px,
-        dtype="uint16" if n_zones < 65535 else "int32",
-    )
+    on_map = [(g, i + 1) for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+    zone_dtype = "uint16" if n_zones < 65535 else "int32"
+    zone_layers = [  # zones that overlap go to different layers: each counts the shared pixels
+        zone_index_raster([on_map[k] for k in layer], transform, shape, block_px, dtype=zone_dtype)
+        for layer in overlap_layers([g for g, _ in on_map])
+    ]
     row_area_m2 = pixel_area_m2_per_row(crs, transform, shape[0])
     n_blocks = len(codes.chunks[0]) * len(codes.chunks[1])
     # each map block is read once: a small GDAL block cache keeps memory flat (default: 5 % of RAM)
     with (
         rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES),
-        _progress(progress and n_blocks >= _PROGRESS_MIN_BLOCKS, shape[0] * shape[1]) as advance,
+        _progress(progress and n_blocks >= _PROGRESS_MIN_BLOCKS, shape[0] * shape[1] * len(zone_layers)) as advance,
         warnings.catch_warnings(),
     ):
         # rasterize() on a georeferenced window from dask's threads sometimes warns "no geotransform"
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-        counts = count_pairs(zone_index, class_index, n_zones + 1, n_cls + 2, row_area_m2, on_block=advance)
+        counts = count_pairs(zone_layers, class_index, n_zones + 1, n_cls + 2, row_area_m2, on_block=advance)
     unknown = int(counts.pixels[1:, n_cls].sum())
     if unknown:
         log.warning("%s: %d pixel(s) in the zones hold codes outside the map's legend; not counted", map_path, unknown)
