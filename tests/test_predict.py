@@ -334,8 +334,8 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(execution, "predict_group", counting)
     result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
-    assert result.blocks_resumed == 3 and len(ran) == 16 - 3 and not set(ran) & set(written)
-    assert result.blocks_run == 16 - 3
+    assert result.blocks_resumed == 3 and len(ran) == 20 - 3 and not set(ran) & set(written)  # 4 x 5 blocks
+    assert result.blocks_run == 20 - 3
     assert np.array_equal(_read(out), _read(data["ref"]))
     assert np.array_equal(
         _read(out.with_name("map_confidence.tif")), _read(data["ref"].with_name("map_confidence.tif"))
@@ -348,7 +348,7 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     (partial / "blocks" / "r00000_c00000.tif").write_bytes(b"stale")
     ran.clear()
     result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, **FAST)
-    assert result.blocks_resumed == 0 and len(ran) == 16
+    assert result.blocks_resumed == 0 and len(ran) == 20
     assert np.array_equal(_read(out), _read(data["ref"]))
 
 
@@ -356,7 +356,7 @@ def test_local_cluster_matches_synchronous(data, tmp_path):
     opts = {**FAST, "scheduler": None}
     result = P.predict_map(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts)
     out = result.path
-    assert result.blocks_run == 4
+    assert result.blocks_run == 2 * 3  # 96 px blocks on the lattice (from -32): rows [0, 64), cols [0, 64, 160)
     assert np.array_equal(_read(out), _read(data["ref"]))
 
 
