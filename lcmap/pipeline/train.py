@@ -27,6 +27,7 @@ from typing import Any, cast
 import numpy as np
 
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
+from lcmap.geodata.stac_inputs import asset_choice
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
 from lcmap.pipeline.runs import RunFolder
 from lcmap.pipeline.signals import sigterm_as_interrupt
@@ -79,7 +80,11 @@ def run_train(config: TrainConfig) -> Path:
     created = run.create()
     t_start = time.perf_counter()
     try:
-        with sigterm_as_interrupt() as sigterm, run_logging(run.train_log, is_zero):
+        with (
+            sigterm_as_interrupt() as sigterm,
+            run_logging(run.train_log, is_zero),
+            asset_choice(config.stac_asset),  # STAC inputs: the asset to read
+        ):
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
             inputs = _open_inputs(config)
