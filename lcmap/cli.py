@@ -15,8 +15,9 @@ import typer
 from rich.console import Console
 
 from lcmap import __version__
-from lcmap.cli_options import LIST_HELP, ListOptionsGroup, command_from_options
+from lcmap.cli_options import LIST_HELP, REMOTE_HELP, ListOptionsGroup, command_from_options
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, Interrupted, LcmapInputError
+from lcmap.geodata.stac_inputs import ASSET_HELP, choose_asset
 from lcmap.pipeline.config import TrainConfig
 
 app = typer.Typer(
@@ -45,6 +46,18 @@ BBoxCRS = Annotated[str, typer.Option("--bbox-crs", help="CRS of --bbox, e.g. EP
 AOIOpt = Annotated[
     Path | None,
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
+]
+
+
+def _choose_stac_asset(ctx: typer.Context, key: str | None) -> str | None:
+    """``--stac-asset``'s callback: the STAC inputs of this command read asset ``key`` (until it ends)."""
+    choose_asset(key)
+    ctx.call_on_close(lambda: choose_asset(None))
+    return key
+
+
+StacAsset = Annotated[
+    str | None, typer.Option("--stac-asset", metavar="KEY", help=ASSET_HELP, callback=_choose_stac_asset)
 ]
 TTA_HELP = (
     "Test-time augmentation: none; flips (4 flips, ~4x the model time); d4 (the 8 flips and rotations, ~8x). "
@@ -116,8 +129,10 @@ def train(config_file: Path | None, given: dict) -> None:
 def predict(
     model: Annotated[Path, typer.Option("--model", help="RUN_DIR from 'lcmap train' or a .ckpt file.")],
     images: Annotated[
-        list[Path],
-        typer.Option("--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP),
+        list[str],
+        typer.Option(
+            "--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP + REMOTE_HELP
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")
@@ -177,6 +192,7 @@ def predict(
         ),
     ] = None,
     tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
+    stac_asset: StacAsset = None,  # applied by its callback
     crs: Annotated[
         str | None,
         typer.Option(
@@ -221,14 +237,15 @@ def predict(
 def evaluate(
     map_path: Annotated[Path, typer.Option("--map", help="Map GeoTIFF written by 'lcmap predict'.")],
     reference: Annotated[
-        list[Path],
+        list[str],
         typer.Option(
             "--reference",
             help=(
                 "HR reference land cover (any CRS/resolution; brought onto the map grid by nearest neighbour; where "
                 "files overlap, the first in sorted path order holding a label wins)."
             )
-            + LIST_HELP,
+            + LIST_HELP
+            + REMOTE_HELP,
         ),
     ],
     reference_legend: Annotated[
@@ -236,13 +253,15 @@ def evaluate(
     ],
     out: Annotated[Path, typer.Option("--out", help="REPORT_DIR for metrics.json, report.md, confusion.png.")],
     baseline: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Option(
-            "--baseline", help="LR product to score on the same pixels (e.g. the NLCD used for training)." + LIST_HELP
+            "--baseline",
+            help="LR product to score on the same pixels (e.g. the NLCD used for training)." + LIST_HELP + REMOTE_HELP,
         ),
     ] = None,
     baseline_legend: Annotated[str | None, typer.Option("--baseline-legend", help="Legend of --baseline.")] = None,
     aoi: AOIOpt = None,
+    stac_asset: StacAsset = None,  # applied by its callback
 ) -> None:
     """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
     from lcmap.geodata.legends import get_legend

@@ -20,7 +20,15 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-__all__ = ["LIST_HELP", "LIST_OPTIONS", "ListOptionsGroup", "command_from_options", "expand_list_options"]
+__all__ = [
+    "LIST_HELP",
+    "LIST_OPTIONS",
+    "REMOTE_HELP",
+    "REMOTE_OPTIONS",
+    "ListOptionsGroup",
+    "command_from_options",
+    "expand_list_options",
+]
 
 #: Raster list options of every command: several values may follow one flag
 #: (``--reference a.tif b.tif``), as well as the flag repeated (``--reference a.tif --reference b.tif``).
@@ -29,6 +37,13 @@ LIST_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline", "
 LIST_HELP = (
     " Several after one flag or the flag repeated; each a file, a folder, a quoted glob "
     '("tiles/*.tif"), a .txt list of paths or a .vrt.'
+)
+#: Raster list options that also read remote rasters and STAC files (:mod:`lcmap.geodata.remote`).
+REMOTE_OPTIONS = frozenset({"--images", "--labels", "--reference", "--baseline"})
+#: What those accept besides local files (appended to their help after :data:`LIST_HELP`).
+REMOTE_HELP = (
+    " Also an http(s) URL of a (cloud-optimized) GeoTIFF, read with range requests, or a STAC Item or "
+    "ItemCollection JSON file (see --stac-asset)."
 )
 
 
@@ -90,7 +105,7 @@ def _parameter(f: dataclasses.Field) -> inspect.Parameter:
     default = f.default if f.default is not dataclasses.MISSING else None
     if isinstance(default, (list, dict)):
         default = None
-    help_text = opt.help + (LIST_HELP if flag in LIST_OPTIONS else "")
+    help_text = opt.help + (LIST_HELP if flag in LIST_OPTIONS else "") + (REMOTE_HELP if flag in REMOTE_OPTIONS else "")
     info = typer.Option(*decls, help=help_text, metavar=opt.metavar, show_default=default is not None)
     annotation = Annotated[Optional[opt.cli_type], info]  # type: ignore[name-defined]  # noqa: UP045 - built at run time
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.remote import is_remote
+from lcmap.geodata.stac_inputs import ASSET_HELP
 from lcmap.geodata.yaml_files import read_yaml
 from lcmap.pipeline import option_values as v
 from lcmap.pipeline.option_values import Option, option
@@ -47,6 +49,7 @@ RESUME_MAY_CHANGE = (
     "images",
     "labels",
     "reference",
+    "stac_asset",
 )
 
 
@@ -179,6 +182,7 @@ class TrainConfig:
     reference_legend: str | None = option(
         None, parse=v.text, cli_type=str, help="Legend of --reference (name or YAML file); required with it."
     )
+    stac_asset: str | None = option(None, parse=v.text, cli_type=str, metavar="KEY", help=ASSET_HELP)
     resume: bool = option(
         False, parse=v.boolean, cli_type=bool, switch=False,
         help="Continue an interrupted run from RUN_DIR/checkpoints/last.ckpt.",
@@ -357,8 +361,8 @@ class TrainConfig:
         return [str(p) for p in [*rasters, *(self.reference or []), self.aoi, self.vit_weights, *yamls] if p]
 
     def with_absolute_paths(self) -> TrainConfig:
-        def absolute(p: str | None) -> str | None:
-            return None if p is None else str(Path(p).expanduser().resolve())
+        def absolute(p: str | None) -> str | None:  # a URL as it is
+            return None if p is None else p if is_remote(p) else str(Path(p).expanduser().resolve())
 
         def absolute_legend(name: str | None) -> str | None:
             if name is None:

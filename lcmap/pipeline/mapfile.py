@@ -45,6 +45,7 @@ from rasterio.transform import Affine
 from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.io import CONFIDENCE_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
+from lcmap.geodata.remote import remote_identities
 from lcmap.pipeline import cog
 from lcmap.pipeline.folder_lock import LOCK_NAME, hold_folder_lock
 from lcmap.pipeline.inference import PredictJob
@@ -255,8 +256,13 @@ def verify_block(path: Path, bands: int) -> str | None:
 
 # ------------------------------------------------------------------------- manifest, resume
 def _files_fingerprint(files: Sequence[str]) -> list[list]:
+    """``[path, size, mtime_ns]`` of each local file; ``[url, size, ETag or Last-Modified]`` of a remote one."""
+    remote_ids = remote_identities(files)
     out = []
     for f in files:
+        if f in remote_ids:
+            out.append(remote_ids[f])
+            continue
         s = os.stat(f)
         out.append([os.path.abspath(f), s.st_size, s.st_mtime_ns])
     return out

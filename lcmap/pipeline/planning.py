@@ -32,6 +32,7 @@ from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
 from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
+from lcmap.geodata.remote import absolute_input
 from lcmap.models.tta import TTA_MODES
 from lcmap.pipeline import cog, mapfile
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
@@ -276,7 +277,7 @@ def plan_prediction(
     area = footprint.intersection(geom) if geom is not None else footprint
     job = PredictJob(
         checkpoint=str(checkpoint.absolute()),
-        image_files=tuple(os.path.abspath(f) for f in ds.files),
+        image_files=tuple(absolute_input(f) for f in ds.files),  # a URL as it is
         device=dev,
         torch_threads=torch_threads,
         grid=grid,

@@ -29,6 +29,7 @@ import numpy as np
 
 from lcmap.errors import AOITooSmallError, LcmapInputError, TrainingInterrupted
 from lcmap.geodata.io import check_not_an_input
+from lcmap.geodata.stac_inputs import asset_choice
 from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
 from lcmap.pipeline.folder_lock import hold_folder_lock
 from lcmap.pipeline.runs import RunFolder
@@ -87,7 +88,11 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
     try:
         if is_zero and not config.resume:
             _refuse_existing_run(run)  # a run that finished in the folder since the check
-        with sigterm_as_interrupt() as sigterm, run_logging(run.train_log, is_zero):
+        with (
+            sigterm_as_interrupt() as sigterm,
+            run_logging(run.train_log, is_zero),
+            asset_choice(config.stac_asset),  # STAC inputs: the asset to read
+        ):
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
             inputs = _open_inputs(config)
