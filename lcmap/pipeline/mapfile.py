@@ -4,7 +4,9 @@
    ``MAP.tif.partial/.lock`` for the whole run, COG assembly included; a second run on the same
    ``--out`` is refused at once (:class:`~lcmap.errors.OutputLockedError`, with the owner's pid).
    The kernel releases the lock when the owner dies, even by SIGKILL. Dask workers write block
-   files into the folder without taking the lock: the driver process holds it for them.
+   files into the folder without taking the lock: the driver process holds it for them, and the
+   lock file holds the run's token while the run wants blocks (:mod:`lcmap.pipeline.run_lock`): a
+   task that outlives its run (scheduler lost, ``lcmap predict`` stopped or killed) writes no block.
 1. **Block files.** Each finished block is a small GeoTIFF ``MAP.tif.partial/blocks/rRRRRR_cCCCCC.tif``
    (band 1 class codes, band 2 confidence), written under a temporary name, read back and compared
    with the arrays written, then renamed (:func:`write_block`), and only then recorded as finished
@@ -33,7 +35,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,12 @@ import rasterio
 import rasterio.errors
 from rasterio.transform import Affine
 
-from lcmap.errors import DiskFullError, LcmapInputError, OutputLockedError
+from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.io import CONFIDENCE_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.inference import PredictJob
+from lcmap.pipeline.run_lock import RunLock, RunOver, check_run, locked_error
 from lcmap.pipeline.tiling import CONFIDENCE_NODATA, Block, OutputGrid
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ __all__ = [
     "confidence_path",
     "block_path",
     "lock_partial",
+    "finished_blocks",
     "verify_block",
     "write_block",
     "fingerprint",
@@ -85,12 +89,14 @@ LOCK_NAME = ".lock"
 
 
 @contextmanager
-def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
+def lock_partial(partial: Path, out: Path) -> Iterator[RunLock]:
     """Hold the OS lock on ``partial`` (``MAP.tif.partial``) while the body runs; the folder is created.
 
-    The lock (``fcntl.flock`` on ``partial/.lock``, which holds the owner's pid) is released when the
-    body ends or the process dies (SIGKILL included). It is still held while the body removes
-    ``partial`` after a finished map.
+    The lock (``fcntl.flock`` on ``partial/.lock``, which holds the owner's pid and the run's token)
+    is released when the body ends or the process dies (SIGKILL included). It is still held while
+    the body removes ``partial`` after a finished map. Block files are written only while the
+    token is there and the lock held (:func:`~lcmap.pipeline.run_lock.run_is_over`): the token is removed when the body
+    ends, however it ends, so no worker of this run writes a block after it.
 
     Raises:
         OutputLockedError: another process holds the lock (the message names ``out`` and its pid).
@@ -104,13 +110,9 @@ def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            text = os.pread(fd, 64, 0)
             os.close(fd)
-            raise OutputLockedError(
-                f"{out} is being written by another lcmap process (pid {pid}). Wait for it to finish, "
-                "stop it, or choose another --out.",
-                pid=int(pid) if pid.isdigit() else None,
-            ) from None
+            raise locked_error(out, text) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:  # the previous owner removed the folder after we opened the file
@@ -118,12 +120,19 @@ def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
         if same:
             break
         os.close(fd)
+    run_lock = RunLock(lock, fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield lock
+        run_lock.claim()
+        yield run_lock
     finally:
+        run_lock.revoke()  # no block of this run appears after it
         os.close(fd)  # releases the lock
+
+
+def finished_blocks(blocks_dir: str | Path, names: Iterable[str]) -> int:
+    """How many blocks of ``names`` have a file in ``blocks_dir`` recorded as finished (what a re-run resumes)."""
+    files = [Path(blocks_dir) / f"{name}.tif" for name in names]
+    return sum(1 for f in files if f.is_file() and _sidecar(f).is_file())
 
 
 def _check_partial_is_ours(partial: Path) -> None:
@@ -175,12 +184,16 @@ def block_path(blocks_dir: str | Path, block: Block) -> Path:
     return Path(blocks_dir) / f"{block.name}.tif"
 
 
-def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, conf: np.ndarray | None) -> Path:
+def write_block(
+    path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, conf: np.ndarray | None, owner: Any = None
+) -> Path:
     """Write one finished block atomically: band 1 ``codes`` (h, w), band 2 ``conf`` (h, w) if given,
-    both in ``codes``' dtype.
+    both in ``codes``' dtype. ``owner``: the run's :attr:`RunLock.owner` (None: no check); it appears only
+    while that run still wants it (checked just before the rename).
 
     Raises:
         DiskFullError: no space left (the temporary file is removed).
+        RunOver: the run ``owner`` has ended; nothing was written.
     """
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.tif")
     g = grid
@@ -198,6 +211,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
     if block.width >= 256 and block.height >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     bands = [codes] if conf is None else [codes, conf.astype(codes.dtype)]
+    check_run(owner, f"block {path.name}")
     sidecar = _sidecar(path)
     sidecar.unlink(missing_ok=True)
     try:
@@ -207,6 +221,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
                     dst.write(band, i)
             _read_back(tmp, bands)
         record = _file_record(tmp)
+        check_run(owner, f"block {path.name}")  # the block appears only while its run wants it
         os.replace(tmp, path)
         side_tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
         side_tmp.write_text(json.dumps(record))
@@ -214,7 +229,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
     except Exception as exc:
         if tmp.exists():
             tmp.unlink()
-        if is_enospc(exc, gdal_errors.messages, path.parent):
+        if not isinstance(exc, RunOver) and is_enospc(exc, gdal_errors.messages, path.parent):
             raise DiskFullError(f"No space left on device writing {path}") from exc
         raise
     return path
