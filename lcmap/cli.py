@@ -6,13 +6,16 @@ Bad input (:class:`~lcmap.errors.LcmapInputError`) prints one clear message and 
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lcmap import __version__
 from lcmap.cli_options import LIST_HELP, REMOTE_HELP, ListOptionsGroup, command_from_options
@@ -36,7 +39,9 @@ app = typer.Typer(
     # characters at 80 columns and when piped; typer's rich panels cut it to ~18 with ellipses.
     rich_markup_mode=None,
 )
-console = Console(stderr=True)
+# messages are never broken inside a word or path (the terminal wraps them); text from errors is
+# printed as is, never read as rich markup (a path may hold "[...]")
+console = Console(stderr=True, soft_wrap=True)
 
 BBox = Annotated[
     tuple[float, float, float, float] | None,
@@ -84,15 +89,36 @@ def _setup_logging(verbose: bool) -> None:
 
 def _run(fn, *args, **kwargs):
     """Call ``fn``; turn bad input into a one-line message and exit status 2, an interrupt (Ctrl-C,
-    SIGTERM) into what was kept and exit status 130 (click would swallow the message)."""
+    SIGTERM) into what was kept and exit status 130 (click would swallow the message). A file the
+    system refused (read-only folder, no permission, full disk) that no command turned into a
+    message of its own is said in one line too (exit 2: the user can fix it)."""
     try:
         return fn(*args, **kwargs)
     except LcmapInputError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=EXIT_INPUT) from None
     except Interrupted as exc:
-        console.print(f"[yellow]interrupted[/]{': ' + str(exc) if str(exc) else ''}")
+        console.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        fix = "free some space" if exc.errno == errno.ENOSPC else "check the path and its permissions"
+        said = escape(f"{exc.filename}: {exc.strerror or exc}. {fix.capitalize()} and run again.")
+        console.print(f"[bold red]error:[/] {said}")
+        raise typer.Exit(code=EXIT_INPUT) from None
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be
+    written: read-only, immutable, or no permission."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise LcmapInputError(
+            f"{what} {path}: {folder} cannot be written (read-only or no permission). Choose a folder you can write to."
+        )
 
 
 @app.callback()
@@ -206,6 +232,12 @@ def predict(
     ] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
+    from lcmap.pipeline.run_lock import check_not_locked
+    from lcmap.pipeline.scheduler_check import check_scheduler
+
+    _run(check_not_locked, out)  # another run on --out, and a --scheduler that is not Dask: refused
+    if scheduler and scheduler not in ("synchronous", "local") and ":" in scheduler:  # in seconds, before torch
+        _run(check_scheduler, scheduler)
     from lcmap.pipeline.predict import predict_map
 
     result = _run(
@@ -271,6 +303,7 @@ def evaluate(
     def go():
         if baseline and not baseline_legend:
             raise LcmapInputError("--baseline needs --baseline-legend")
+        _check_writable(out, "--out")
         metrics = evaluate_map(
             map_path,
             reference,
@@ -359,6 +392,7 @@ def stats(
             raise LcmapInputError(f"--block-px must be a positive number of pixels, got {block_px}")
         outputs = {"--out": out, "--out's stats.csv": out / "stats.csv", "--out's stats.gpkg": out / "stats.gpkg"}
         check_not_an_input(outputs, [map_path, zones])
+        _check_writable(out, "--out")
         result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(
@@ -424,6 +458,7 @@ def changes(
     """Map from -> to transitions on the target classes between an older product and a new map."""
     from lcmap.pipeline.changes import map_changes
 
+    _run(_check_writable, out, "--out")
     result = _run(map_changes, map_path, old, old_legend, out, map_legend_override=map_legend, block_px=block_px)
     changed = sum(t.km2 for t in result.transitions if t.changed)
     total = sum(t.km2 for t in result.transitions)
@@ -456,6 +491,7 @@ def stac(
     """Write the STAC Item (MAP.stac.json) of an existing map: footprint, projection, classes, assets."""
     from lcmap.pipeline.stac import write_stac_item
 
+    _run(_check_writable, map_path.with_name(map_path.stem + ".stac.json"), "the STAC Item")
     path = _run(write_stac_item, map_path, imagery_datetime=imagery_datetime, reports=report or ())
     console.print(f"[green]STAC Item written to[/] {path}")
 
@@ -465,7 +501,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt as exc:  # TrainingInterrupted says where last.ckpt is and how to resume
-        console.print(f"[yellow]interrupted[/]{': ' + str(exc) if str(exc) else ''}")
+        console.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}")
         sys.exit(EXIT_INTERRUPTED)
 
 

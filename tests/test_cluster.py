@@ -3,12 +3,15 @@
 ``--precision bf16`` (CUDA only).
 
 The map on a cluster must be bit-identical to ``scheduler="synchronous"``, also after a worker
-is SIGKILLed mid-run. A scheduler that goes away, or cannot be reached, gives one message.
+is SIGKILLed mid-run. A scheduler that goes away, or cannot be reached, gives one message; after
+a lost scheduler the message counts the blocks on disk, and the workers left running write no
+further block.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -161,6 +164,13 @@ def test_cluster_scheduler_lost_mid_run_keeps_blocks_and_says_how_to_resume(data
     assert "scheduler" in msg and "went away" in msg and "resume" in msg
     partial = Path(str(out) + ".partial")
     assert any((partial / "blocks").glob("r*_c*.tif")) and not out.exists()
+    # the count said is what is on disk (blocks with their record), and the surviving workers,
+    # still running their tasks, write nothing after predict_map returned
+    on_disk = sorted(p.name for p in (partial / "blocks").iterdir())
+    kept = int(re.search(r"(\d+) of (\d+) blocks finished are kept", msg).group(1))
+    assert kept == sum(1 for n in on_disk if n.endswith(".tif.sha256")) > 0
+    time.sleep(3)
+    assert sorted(p.name for p in (partial / "blocks").iterdir()) == on_disk
     # resuming synchronously finishes the same map
     res = P.predict_map(data["ckpt"], data["images"], out, scheduler="synchronous", **OPTS)
     assert res.blocks_resumed > 0 and np.array_equal(_read(res.path), _read(data["ref"]))

@@ -36,14 +36,27 @@ class AOI:
     source: str
 
     def to_crs(self, crs: CRS | str) -> shapely.Geometry:
-        """The geometry reprojected into ``crs`` (densified so that edges bend correctly)."""
+        """The geometry reprojected into ``crs`` (densified so that edges bend correctly).
+
+        An AOI reaching beyond where ``crs`` is defined (a whole-world ``--bbox`` into a UTM zone)
+        is first cut to the CRS's area of use.
+
+        Raises:
+            LcmapInputError: the AOI cannot be projected into ``crs`` even so.
+        """
         crs = CRS.from_user_input(crs)
         if crs == self.crs:
             return self.geometry
-        import geopandas as gpd
-
-        geom = self.geometry.segmentize(_segment_length(self.geometry))
-        return gpd.GeoSeries([geom], crs=self.crs.to_wkt()).to_crs(crs.to_wkt()).iloc[0]
+        out = _project(self.geometry, self.crs, crs)
+        if out is None:
+            use = _area_of_use(crs, self.crs)
+            out = _project(self.geometry.intersection(use), self.crs, crs) if use is not None else None
+        if out is None:
+            raise LcmapInputError(
+                f"the AOI ({self.source}) cannot be projected into {crs.to_string()}: it reaches beyond where "
+                "that CRS is defined. Give an AOI (or --bbox) around the imagery."
+            )
+        return out
 
     def check_overlap(self, bounds: tuple[float, float, float, float], crs: CRS | str, what: str) -> None:
         """Raise a clear error if the AOI misses ``bounds`` (xmin, ymin, xmax, ymax in ``crs``)."""
@@ -55,6 +68,31 @@ class AOI:
                 f"{tuple(round(v, 3) for v in bounds)} in {CRS.from_user_input(crs).to_string()}. "
                 "Check the AOI's CRS (for --bbox, --bbox-crs) and that it covers the imagery."
             )
+
+
+def _project(geom: shapely.Geometry, src: CRS, dst: CRS) -> shapely.Geometry | None:
+    """``geom`` (densified) from ``src`` into ``dst``; None where a coordinate does not project (inf, NaN)."""
+    import geopandas as gpd
+
+    if geom.is_empty:
+        return None
+    dense = geom.segmentize(_segment_length(geom))
+    out = gpd.GeoSeries([dense], crs=src.to_wkt()).to_crs(dst.to_wkt()).iloc[0]
+    if out is None or out.is_empty or not np.isfinite(shapely.get_coordinates(out)).all():
+        return None
+    return shapely.make_valid(out)
+
+
+def _area_of_use(crs: CRS, in_crs: CRS) -> shapely.Geometry | None:
+    """The area of use of ``crs`` (from the EPSG database), as a polygon in ``in_crs``; None if unknown."""
+    from pyproj import CRS as ProjCRS
+
+    epsg = crs.to_epsg()  # rasterio's WKT carries no area of use; the EPSG database does
+    area = (ProjCRS.from_epsg(epsg) if epsg else ProjCRS.from_wkt(crs.to_wkt())).area_of_use
+    if area is None:
+        return None
+    box = shapely.box(area.west, area.south, area.east, area.north)
+    return _project(box, CRS.from_epsg(4326), in_crs)
 
 
 def _segment_length(geom: shapely.Geometry) -> float:

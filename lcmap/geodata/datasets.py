@@ -186,13 +186,14 @@ def open_labels(paths, legend: Legend, what: str = "label") -> LabelRaster:
     return LabelRaster(paths, legend=legend, what=what)
 
 
-def encode_labels(codes: np.ndarray, labels: LabelRaster, source: str) -> np.ndarray:
-    """Raster codes -> legend indices; the files' own nodata values count as nodata too."""
+def encode_labels(codes: np.ndarray, labels: LabelRaster, source: str, option: str | None = "--legend") -> np.ndarray:
+    """Raster codes -> legend indices; the files' own nodata values count as nodata too. ``option``:
+    the command-line option that chose the legend (named when codes do not fit it)."""
     codes = np.asarray(codes)
     extra = [v for v in labels.file_nodata if v not in labels.legend.codes]
     if extra:
         codes = np.where(np.isin(codes, extra), labels.legend.nodata[0], codes)
-    return labels.legend.encode(codes, source=source)
+    return labels.legend.encode(codes, source=source, option=option)
 
 
 class LabelledImagery(IntersectionDataset):

@@ -274,8 +274,9 @@ def open_raster(path: str | Path, what: str) -> rasterio.io.DatasetReader:
 def _unreadable(path: str | Path, what: str, exc: Exception) -> LcmapInputError:
     if remote.is_remote(path):
         return remote.unreadable(str(path), what, exc)
+    reason = str(exc.__cause__ or exc.__context__ or exc).strip()  # GDAL's reason, not "see previous"
     return LcmapInputError(
-        f"{what} file {path} is not a readable raster ({exc}). It may be corrupt or truncated: "
+        f"{what} file {path} is not a readable raster ({reason}). It may be corrupt or truncated: "
         "re-download or re-export it."
     )
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rasterio.windows import Window
 
+from lcmap.errors import LcmapInputError
 from lcmap.geodata.io import imagery_valid, open_raster
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000,
 
     Each file is read in up to 16 random 256 px windows (or whole when small), so the cost stays
     bounded on province-size mosaics. Pixels where every band equals the nodata value are skipped.
+
+    Raises:
+        LcmapInputError: no valid pixel was found (all-nodata imagery), naming the files.
     """
     rng = np.random.default_rng(seed)
     total = np.zeros(imagery.count, np.float64)
@@ -87,7 +91,11 @@ def compute_band_stats(imagery: HRImagery, max_pixels_per_file: int = 1_000_000,
         total_sq += (pixels**2).sum(axis=1)
         n += pixels.shape[1]
     if n == 0:
-        raise ValueError("no valid imagery pixel to compute normalisation statistics from")
+        files = ", ".join(imagery.files[:3]) + (f" (+{len(imagery.files) - 3} more)" if len(imagery.files) > 3 else "")
+        raise LcmapInputError(
+            f"the imagery holds no valid pixel (every pixel sampled has all bands equal to the nodata value "
+            f"{imagery.nodata:g}): {files}. Check --images (and the files' nodata value)."
+        )
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-6))
     return BandStats(

@@ -97,7 +97,9 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip or weights-only errors
-        raise LcmapInputError(f"could not read ViT weights file {path} as a PyTorch checkpoint: {exc}") from exc
+        # torch's weights-only message advises loading unsafely (running the file's code): not quoted
+        reason = "it holds more than weights and plain values" if "weights_only" in str(exc) else str(exc)
+        raise LcmapInputError(f"could not read ViT weights file {path} as a PyTorch checkpoint: {reason}") from None
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"model": {...}}, possibly nested
         if isinstance(obj, dict):
             inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)

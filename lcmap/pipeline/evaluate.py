@@ -42,7 +42,7 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
-from lcmap.geodata.io import Grid, LabelMosaic, check_not_an_input, open_raster, valid_mask
+from lcmap.geodata.io import Grid, LabelMosaic, check_not_an_input, check_raster_file, open_raster, valid_mask
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.cog import LEGEND_TAG
 from lcmap.pipeline.evaluate_report import REPORT_FILES, format_score, write_report
@@ -228,6 +228,7 @@ def evaluate_map(
         input_files = [str(map_path), *ref_mosaic.paths, *(base_mosaic.paths if base_mosaic is not None else [])]
         written = {name: Path(out_dir) / name for name in REPORT_FILES}
         check_not_an_input({"--out": Path(out_dir), **{f"--out's {n}": f for n, f in written.items()}}, input_files)
+        check_raster_file(map_path, "map")  # readable to its last block (not truncated)
         src = stack.enter_context(open_raster(map_path, "map"))
         legend = map_legend(src, map_path)
         class_names = ref_legend.target.names
@@ -413,7 +414,7 @@ def _count_scored_pixels(
             task = bar.add_task("Scoring (Mpx)", total=round(src.width * src.height / 1e6, 1))
             counts = count_pairs(
                 pairs // n_b, pairs % n_b, n + 1, n_b, row_area_m2,
-                on_block=lambda px: bar.advance(task, px / 1e6),
+                on_block=lambda px: bar.advance(task, px / 1e6), source=f"map {map_path}",
             )  # fmt: skip
     finally:
         ref_mosaics.close()

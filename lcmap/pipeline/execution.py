@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import rasterio
 import shapely
 import torch
@@ -41,6 +42,7 @@ from lcmap.geodata.datasets import HRImagery
 from lcmap.pipeline import mapfile
 from lcmap.pipeline.dask_security import scheduler_security
 from lcmap.pipeline.inference import PredictJob, WorkerState, load_worker_state, predict_group
+from lcmap.pipeline.run_lock import RunOver
 from lcmap.pipeline.runs import TrainedModel
 from lcmap.pipeline.tiling import Block, OutputGrid
 
@@ -100,15 +102,23 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def run_group(st: WorkerState, job: PredictJob, blocks: list[Block]) -> dict[str, Any]:
+def run_group(st: WorkerState, job: PredictJob, blocks: list[Block], owner: Any = None) -> dict[str, Any]:
     """Predict a group of blocks and write each block's file; returns small statistics
-    (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``)."""
+    (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``). ``owner``: the
+    run's :attr:`~lcmap.pipeline.run_lock.RunLock.owner`; once that run is over (its scheduler
+    lost, its process stopped), the task stops and writes no further block."""
     t0 = time.perf_counter()
     names, windows, forward = [], 0, 0.0
     # a fixed GDAL block cache (default: 5% of RAM), so that memory does not grow with the area read
     with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
         for block, codes, conf, stats in predict_group(st, job, blocks):
-            mapfile.write_block(mapfile.block_path(job.blocks_dir, block), job.grid, block, codes, conf)
+            path = mapfile.block_path(job.blocks_dir, block)
+            check = {"owner": owner} if owner is not None else {}  # synchronous: this process is the run
+            try:
+                mapfile.write_block(path, job.grid, block, codes, conf, **check)
+            except RunOver as exc:
+                log.info("%s; this task stops", exc)
+                break
             names.append(block.name)
             windows += stats["windows"]
             forward += stats["seconds_forward"]
@@ -142,13 +152,13 @@ class ModelPlugin(WorkerPlugin):
         self.state = None
 
 
-def _task(job: PredictJob, blocks: list[Block], name: str) -> dict[str, Any]:
+def _task(job: PredictJob, blocks: list[Block], name: str, owner: Any = None) -> dict[str, Any]:
     """The Dask task: this worker's plugin state, then :func:`run_group`."""
     plugin = get_worker().plugins.get(name)
     state = getattr(plugin, "state", None)
     if state is None:  # not registered here (yet)
         raise RuntimeError(f"worker plugin {name} is missing on {get_worker().address}")
-    return run_group(state, job, blocks)
+    return run_group(state, job, blocks, owner)
 
 
 # ------------------------------------------------------------------------------- progress
@@ -265,10 +275,13 @@ def run_synchronous(
 @contextmanager
 def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: int | None = None) -> Iterator[Any]:
     """A Dask client: ``scheduler`` None starts a quiet local cluster (no dashboard, Dask logs at
-    WARNING), else connects to that address (within 10 s).
+    WARNING), else connects to that address (within 10 s: Dask's connect timeout; :func:`predict_map
+    <lcmap.pipeline.predict.predict_map>` has checked with
+    :func:`~lcmap.pipeline.scheduler_check.check_scheduler` that a Dask scheduler answers there).
 
     Raises:
-        LcmapInputError: the scheduler cannot be reached, or ``cuda`` without a GPU worker.
+        LcmapInputError: the scheduler cannot be reached, the service there is not a Dask
+            scheduler, or ``cuda`` without a GPU worker.
     """
     gpu = job.device.startswith("cuda")
     cluster = None
@@ -292,8 +305,9 @@ def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: i
         else:
             security = scheduler_security(scheduler)  # tls:// from Dask's config; warns on remote tcp://
             try:
-                client = Client(scheduler, timeout="10s", security=security)
-            except (OSError, TimeoutError) as exc:
+                with dask.config.set({"distributed.comm.timeouts.connect": "10s"}):  # tls:// included
+                    client = Client(scheduler, timeout="10s", security=security)
+            except Exception as exc:  # OSError, TimeoutError; anything else a strange peer causes
                 raise LcmapInputError(
                     f"--scheduler {scheduler}: cannot connect to a Dask scheduler there ({type(exc).__name__}). "
                     "Start one with 'dask scheduler' (and workers with 'dask worker ADDRESS'), check the "
@@ -324,9 +338,11 @@ def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: i
 
 
 def run_distributed(
-    client: Any, job: PredictJob, todo: list[list[Block]], progress: Progress, counts: RunCounts
+    client: Any, job: PredictJob, todo: list[list[Block]], progress: Progress, counts: RunCounts, owner: Any = None
 ) -> None:
-    """Run the groups ``todo`` on ``client``'s cluster (local threads set ``job.torch_threads``).
+    """Run the groups ``todo`` on ``client``'s cluster (local threads set ``job.torch_threads``);
+    ``owner``: the run's :attr:`~lcmap.pipeline.run_lock.RunLock.owner` (tasks that outlive the
+    run write nothing; see :func:`run_group`).
 
     Raises:
         SchedulerLost: the scheduler went away or the connection broke mid-run.
@@ -346,7 +362,9 @@ def run_distributed(
             if group is None:
                 return False
             ac.add(
-                client.submit(_task, job, group, plugin.name, key=f"lcmap-{group[0].name}-{token}", pure=False, **extra)
+                client.submit(
+                    _task, job, group, plugin.name, owner, key=f"lcmap-{group[0].name}-{token}", pure=False, **extra
+                )
             )
             return True
 

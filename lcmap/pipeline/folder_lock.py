@@ -52,7 +52,8 @@ def hold_folder_lock(folder: Path, what: str, remove: bool = False) -> Iterator[
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            words = os.pread(fd, 64, 0).decode(errors="replace").split()  # pid (then a run's token)
+            pid = words[0] if words else "unknown"
             os.close(fd)
             raise OutputLockedError(
                 f"{what} is being written by another lcmap process (pid {pid}). Wait for it to finish, "

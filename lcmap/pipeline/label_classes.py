@@ -46,7 +46,11 @@ def _read_window_values(
 
 
 def scan_label_codes(
-    label_ds: Any, bounds: tuple[float, float, float, float] | None, crs: Any, max_pixels: int = 20_000_000
+    label_ds: Any,
+    bounds: tuple[float, float, float, float] | None,
+    crs: Any,
+    max_pixels: int = 20_000_000,
+    option: str | None = "--legend",
 ) -> dict[int, int]:
     """Check every label file's values (inside ``bounds``) against its legend, before training.
 
@@ -55,6 +59,7 @@ def scan_label_codes(
         bounds: ``(xmin, ymin, xmax, ymax)`` in ``crs`` of the area that will be used, or None.
         crs: CRS of ``bounds``.
         max_pixels: above this many pixels per file, the window is read decimated.
+        option: the command-line option that chose the legend, named when codes do not fit it.
 
     Returns:
         ``{legend index: pixel count}`` over the files (nodata left out).
@@ -70,7 +75,7 @@ def scan_label_codes(
         values, n = _read_window_values(path, bounds, crs, max_pixels)
         if values.size == 0:
             continue
-        idx = encode_labels(values, label_ds, source=path)  # raises UnknownLabelError
+        idx = encode_labels(values, label_ds, source=path, option=option)  # raises UnknownLabelError
         for i, c in zip(idx.tolist(), n.tolist(), strict=True):
             if i != IGNORE_INDEX:
                 counts[i] = counts.get(i, 0) + int(c)

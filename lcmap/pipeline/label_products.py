@@ -17,7 +17,7 @@ from lcmap.geodata.legends import IGNORE_INDEX, Legend, target_legend
 
 log = logging.getLogger("lcmap.train")
 
-__all__ = ["FusedLabels", "open_label_products"]
+__all__ = ["FusedLabels", "label_product_flag", "open_label_products"]
 
 
 @dataclass
@@ -40,6 +40,12 @@ class FusedLabels:
     label_counts: dict[int, int]
 
 
+def label_product_flag(product: dict[str, Any]) -> str:
+    """How the user chose ``product``'s legend: ``--label-product 'PATHS=LEGEND' (the legend after '=')``,
+    named when its codes do not fit that legend."""
+    return f"--label-product '{','.join(map(str, product['labels']))}={product['legend']}' (the legend after '=')"
+
+
 def open_label_products(
     products: list[dict[str, Any]], rule: str, bounds: tuple[float, float, float, float], crs: Any
 ) -> FusedLabels:
@@ -60,7 +66,7 @@ def open_label_products(
     for i, prod in enumerate(products):
         legend = get_legend(prod["legend"])
         ds = open_labels(prod["labels"], legend, what=f"label product {i + 1}")
-        found = scan_label_codes(ds, bounds, crs)
+        found = scan_label_codes(ds, bounds, crs, option=label_product_flag(prod))
         lut = legend.index_to_target_lut()
         for idx, n in found.items():
             t = int(lut[idx])

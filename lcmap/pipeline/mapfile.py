@@ -4,7 +4,9 @@
    ``MAP.tif.partial/.lock`` for the whole run, COG assembly included; a second run on the same
    ``--out`` is refused at once (:class:`~lcmap.errors.OutputLockedError`, with the owner's pid).
    The kernel releases the lock when the owner dies, even by SIGKILL. Dask workers write block
-   files into the folder without taking the lock: the driver process holds it for them.
+   files into the folder without taking the lock: the driver process holds it for them, and the
+   lock file holds the run's token while the run wants blocks (:mod:`lcmap.pipeline.run_lock`): a
+   task that outlives its run (scheduler lost, ``lcmap predict`` stopped or killed) writes no block.
 1. **Block files.** Each finished block is a small GeoTIFF ``MAP.tif.partial/blocks/rRRRRR_cCCCCC.tif``
    (band 1 class codes, band 2 confidence), written under a temporary name, read back and compared
    with the arrays written, then renamed (:func:`write_block`), and only then recorded as finished
@@ -32,7 +34,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from lcmap.geodata.remote import remote_identities
 from lcmap.pipeline import cog
 from lcmap.pipeline.folder_lock import LOCK_NAME, hold_folder_lock
 from lcmap.pipeline.inference import PredictJob
+from lcmap.pipeline.run_lock import RunLock, RunOver, check_run
 from lcmap.pipeline.tiling import CONFIDENCE_NODATA, Block, OutputGrid
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ __all__ = [
     "confidence_path",
     "block_path",
     "lock_partial",
+    "finished_blocks",
     "verify_block",
     "write_block",
     "fingerprint",
@@ -84,12 +88,15 @@ def confidence_path(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------ one writer
 @contextmanager
-def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
+def lock_partial(partial: Path, out: Path) -> Iterator[RunLock]:
     """Hold the OS lock on ``partial`` (``MAP.tif.partial``) while the body runs; the folder is created.
 
-    The lock (:func:`lcmap.pipeline.folder_lock.hold_folder_lock`: ``partial/.lock``, holding the
-    owner's pid) is released when the body ends or the process dies (SIGKILL included). It is
-    still held while the body removes ``partial`` after a finished map.
+    The lock (:func:`lcmap.pipeline.folder_lock.hold_folder_lock`: ``fcntl.flock`` on
+    ``partial/.lock``, opened without following a symlink, holding the owner's pid and the run's
+    token) is released when the body ends or the process dies (SIGKILL included). It is still held
+    while the body removes ``partial`` after a finished map. Block files are written only while the
+    token is there and the lock held (:func:`~lcmap.pipeline.run_lock.run_is_over`): the token is
+    removed when the body ends, however it ends, so no worker of this run writes a block after it.
 
     Raises:
         OutputLockedError: another process holds the lock (the message names ``out`` and its pid).
@@ -97,7 +104,20 @@ def lock_partial(partial: Path, out: Path) -> Iterator[Path]:
     """
     _check_partial_is_ours(partial)
     with hold_folder_lock(partial, str(out)) as lock:
-        yield lock
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)  # the token is written through it; the lock is the OS's
+        run_lock = RunLock(lock, fd)
+        try:
+            run_lock.claim()
+            yield run_lock
+        finally:
+            run_lock.revoke()  # no block of this run appears after it
+            os.close(fd)
+
+
+def finished_blocks(blocks_dir: str | Path, names: Iterable[str]) -> int:
+    """How many blocks of ``names`` have a file in ``blocks_dir`` recorded as finished (what a re-run resumes)."""
+    files = [Path(blocks_dir) / f"{name}.tif" for name in names]
+    return sum(1 for f in files if f.is_file() and _sidecar(f).is_file())
 
 
 def _check_partial_is_ours(partial: Path) -> None:
@@ -157,12 +177,16 @@ def block_path(blocks_dir: str | Path, block: Block) -> Path:
     return Path(blocks_dir) / f"{block.name}.tif"
 
 
-def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, conf: np.ndarray | None) -> Path:
+def write_block(
+    path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, conf: np.ndarray | None, owner: Any = None
+) -> Path:
     """Write one finished block atomically: band 1 ``codes`` (h, w), band 2 ``conf`` (h, w) if given,
-    both in ``codes``' dtype.
+    both in ``codes``' dtype. ``owner``: the run's :attr:`RunLock.owner` (None: no check); it appears only
+    while that run still wants it (checked just before the rename).
 
     Raises:
         DiskFullError: no space left (the temporary file is removed).
+        RunOver: the run ``owner`` has ended; nothing was written.
     """
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.tif")
     g = grid
@@ -180,6 +204,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
     if block.width >= 256 and block.height >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     bands = [codes] if conf is None else [codes, conf.astype(codes.dtype)]
+    check_run(owner, f"block {path.name}")
     sidecar = _sidecar(path)
     sidecar.unlink(missing_ok=True)
     try:
@@ -189,6 +214,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
                     dst.write(band, i)
             _read_back(tmp, bands)
         record = _file_record(tmp)
+        check_run(owner, f"block {path.name}")  # the block appears only while its run wants it
         os.replace(tmp, path)
         side_tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
         side_tmp.write_text(json.dumps(record))
@@ -196,7 +222,7 @@ def write_block(path: Path, grid: OutputGrid, block: Block, codes: np.ndarray, c
     except Exception as exc:
         if tmp.exists():
             tmp.unlink()
-        if is_enospc(exc, gdal_errors.messages, path.parent):
+        if not isinstance(exc, RunOver) and is_enospc(exc, gdal_errors.messages, path.parent):
             raise DiskFullError(f"No space left on device writing {path}") from exc
         raise
     return path

@@ -1,12 +1,19 @@
-"""Out-of-memory errors of training, turned into a message that says which option to change."""
+"""Training running out of memory or disk, turned into a message that says what to do: which option
+to change (memory), or to free space and resume or rerun (disk; a run folder this run created
+without a checkpoint is removed, one holding ``last.ckpt`` is kept for ``--resume``)."""
 
 from __future__ import annotations
 
+import errno
+import shutil
 from typing import Any
 
-from lcmap.errors import LcmapInputError
+from lcmap.errors import DiskFullError, LcmapInputError
 
-__all__ = ["raise_if_out_of_memory"]
+__all__ = ["raise_if_disk_full", "raise_if_out_of_memory"]
+
+#: A failed write with less than this free (bytes) in the run folder failed for want of space.
+_FULL_BELOW_BYTES = 1 << 20
 
 
 def raise_if_out_of_memory(exc: BaseException, config: Any, patch_px: int) -> None:
@@ -43,3 +50,37 @@ def raise_if_out_of_memory(exc: BaseException, config: Any, patch_px: int) -> No
         f"out of {where} with --batch-size {config.batch_size} and {patch_px} px patches "
         f"({config.model}): {hint}, or --precision bf16-mixed on a GPU"
     ) from exc
+
+
+def raise_if_disk_full(exc: BaseException, run: Any, created: Any) -> None:
+    """Raise :class:`DiskFullError` (from ``exc``) when training failed for want of disk space; else return.
+
+    A full disk is ENOSPC in ``exc``'s chain, or a write failure (``OSError``, or the ``RuntimeError``
+    torch raises when a checkpoint write fails) while under 1 MiB is free in the run folder. The
+    folder is then removed if this run created it (``created``: what :meth:`RunFolder.create
+    <lcmap.pipeline.runs.RunFolder.create>` returned) and it holds no checkpoint, so the same
+    command runs again; with a ``last.ckpt`` the message says how to resume.
+    """
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    if not full and isinstance(exc, (OSError, RuntimeError)):
+        folder = next((p for p in (run.path, *run.path.parents) if p.exists()), None)
+        try:
+            full = folder is not None and shutil.disk_usage(folder).free < _FULL_BELOW_BYTES
+        except OSError:
+            full = False
+    if not full:
+        return
+    run.remove_created(created)
+    step = run.saved_step()
+    if step is not None:
+        then = f"{run.last_ckpt} holds step {step}: free some space and continue with --resume"
+    else:
+        then = "no checkpoint was written; free some space and run the same command again"
+    name = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+    writing = f" (writing {name})" if name else ""
+    raise DiskFullError(f"the disk is full while training into {run.path}{writing}: {then}") from exc

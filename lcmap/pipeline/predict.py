@@ -37,6 +37,8 @@ from lcmap.geodata.aoi import AOI
 from lcmap.models.tta import tta_transforms
 from lcmap.pipeline import execution, mapfile, preview, stac
 from lcmap.pipeline.planning import plan_prediction
+from lcmap.pipeline.run_lock import check_not_locked
+from lcmap.pipeline.scheduler_check import check_scheduler
 from lcmap.pipeline.tiling import block_groups, group_shape
 
 __all__ = ["PredictResult", "predict_map"]
@@ -73,14 +75,6 @@ class PredictResult:
     def stats(self) -> dict[str, int | float]:
         """The run statistics (every field but the paths)."""
         return {k: v for k, v in asdict(self).items() if k not in ("path", "confidence_path")}
-
-
-# ------------------------------------------------------------------------------ planning
-def _blocks_on_disk(blocks_dir: Path) -> int:
-    try:
-        return sum(1 for _ in blocks_dir.glob("r*_c*.tif"))
-    except OSError:
-        return 0
 
 
 def predict_map(
@@ -177,6 +171,15 @@ def predict_map(
         Interrupted: Ctrl-C; the message says what was kept and how to resume.
     """
     t0 = time.perf_counter()
+    sched = None if scheduler in (None, "", "local") else str(scheduler)
+    if sched is not None and sched != "synchronous":
+        if "://" not in sched and ":" not in sched:
+            raise LcmapInputError(
+                f"--scheduler {scheduler!r}: give a Dask scheduler address (tcp://host:8786), 'synchronous', "
+                "or nothing for a local cluster"
+            )
+        check_scheduler(sched)  # in seconds, before the model and the imagery are read
+    check_not_locked(out)  # another run on --out: refused before anything is loaded
     plan = plan_prediction(
         model,
         images,
@@ -200,22 +203,24 @@ def predict_map(
     if devices is not None and devices < 1:
         raise LcmapInputError(f"--devices {devices}: must be at least 1")
     log.info("test-time augmentation (--tta): %s, %d transform(s) per window", tta, len(tta_transforms(tta)))
-    sched = None if scheduler in (None, "", "local") else str(scheduler)
-    if sched is not None and sched != "synchronous" and "://" not in sched and ":" not in sched:
-        raise LcmapInputError(
-            f"--scheduler {scheduler!r}: give a Dask scheduler address (tcp://host:8786), 'synchronous', "
-            "or nothing for a local cluster"
-        )
     job = plan.job
     blocks = plan.blocks()
     n_rows = max((b.row for b in blocks), default=0) + 1
     n_cols = max((b.col for b in blocks), default=0) + 1
     locked = contextlib.ExitStack()  # the partial folder's lock, held until the map is written
+    partial_existed = plan.partial.exists()
     with locked, contextlib.ExitStack() as stack:
+        # the lock first: a second run on the same --out is refused at once, not after a cluster
+        # started or a scheduler answered (25-40 s)
+        run_lock = locked.enter_context(mapfile.lock_partial(plan.partial, plan.out))
         client = None
-        if sched != "synchronous":  # connect first: an unreachable scheduler leaves nothing behind
-            client = stack.enter_context(execution.dask_client(sched, job, len(blocks), devices))
-        locked.enter_context(mapfile.lock_partial(plan.partial, plan.out))
+        if sched != "synchronous":
+            try:
+                client = stack.enter_context(execution.dask_client(sched, job, len(blocks), devices))
+            except BaseException:
+                if not partial_existed:  # an unreachable scheduler leaves nothing behind
+                    shutil.rmtree(plan.partial, ignore_errors=True)
+                raise
         done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
         todo_blocks = [b for b in blocks if b.name not in done]
         slots = max(1, sum(client.nthreads().values())) if client is not None else 1
@@ -241,9 +246,10 @@ def predict_map(
                     execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery)
                 else:
                     plan.model = plan.imagery = None  # the workers load their own; free this process's copy
-                    execution.run_distributed(client, job, todo, bar, counts)
+                    execution.run_distributed(client, job, todo, bar, counts, owner=run_lock.owner)
         except execution.SchedulerLost:
-            kept = len(blocks) - len(todo_blocks) + counts.blocks_run
+            run_lock.revoke()  # its workers may still be running: they write no further block
+            kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
             raise LcmapInputError(
                 f"the Dask scheduler {sched} went away (or the connection to it broke) while predicting; "
                 f"{kept} of {len(blocks)} blocks finished are kept in {plan.partial}. Start the scheduler "
@@ -252,8 +258,8 @@ def predict_map(
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
-            kept = len(blocks) - len(todo_blocks) + counts.blocks_run
-            kept = max(kept, _blocks_on_disk(Path(job.blocks_dir)))
+            run_lock.revoke()
+            kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
             raise Interrupted(
                 f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}. "
                 "Run the same command again to resume from there."

@@ -29,7 +29,10 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,14 +152,13 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
             (loading them could run arbitrary code); the message names the file and those objects.
         LcmapInputError: the file is missing, truncated or not a torch file.
     """
-    import pickle
-
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle file
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path)
+    except pickle.UnpicklingError as exc:  # torch's text advises turning weights_only off: never quoted
+        unsafe = _unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
         if unsafe:
             raise UnsafeCheckpointError(
                 f"{path} is not a plain checkpoint: it holds Python objects ({', '.join(unsafe[:5])}) that "
@@ -180,6 +182,11 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _unreadable(path: Path, exc: BaseException) -> LcmapInputError:
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):  # torch's text: "load it unsafely"
+        return LcmapInputError(
+            f"{path} is not a readable checkpoint: not an lcmap checkpoint, or truncated or corrupt; it cannot be "
+            "loaded safely as weights. Use another checkpoint from the run folder or train again."
+        )
     return LcmapInputError(
         f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}). "
         "It may be truncated: use another checkpoint from the run folder or train again."

@@ -78,6 +78,11 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
+    from lcmap.pipeline.label_products import label_product_flag
+    from lcmap.pipeline.oom import raise_if_disk_full
+
+    one = config.label_products[0] if len(config.label_products) == 1 else None  # trained as --labels/--legend
+    legend_flag = label_product_flag(one) if one is not None else "--legend"  # named when codes do not fit
     config, run = _prepare_config(config.single_product(), config_file)
     is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
@@ -95,7 +100,7 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
         ):
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
-            inputs = _open_inputs(config)
+            inputs = _open_inputs(config, legend_flag)
             config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
             if config.resume:
                 _check_resumed_checkpoint(run, config, inputs)
@@ -126,6 +131,9 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
         raise TrainingInterrupted(run.path, run.saved_step()) from None
     except LcmapInputError:
         run.remove_created(created)
+        raise
+    except Exception as exc:  # a full disk: one line; no folder left without a checkpoint
+        raise_if_disk_full(exc, run, created)
         raise
     finally:
         locked.close()
@@ -184,7 +192,7 @@ def _resume_config(config: TrainConfig, run: RunFolder) -> TrainConfig:
     return dataclasses.replace(saved, **changes, resume=True, out=config.out)
 
 
-def _open_inputs(config: TrainConfig) -> _Inputs:
+def _open_inputs(config: TrainConfig, legend_flag: str = "--legend") -> _Inputs:
     """Open the legend, imagery, labels, AOI and reference; check the label codes before any work."""
     import shapely
 
@@ -226,7 +234,7 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
     else:
         labels = open_labels(config.labels, legend)
         log.info("labels: %d file(s), legend %s (%d classes)", len(labels.files), legend.name, len(legend))
-        label_counts = scan_label_codes(labels, used_bounds, imagery.crs)
+        label_counts = scan_label_codes(labels, used_bounds, imagery.crs, option=legend_flag)
     if not label_counts:
         raise LcmapInputError(
             "the label files hold no class (only nodata) over the imagery and AOI: check --labels and the AOI"
@@ -239,7 +247,7 @@ def _open_inputs(config: TrainConfig) -> _Inputs:
             raise LcmapInputError("--reference needs --reference-legend (the legend of the reference's codes)")
         ref_legend = get_legend(config.reference_legend)
         ref_labels = open_labels(config.reference, ref_legend, what="reference")
-        scan_label_codes(ref_labels, used_bounds, imagery.crs)
+        scan_label_codes(ref_labels, used_bounds, imagery.crs, option="--reference-legend")
         log.info(
             "validation: mIoU over target classes vs the reference (%d file(s), legend %s)",
             len(ref_labels.files), ref_legend.name,

@@ -37,7 +37,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
 from lcmap.errors import LcmapInputError
-from lcmap.geodata.io import open_raster
+from lcmap.geodata.io import check_raster_file, open_raster
 from lcmap.pipeline.cog import LEGEND_TAG, read_category_names
 from lcmap.pipeline.evaluate import map_legend
 from lcmap.pipeline.zonal import (
@@ -184,7 +184,8 @@ def zone_stats(
     import xarray
 
     map_path = Path(map_path)
-    with open_raster(map_path, "map") as src:  # exists, readable, has a CRS: checked before the zones
+    check_raster_file(map_path, "map")  # exists, readable to its last block, has a CRS: before the zones
+    with open_raster(map_path, "map") as src:
         zones = read_zones(zones_path, field)
         if np.dtype(src.dtypes[0]) not in (np.dtype("uint8"), np.dtype("uint16")):
             raise LcmapInputError(f"map {map_path} is {src.dtypes[0]}; a class map is uint8 or uint16")
@@ -222,7 +223,9 @@ def zone_stats(
     ):
         # rasterize() on a georeferenced window from dask's threads sometimes warns "no geotransform"
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-        counts = count_pairs(zone_layers, class_index, n_zones + 1, n_cls + 2, row_area_m2, on_block=advance)
+        counts = count_pairs(
+            zone_layers, class_index, n_zones + 1, n_cls + 2, row_area_m2, on_block=advance, source=f"map {map_path}"
+        )
     unknown = int(counts.pixels[1:, n_cls].sum())
     if unknown:
         log.warning("%s: %d pixel(s) in the zones hold codes outside the map's legend; not counted", map_path, unknown)
