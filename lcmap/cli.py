@@ -98,7 +98,8 @@ def _run(fn, *args, **kwargs):
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=EXIT_INPUT) from None
     except Interrupted as exc:
-        console.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}")
+        if _rank_zero():  # DDP: rank 0 says what was kept
+            console.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     except OSError as exc:
         if exc.filename is None:
@@ -119,6 +120,15 @@ def _check_writable(path: Path, what: str) -> None:
         raise LcmapInputError(
             f"{what} {path}: {folder} cannot be written (read-only or no permission). Choose a folder you can write to."
         )
+
+
+def _rank_zero() -> bool:
+    """False in the other processes of a DDP training run (they run the same command; rank 0 reports)."""
+    if "lightning" not in sys.modules:
+        return True
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @app.callback()
@@ -146,7 +156,8 @@ def train(config_file: Path | None, given: dict) -> None:
     def go():
         cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
         run_dir = run_train(cfg.merged(**given), config_file=config_file)
-        console.print(f"[green]run written to[/] {run_dir}")
+        if _rank_zero():
+            console.print(f"[green]run written to[/] {run_dir}")
 
     _run(go)
 

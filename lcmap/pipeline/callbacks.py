@@ -3,6 +3,7 @@
 - :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside them, then renamed;
   read back (``--resume``) with weights-only loading (:func:`lcmap.pipeline.runs.load_checkpoint_file`).
 - :class:`SaveOnInterrupt`: Ctrl-C or SIGTERM saves ``last.ckpt`` (resumable with ``--resume``).
+- :class:`SigtermOnAllRanks`: under DDP, SIGTERM on any rank stops all ranks at the same batch.
 - :class:`PatchThroughput`: logs ``patches_per_s`` (training patches per second, all devices).
 - :class:`EpochSummary`: one readable log line per epoch; redraws ``loss.png``.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from lcmap.pipeline.runs import epoch_history, flatten_metrics, load_checkpoint_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointIO", "EpochSummary", "PatchThroughput", "SaveOnInterrupt"]
+__all__ = ["AtomicCheckpointIO", "EpochSummary", "PatchThroughput", "SaveOnInterrupt", "SigtermOnAllRanks"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,11 +75,49 @@ class SaveOnInterrupt(Callback):
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         try:
-            trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state, to resume from
+            if trainer.world_size > 1:
+                # DDP: rank 0 writes, without trainer.save_checkpoint's barrier (the other ranks may be
+                # stopped already, or waiting elsewhere); the others have nothing to write.
+                if not trainer.is_global_zero:
+                    return
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.save_checkpoint(checkpoint, str(self.path))
+            else:
+                trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state, to resume from
             self.saved_step = int(trainer.global_step)
             log.info("%s: saved %s at step %d", what, self.path, trainer.global_step)
         except Exception as exc:  # noqa: BLE001
             log.warning("%s: could not save %s (%s); the previous last.ckpt is kept", what, self.path, exc)
+
+
+class SigtermOnAllRanks(Callback):
+    """DDP: SIGTERM on any rank stops every rank before the same training batch (then
+    :class:`SaveOnInterrupt` saves ``last.ckpt`` on rank 0).
+
+    Lightning 2.6's own handler runs a collective broadcast inside the signal handler and signals the
+    other ranks again, which deadlocks when the scheduler signals every rank (as Slurm and Kubernetes
+    do). Here the handler only notes the signal; at the start of each training batch the ranks
+    all-reduce the note, and if any rank has it, all raise ``SIGTERMException`` there, together.
+    With one process Lightning's handling is kept (see :mod:`lcmap.pipeline.signals`).
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)  # Lightning restores the previous handler at teardown
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.world_size <= 1:
+            return
+        note = torch.tensor([1.0 if self.received else 0.0], device=pl_module.device)
+        if float(trainer.strategy.reduce(note, reduce_op="max")) > 0:
+            log.info("SIGTERM: stopping all %d processes", trainer.world_size)
+            raise SIGTERMException
 
 
 class PatchThroughput(Callback):

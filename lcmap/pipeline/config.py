@@ -42,6 +42,7 @@ DEFAULT_PATCH_PX = {"paraformer": 224, "paraformer-tiny": 128, "unet": 128}
 RESUME_MAY_CHANGE = (
     "epochs",
     "devices",
+    "num_nodes",
     "accelerator",
     "precision",
     "num_workers",
@@ -128,7 +129,12 @@ class TrainConfig:
     )  # fmt: skip
     devices: int | str = option(
         1, parse=v.devices, cli_type=str, metavar="N|auto",
-        help="Number of devices, or auto (all); several GPUs train with DDP.",
+        help="Devices (GPUs, or CPU processes) per machine, or auto (all GPUs); more than one trains with DDP, one "
+        "process per device (see the README: multi-GPU and multi-node training).",
+    )  # fmt: skip
+    num_nodes: int = option(
+        1, parse=v.whole, cli_type=int,
+        help="Machines (nodes) taking part in DDP training, each running the same command with --devices processes.",
     )  # fmt: skip
     accelerator: str = option("auto", parse=v.lower, cli_type=str, help="auto, cpu or gpu.")
     precision: str = option(
@@ -341,6 +347,8 @@ class TrainConfig:
             problems.append(f"--devices {self.devices!r}: a number or 'auto'")
         elif isinstance(self.devices, int) and self.devices < 1:
             problems.append("--devices must be >= 1")
+        if self.num_nodes < 1:
+            problems.append("--num-nodes must be >= 1")
         if problems:
             raise LcmapInputError("invalid training options: " + "; ".join(problems))
 

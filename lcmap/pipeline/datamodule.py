@@ -11,7 +11,8 @@
 
 Distributed training: TorchGeo samplers are not distributed-aware, so each rank draws its own
 ``ceil(patches / world_size)`` patches with a seed derived from (seed, epoch, rank), and takes every
-``world_size``-th validation window (the task sums the confusion matrices over ranks).
+``world_size``-th validation window (the task sums the confusion matrices over ranks: each window counts
+once).
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ class LandCoverDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_windows: list[tuple] = []
+        self._val_unscored = False  # this rank validates a window another rank scores (see val_dataloader)
 
     def setup(self, stage: str | None = None) -> None:
         """Pair imagery and labels (training, validation) and lay out the validation windows (once)."""
@@ -292,10 +294,12 @@ class LandCoverDataModule(pl.LightningDataModule):
         windows = self.val_windows
         if not windows:
             raise LcmapInputError("no validation window touches the AOI")
-        shard = windows[rank::world]
-        if len(shard) < math.ceil(len(windows) / world):  # keep shards equal for the collective reduce
-            shard = shard + windows[: math.ceil(len(windows) / world) - len(shard)]
-        return self._loader(self.datasets()[1], shard, self.val_batch_size)
+        shard = windows[rank::world]  # every window on exactly one rank: summed, each counts once
+        # Shards may differ by one window (the confusion matrices are summed once, at the epoch's
+        # end), but every rank must validate: one left without a window validates the first one
+        # unscored (its masks ignored in on_after_batch_transfer).
+        self._val_unscored = not shard
+        return self._loader(self.datasets()[1], shard or windows[:1], self.val_batch_size)
 
     # ------------------------------------------------------------- on-device transforms
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -304,6 +308,8 @@ class LandCoverDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if self.augment and trainer is not None and trainer.training:
             image, mask = dihedral_augment(image, mask)
+        if self._val_unscored and trainer is not None and not trainer.training:
+            mask = torch.full_like(mask, IGNORE_INDEX)
         valid = imagery_valid(image, self.nodata).unsqueeze(1) if self.nodata is not None else None
         image = (image - self.mean.to(image.device)) / self.std.to(image.device)
         if valid is not None:

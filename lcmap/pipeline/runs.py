@@ -295,6 +295,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _replace_with(path: Path, write: Any) -> None:
+    """``write(temporary path)`` beside ``path``, then rename it onto ``path``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 class RunFolder:
     """The files of one RUN_DIR (layout in the module docs): where each lives, how it is written and read.
 
@@ -377,11 +384,11 @@ class RunFolder:
 
     # -------------------------------------------------------- legend, normalisation, weights
     def write_legend(self, legend: Legend) -> None:
-        legend.to_yaml(self.legend_yaml)
+        _replace_with(self.legend_yaml, legend.to_yaml)
 
     def write_normalization(self, stats: Any) -> None:
         """Save a :class:`~lcmap.geodata.normalization.BandStats` (per-band mean/std, imagery units)."""
-        stats.to_json(self.normalization_json)
+        _replace_with(self.normalization_json, stats.to_json)  # other DDP ranks may be reading it (--resume)
 
     def read_normalization(self) -> Any:
         """The saved :class:`~lcmap.geodata.normalization.BandStats`, or None when absent."""

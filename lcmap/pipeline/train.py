@@ -4,13 +4,16 @@
 (layout and readers in :mod:`lcmap.pipeline.runs`) and returns its path. Its steps, in order:
 
 1. :func:`_prepare_config`: resume or refuse an existing run, check options, absolute paths;
+   then the Lightning trainer (:func:`lcmap.pipeline.trainer.build_trainer`): it knows this process's
+   rank, and only rank 0 of a DDP run creates RUN_DIR and writes into it (the other ranks run the
+   same steps on the same inputs, and write nothing);
 2. :func:`_open_inputs`: legend, imagery, labels (codes checked against the legend), AOI, reference;
 3. :func:`_check_resumed_checkpoint` (``--resume`` only): the checkpoint fits the inputs;
 4. :func:`_normalization`: per-band mean/std (kept from RUN_DIR when resuming);
 5. :func:`_datamodule`: the data module, set up, with the AOI checked for one patch;
 6. :func:`_class_weights`: CE class weights from sampled patches (kept from RUN_DIR when resuming);
 7. :func:`_write_run_record`: config, legend, normalisation into RUN_DIR;
-8. :func:`_task` and :func:`_trainer`: the Lightning module and trainer;
+8. :func:`_task`: the Lightning module;
 9. :func:`_fit`: training, with Ctrl-C, SIGTERM and out-of-memory turned into lcmap's errors.
 """
 
@@ -19,11 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ from lcmap.pipeline.config import RESUME_MAY_CHANGE, TrainConfig
 from lcmap.pipeline.folder_lock import hold_folder_lock
 from lcmap.pipeline.runs import RunFolder
 from lcmap.pipeline.signals import sigterm_as_interrupt
-from lcmap.pipeline.train_logging import run_logging
+from lcmap.pipeline.train_logging import lcmap_logging, lightning_logging
 
 log = logging.getLogger("lcmap.train")
 
@@ -76,53 +78,54 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
             checkpoint leaves no folder it created behind (a folder that existed before is kept).
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.utilities import rank_zero_only
 
     from lcmap.pipeline.label_products import label_product_flag
     from lcmap.pipeline.oom import raise_if_disk_full
+    from lcmap.pipeline.trainer import build_trainer, log_devices
 
     one = config.label_products[0] if len(config.label_products) == 1 else None  # trained as --labels/--legend
     legend_flag = label_product_flag(one) if one is not None else "--legend"  # named when codes do not fit
     config, run = _prepare_config(config.single_product(), config_file)
-    is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
-    created = run.create()
+    created: Path | None = None
     locked = contextlib.ExitStack()  # RUN_DIR's lock, as predict's (rank 0 holds it for the ranks)
-    if is_zero:
-        locked.enter_context(hold_folder_lock(run.path, f"run folder {run.path}", remove=True))
     t_start = time.perf_counter()
     try:
-        if is_zero and not config.resume:
-            _refuse_existing_run(run)  # a run that finished in the folder since the check
-        with (
-            sigterm_as_interrupt() as sigterm,
-            run_logging(run.train_log, is_zero),
-            asset_choice(config.stac_asset),  # STAC inputs: the asset to read
-        ):
-            pl.seed_everything(config.seed, workers=True, verbose=False)
-            log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
-            inputs = _open_inputs(config, legend_flag)
-            config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
-            if config.resume:
-                _check_resumed_checkpoint(run, config, inputs)
-            stats = _normalization(run, config, inputs)
-            datamodule = _datamodule(config, inputs, stats)
-            weights = _class_weights(run, config, inputs, datamodule, is_zero)
+        with sigterm_as_interrupt() as sigterm, lightning_logging():
+            # First, before anything is written: the trainer knows this process's rank (DDP, module
+            # lcmap.pipeline.trainer); only rank 0 creates RUN_DIR, locks it and writes into it.
+            trainer, best_cb = build_trainer(run, config)
+            is_zero = bool(trainer.is_global_zero)
             if is_zero:
-                _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
-            task = _task(config, inputs, stats, weights)
-            log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
-            trainer, best_cb = _trainer(run, config)
-            sigterm["fitting"] = True
-            _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
-            best = best_cb.best_model_score
-            log.info(
-                "done in %.0f s: %d steps; best val_miou %s -> %s; last -> %s",
-                time.perf_counter() - t_start,
-                trainer.global_step,
-                "n/a" if best is None else f"{float(best):.3f}",
-                run.best_ckpt,
-                run.last_ckpt,
-            )
+                created = run.create()
+                locked.enter_context(hold_folder_lock(run.path, f"run folder {run.path}", remove=True))
+                if not config.resume:
+                    _refuse_existing_run(run)  # a run that finished in the folder since the check
+            with lcmap_logging(run.train_log, is_zero), asset_choice(config.stac_asset):
+                pl.seed_everything(config.seed, workers=True, verbose=False)
+                log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
+                log_devices(trainer, config)
+                inputs = _open_inputs(config, legend_flag)
+                config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
+                if config.resume:
+                    _check_resumed_checkpoint(run, config, inputs)
+                stats = _normalization(run, config, inputs)
+                datamodule = _datamodule(config, inputs, stats)
+                weights = _class_weights(run, config, inputs, datamodule, is_zero)
+                if is_zero:
+                    _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
+                task = _task(config, inputs, stats, weights)
+                log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
+                sigterm["fitting"] = True
+                _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
+                best = best_cb.best_model_score
+                log.info(
+                    "done in %.0f s: %d steps; best val_miou %s -> %s; last -> %s",
+                    time.perf_counter() - t_start,
+                    trainer.global_step,
+                    "n/a" if best is None else f"{float(best):.3f}",
+                    run.best_ckpt,
+                    run.last_ckpt,
+                )
     except TrainingInterrupted:
         run.remove_created(created)
         raise
@@ -408,34 +411,6 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
     return task
 
 
-def _trainer(run: RunFolder, config: TrainConfig) -> tuple[Any, Any]:
-    """The Lightning trainer and its best-checkpoint callback."""
-    import lightning.pytorch as pl
-
-    from lcmap.pipeline.callbacks import AtomicCheckpointIO
-
-    accelerator, precision = _resolve_accelerator(config)
-    callbacks, best_cb = _callbacks(run, config)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=config.devices,
-        precision=cast(Any, precision),  # one of PRECISIONS, checked by TrainConfig
-        max_epochs=config.epochs,
-        logger=_loggers(run),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=False,
-        reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(10, config.steps_per_epoch // 3)),
-        default_root_dir=str(run.path),
-        enable_progress_bar=_show_progress_bar(config),
-        enable_model_summary=False,
-        deterministic=False,
-    )
-    return trainer, best_cb
-
-
 def _fit(trainer: Any, task: Any, datamodule: Any, run: RunFolder, config: TrainConfig, aoi_name: str,
          is_zero: bool) -> None:  # fmt: skip
     """``trainer.fit``; Ctrl-C -> TrainingInterrupted, out of memory -> LcmapInputError naming the options."""
@@ -478,67 +453,3 @@ def _interrupted(trainer: Any, run: RunFolder, is_zero: bool) -> TrainingInterru
 def _finish(run: RunFolder, is_zero: bool) -> None:
     if is_zero:
         run.write_metrics_and_plot()
-
-
-# ---------------------------------------------------------------------------- trainer parts
-def _resolve_accelerator(config: TrainConfig) -> tuple[str, str]:
-    import torch
-
-    accelerator = config.accelerator
-    has_gpu = torch.cuda.is_available()
-    if accelerator == "gpu" and not has_gpu:
-        raise LcmapInputError("--accelerator gpu: no CUDA GPU is available (use --accelerator cpu or auto)")
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and has_gpu)
-    precision = config.precision
-    if precision != "32" and not on_gpu:
-        log.warning("--precision %s is for GPUs only; training on the CPU in 32-bit", precision)
-        precision = "32"
-    if precision == "32":
-        precision = "32-true"
-    return ("gpu" if on_gpu else "cpu"), precision
-
-
-def _show_progress_bar(config: TrainConfig) -> bool:
-    """The progress bar redraws in place: only on a terminal (else EpochSummary's one line per epoch)."""
-    return bool(config.progress_bar) and sys.stdout.isatty()
-
-
-def _callbacks(run: RunFolder, config: TrainConfig) -> tuple[list, Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-
-    from lcmap.pipeline.callbacks import EpochSummary, PatchThroughput, SaveOnInterrupt
-
-    # Two callbacks: Lightning 2.6 refreshes a monitored callback's ``save_last`` copy only when the
-    # monitored score improves, so last.ckpt comes from an unmonitored one (saved every epoch, after
-    # the best one so that it carries the updated best score).
-    ckpt_cb = ModelCheckpoint(
-        dirpath=str(run.checkpoints), filename="best", monitor="val_miou", mode="max", save_top_k=1,
-        auto_insert_metric_name=False, enable_version_counter=False,
-    )  # fmt: skip
-    last_cb = ModelCheckpoint(
-        dirpath=str(run.checkpoints), filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-        auto_insert_metric_name=False, enable_version_counter=False,
-    )  # fmt: skip
-    callbacks: list = [
-        ckpt_cb,
-        last_cb,
-        SaveOnInterrupt(run.last_ckpt),
-        PatchThroughput(),
-        EpochSummary(run.path, config.epochs),
-    ]
-    if _show_progress_bar(config):
-        callbacks.append(RichProgressBar(leave=True))
-    return callbacks, ckpt_cb
-
-
-def _loggers(run: RunFolder) -> list:
-    import importlib.util
-
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers: list = [CSVLogger(save_dir=str(run.path), name="logs", flush_logs_every_n_steps=50)]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(
-            TensorBoardLogger(save_dir=str(run.path), name="logs", version=loggers[0].version, default_hp_metric=False)
-        )
-    return loggers

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_logging"]
+__all__ = ["lcmap_logging", "lightning_logging"]
 
 
 @contextlib.contextmanager
-def run_logging(log_path: Path, is_zero: bool) -> Iterator[None]:
-    """During a run: lcmap's log into RUN_DIR/train.log (rank 0), Lightning's lines once, its noise filtered."""
-    handlers = _setup_logging(log_path, is_zero)
+def lightning_logging() -> Iterator[None]:
+    """During a run: Lightning's lines once (not also through the root logger), its noise filtered."""
     lightning_console = _lightning_console_handlers()
     lightning_logger = logging.getLogger("lightning")
     for h in lightning_console:
@@ -27,7 +26,21 @@ def run_logging(log_path: Path, is_zero: bool) -> Iterator[None]:
     finally:
         for h in lightning_console:
             lightning_logger.addHandler(h)
-        lcmap_logger = logging.getLogger("lcmap")
+
+
+@contextlib.contextmanager
+def lcmap_logging(log_path: Path, is_zero: bool) -> Iterator[None]:
+    """During a run: lcmap's log into RUN_DIR/train.log on rank 0; the other ranks of a DDP run
+    (which run the same steps) print only warnings and errors, so each line appears once."""
+    lcmap_logger = logging.getLogger("lcmap")
+    handlers = _setup_logging(log_path, is_zero)
+    level = lcmap_logger.level
+    if not is_zero:
+        lcmap_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lcmap_logger.setLevel(level)
         for h in handlers:
             lcmap_logger.removeHandler(h)
             h.close()
@@ -70,12 +83,15 @@ def _setup_logging(log_path: Path, is_rank_zero: bool) -> list[logging.Handler]:
 
 
 class _QuietLightning(logging.Filter):
-    """Drops Lightning's advertising tip and known-harmless deprecation warnings during a run."""
+    """Drops Lightning's advertising tip, its device lines and known-harmless deprecation warnings during a run."""
 
     _LOGGER = "lightning.pytorch.utilities.rank_zero"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        # "GPU/TPU available" come when the trainer is built, before the run's first line; lcmap says
+        # the device it trains on after it (lcmap.pipeline.trainer.log_devices)
+        return "litlogger" not in message and not message.startswith(("GPU available:", "TPU available:"))
 
     def __enter__(self) -> _QuietLightning:
         import warnings
