@@ -15,7 +15,8 @@ from rasters import UTM17, fake_imagery, write_raster
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.datasets import LabelRaster, pair_imagery_labels
-from lcmap.geodata.io import Grid, LabelMosaic, check_raster_file, find_raster_files, imagery_valid, open_raster
+from lcmap.geodata.io import check_raster_file, find_raster_files, imagery_valid, open_raster
+from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import get_legend
 from lcmap.pipeline.demo import _read_target
 from lcmap.pipeline.evaluate import read_target_on_grid

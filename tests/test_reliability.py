@@ -57,7 +57,8 @@ import lcmap.pipeline.predict as P
 from lcmap.cli import app
 from lcmap.errors import DiskFullError, ImageryMismatchError, LcmapInputError, OutputLockedError
 from lcmap.geodata.datasets import open_imagery
-from lcmap.geodata.io import Grid, LabelMosaic, find_raster_files
+from lcmap.geodata.io import find_raster_files
+from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import UnknownLabelError, get_legend, target_legend
 from lcmap.geodata.normalization import BandStats, compute_band_stats
 from lcmap.models import build_model

@@ -10,7 +10,7 @@
 Inputs are found and checked by :mod:`lcmap.geodata.io` before TorchGeo sees them (TorchGeo silently
 skips unreadable files): files, folders, quoted globs, ``.txt`` lists; a missing, corrupt or
 truncated file, or one without a CRS, raises :class:`LcmapInputError` naming it. Label files are read
-through :class:`lcmap.geodata.io.LabelMosaic` (its overlap rule: the first file in sorted path order
+through :class:`lcmap.geodata.label_mosaic.LabelMosaic` (its overlap rule: the first file in sorted path order
 holding a label wins).
 """
 
@@ -35,14 +35,8 @@ from torchgeo.datasets import IntersectionDataset, RasterDataset
 from lcmap.compat import query_bounds
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import rasterize_aoi
-from lcmap.geodata.io import (
-    RASTER_SUFFIXES,
-    Grid,
-    LabelMosaic,
-    check_raster_file,
-    find_raster_files,
-    imagery_valid,
-)
+from lcmap.geodata.io import RASTER_SUFFIXES, check_raster_file, find_raster_files, imagery_valid
+from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
 
 __all__ = [
@@ -124,7 +118,7 @@ class HRImagery(_CheckedRaster):
 class LabelRaster(_CheckedRaster):
     """A land-cover raster (LR labels or HR reference): integer codes as a long ``mask``.
 
-    Files are read through a :class:`~lcmap.geodata.io.LabelMosaic`: where they overlap, the first
+    Files are read through a :class:`~lcmap.geodata.label_mosaic.LabelMosaic`: where they overlap, the first
     file in sorted path order holding a label wins (the rule every lcmap reader follows).
     """
 
@@ -154,7 +148,7 @@ class LabelRaster(_CheckedRaster):
 
         TorchGeo's own path warps a file to an intermediate grid at the file's resolution (e.g.
         30 m) and then resamples that to the query's (e.g. 1 m): the two steps can shift a class
-        edge by up to half a coarse pixel. :meth:`LabelMosaic.read <lcmap.geodata.io.LabelMosaic.read>`
+        edge by up to half a coarse pixel. :meth:`LabelMosaic.read <lcmap.geodata.label_mosaic.LabelMosaic.read>`
         warps each file onto the exact output grid: every 1 m pixel takes the label pixel under its
         centre; where files overlap, the first in sorted path order holding a label wins.
         Returns ``{"mask": int64 (H, W)}``; pixels without a label hold the fill (nodata) code.

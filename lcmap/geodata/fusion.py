@@ -1,7 +1,7 @@
 """Several label products fused into one training label, per 1 m pixel (SinoLC-1 style).
 
 Each product (its files and legend, in any CRS and resolution) is read onto the imagery grid by
-nearest neighbour (:meth:`lcmap.geodata.io.LabelMosaic.read_target`) and its codes mapped to their
+nearest neighbour (:meth:`lcmap.geodata.label_mosaic.LabelMosaic.read_target`) and its codes mapped to their
 TARGET class (the legend's ``target``). Per pixel, over the products that have a label there
 (nodata, or a class without a target, counts as "no label": the other products decide):
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lcmap.geodata.datasets import LabelRaster, _CheckedRaster
-from lcmap.geodata.io import Grid
+from lcmap.geodata.label_mosaic import Grid
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, LegendClass, TargetScheme
 
 __all__ = ["FUSION_RULES", "FusedLabelRaster", "fuse_targets", "fused_legend"]

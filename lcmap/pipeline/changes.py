@@ -5,7 +5,7 @@ low vegetation, built-up). The map (written by ``lcmap predict``; its codes' leg
 ``LCMAP_LEGEND`` tag) is read window by window on its own grid, so memory stays bounded whatever
 its size; the old product -- one file or several (a mosaic: the first file with a class wins), in
 any CRS and at any resolution -- is resampled nearest onto that grid
-(:class:`~lcmap.pipeline.evaluate.LabelMosaic`).
+(:class:`~lcmap.geodata.label_mosaic.LabelMosaic`).
 
 Codes of the change map (uint8): ``from_index * N + to_index + 1`` with N target classes and
 0-based indices in the target scheme's order (``from`` = old product, ``to`` = map); 0 = nodata
@@ -44,7 +44,8 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata import io
-from lcmap.geodata.io import Grid, LabelMosaic, open_raster
+from lcmap.geodata.io import open_raster
+from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import IGNORE_INDEX, MAP_NODATA, Legend, TargetScheme, get_legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.cog import LEGEND_TAG

@@ -227,10 +227,10 @@ def _print_summary(out: Path, m: dict) -> None:
 def _read_target(path: Path, legend_name: str | None, bounds, shape, crs: str | None = None) -> np.ndarray:
     """A raster's target-class codes (1..N, 0 nodata) on the grid of ``bounds`` (``xmin, ymin, xmax,
     ymax`` in ``crs``, default the sample's CRS) and ``shape`` ``(H, W)`` px; the raster may be in
-    any CRS (nearest neighbour, :class:`lcmap.geodata.io.LabelMosaic`)."""
+    any CRS (nearest neighbour, :class:`lcmap.geodata.label_mosaic.LabelMosaic`)."""
     from rasterio.transform import from_bounds
 
-    from lcmap.geodata.io import Grid, LabelMosaic
+    from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 
     no_label = (0,) if legend_name is None else get_legend(legend_name).nodata
     grid = Grid.of(

@@ -7,7 +7,7 @@ few blocks in memory whatever the map's size), which also gives the km² of each
 scored pixels (``area_km2``: map, reference, baseline). The reference -- one
 file or several (files, folders, quoted globs, ``.txt`` lists: :mod:`lcmap.geodata.io`) in any CRS
 and at any resolution -- is brought onto the map's grid by nearest neighbour through a
-:class:`~lcmap.geodata.io.LabelMosaic` (where files overlap, the first file in sorted path order
+:class:`~lcmap.geodata.label_mosaic.LabelMosaic` (where files overlap, the first file in sorted path order
 holding a label wins). Both are translated into the common target classes (reference codes through
 ``--reference-legend``, map codes through the map's legend tag, the default 4-class target codes 1-4
 if the tag is absent).
@@ -42,7 +42,8 @@ from rasterio.windows import Window
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import AOI, rasterize_aoi, resolve_aoi
-from lcmap.geodata.io import Grid, LabelMosaic, check_not_an_input, check_raster_file, open_raster, valid_mask
+from lcmap.geodata.io import check_not_an_input, check_raster_file, open_raster, valid_mask
+from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import IGNORE_INDEX, Legend, get_legend, target_legend
 from lcmap.pipeline.cog import LEGEND_TAG
 from lcmap.pipeline.evaluate_report import REPORT_FILES, format_score, write_report
