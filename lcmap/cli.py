@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +17,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from lcmap import __version__
-from lcmap.cli_options import LIST_HELP, REMOTE_HELP, ListOptionsGroup, command_from_options
+from lcmap.cli_options import (
+    LIST_HELP,
+    REMOTE_HELP,
+    ListOptionsGroup,
+    check_writable,
+    command_from_options,
+    is_rank_zero,
+)
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, Interrupted, LcmapInputError
 from lcmap.geodata.stac_inputs import ASSET_HELP, choose_asset
 from lcmap.pipeline.config import TrainConfig
@@ -98,7 +104,7 @@ def _run(fn, *args, **kwargs):
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(code=EXIT_INPUT) from None
     except Interrupted as exc:
-        if _rank_zero():  # DDP: rank 0 says what was kept
+        if is_rank_zero():  # DDP: rank 0 says what was kept
             console.print(f"[yellow]interrupted[/]{': ' + escape(str(exc)) if str(exc) else ''}")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     except OSError as exc:
@@ -108,27 +114,6 @@ def _run(fn, *args, **kwargs):
         said = escape(f"{exc.filename}: {exc.strerror or exc}. {fix.capitalize()} and run again.")
         console.print(f"[bold red]error:[/] {said}")
         raise typer.Exit(code=EXIT_INPUT) from None
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be
-    written: read-only, immutable, or no permission."""
-    folder = path if path.is_dir() else path.parent
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        raise LcmapInputError(
-            f"{what} {path}: {folder} cannot be written (read-only or no permission). Choose a folder you can write to."
-        )
-
-
-def _rank_zero() -> bool:
-    """False in the other processes of a DDP training run (they run the same command; rank 0 reports)."""
-    if "lightning" not in sys.modules:
-        return True
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @app.callback()
@@ -156,7 +141,7 @@ def train(config_file: Path | None, given: dict) -> None:
     def go():
         cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
         run_dir = run_train(cfg.merged(**given), config_file=config_file)
-        if _rank_zero():
+        if is_rank_zero():
             console.print(f"[green]run written to[/] {run_dir}")
 
     _run(go)
@@ -314,7 +299,7 @@ def evaluate(
     def go():
         if baseline and not baseline_legend:
             raise LcmapInputError("--baseline needs --baseline-legend")
-        _check_writable(out, "--out")
+        check_writable(out, "--out")
         metrics = evaluate_map(
             map_path,
             reference,
@@ -403,7 +388,7 @@ def stats(
             raise LcmapInputError(f"--block-px must be a positive number of pixels, got {block_px}")
         outputs = {"--out": out, "--out's stats.csv": out / "stats.csv", "--out's stats.gpkg": out / "stats.gpkg"}
         check_not_an_input(outputs, [map_path, zones])
-        _check_writable(out, "--out")
+        check_writable(out, "--out")
         result, zone_frame = zone_stats(map_path, zones, field, block_px=block_px, progress=True)
         csv_path, gpkg_path = write_stats(result, zone_frame, out)
         console.print(
@@ -469,7 +454,7 @@ def changes(
     """Map from -> to transitions on the target classes between an older product and a new map."""
     from lcmap.pipeline.changes import map_changes
 
-    _run(_check_writable, out, "--out")
+    _run(check_writable, out, "--out")
     result = _run(map_changes, map_path, old, old_legend, out, map_legend_override=map_legend, block_px=block_px)
     changed = sum(t.km2 for t in result.transitions if t.changed)
     total = sum(t.km2 for t in result.transitions)
@@ -502,7 +487,7 @@ def stac(
     """Write the STAC Item (MAP.stac.json) of an existing map: footprint, projection, classes, assets."""
     from lcmap.pipeline.stac import write_stac_item
 
-    _run(_check_writable, map_path.with_name(map_path.stem + ".stac.json"), "the STAC Item")
+    _run(check_writable, map_path.with_name(map_path.stem + ".stac.json"), "the STAC Item")
     path = _run(write_stac_item, map_path, imagery_datetime=imagery_datetime, reports=report or ())
     console.print(f"[green]STAC Item written to[/] {path}")
 

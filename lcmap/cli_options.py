@@ -6,13 +6,17 @@ given on the command line (click's parameter source), so a flag's default never 
 config file.
 
 It also holds the command line's one convention for lists: every raster list option accepts
-several values after one flag as well as the flag repeated (:class:`ListOptionsGroup`).
+several values after one flag as well as the flag repeated (:class:`ListOptionsGroup`), and the
+commands' shared checks: an output folder that can be written (:func:`check_writable`, before any
+work) and which process of a DDP run speaks (:func:`is_rank_zero`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -20,7 +24,11 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from lcmap.errors import LcmapInputError
+
 __all__ = [
+    "check_writable",
+    "is_rank_zero",
     "LIST_HELP",
     "LIST_OPTIONS",
     "REMOTE_HELP",
@@ -154,3 +162,24 @@ def command_from_options(cls: type, config_help: str) -> Callable[[Callable[...,
         return command
 
     return decorator
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be
+    written: read-only, immutable, or no permission."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise LcmapInputError(
+            f"{what} {path}: {folder} cannot be written (read-only or no permission). Choose a folder you can write to."
+        )
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a DDP training run (they run the same command; rank 0 reports)."""
+    if "lightning" not in sys.modules:
+        return True
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0

@@ -23,7 +23,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lcmap.pipeline.runs import epoch_history, flatten_metrics, load_checkpoint_file, plot_history
+from lcmap.pipeline.run_metrics import epoch_history, flatten_metrics, plot_history
+from lcmap.pipeline.runs import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
