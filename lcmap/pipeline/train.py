@@ -74,6 +74,8 @@ def run_train(config: TrainConfig) -> Path:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities import rank_zero_only
 
+    from lcmap.pipeline.label_prior import prior_training
+
     config, run = _prepare_config(config.single_product())
     is_zero = getattr(rank_zero_only, "rank", 0) == 0  # set by Lightning on the function object
     created = run.create()
@@ -83,6 +85,9 @@ def run_train(config: TrainConfig) -> Path:
             pl.seed_everything(config.seed, workers=True, verbose=False)
             log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
             inputs = _open_inputs(config)
+            prior = prior_training(config.label_loss, inputs.legend, config.prior_blur_m, inputs.imagery.res[0])
+            if prior is not None:  # a prior loss: target classes; the compositions replace the mixed classes
+                inputs.net_legend, inputs.allowed, inputs.mixed = prior.net_legend, None, {}
             config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
             if config.resume:
                 _check_resumed_checkpoint(run, config, inputs)
@@ -91,7 +96,9 @@ def run_train(config: TrainConfig) -> Path:
             weights = _class_weights(run, config, inputs, datamodule, is_zero)
             if is_zero:
                 _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
-            task = _task(config, inputs, stats, weights)
+                if prior is not None:
+                    run.write_composition(prior.record)
+            task = _task(config, inputs, stats, weights, prior.task_args if prior is not None else {})
             log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
             trainer, best_cb = _trainer(run, config)
             sigterm["fitting"] = True
@@ -330,8 +337,9 @@ def _write_run_record(run: RunFolder, config: TrainConfig, legend: Any, stats: A
     run.write_normalization(stats)
 
 
-def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float] | None) -> Any:
-    """The Lightning module (builds the network: consumes the seeded torch RNG)."""
+def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float] | None, prior_args: dict) -> Any:
+    """The Lightning module (builds the network: consumes the seeded torch RNG); ``prior_args``: the
+    prior losses' arguments (:class:`~lcmap.pipeline.label_prior.PriorTraining`)."""
     from lcmap.pipeline.task import LandCoverTask
 
     legend = inputs.net_legend or inputs.legend  # the network's classes
@@ -364,6 +372,7 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
         val_source="reference" if inputs.ref_legend is not None else "labels",
         config=config.to_dict(),
         val_tta=config.val_tta,
+        **({"label_loss": config.label_loss} | prior_args),
     )
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
