@@ -173,3 +173,18 @@ def test_a_prior_loss_run_predicts_target_classes_and_records_its_compositions(t
     assert saved["legend"] == "nlcd" and saved["label_loss"] == "prior-plat"
     assert TrainConfig.from_yaml(run / "config.yaml").mixed_classes == {}  # the compositions replace them
     assert "plat_kept" in (run / "metrics.csv").read_text()
+
+
+def test_label_loss_options_are_checked() -> None:
+    from lcmap.pipeline.config import TrainConfig
+
+    base = TrainConfig(images=["i.tif"], labels=["l.tif"], out="run")
+    base.merged(label_loss="prior-plat", prior_blur_m="30").check()  # fine
+    for flags, message in (
+        ({"label_loss": "dice"}, "--label-loss 'dice': choose one of plat, ce, prior, prior-plat, lsr, qr"),
+        ({"label_loss": "prior", "prior_blur_m": -1}, "--prior-blur-m must be >= 0"),
+        ({"label_loss": "prior", "mixed_classes": "21=built-up,low vegetation"}, "--mixed-class has no effect"),
+    ):
+        with pytest.raises(LcmapInputError, match=message):
+            base.merged(**flags).check()
+    base.merged(label_loss="plat", mixed_classes="21=built-up,low vegetation").check()  # today's use stays

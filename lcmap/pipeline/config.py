@@ -336,6 +336,11 @@ class TrainConfig:
                 problems.append(f"{self.flag_of(name)} must be >= 1")
         if self.num_workers < 0:
             problems.append("--num-workers must be >= 0")
+        if self.label_loss in PRIOR_LOSSES and self.mixed_classes and not self.resume:
+            problems.append(
+                f"--mixed-class has no effect with {self.flag_of('label_loss')} {self.label_loss} (it trains on the "
+                "compositions): give the class a composition in a YAML legend instead"
+            )
         if not self.prior_blur_m >= 0:
             problems.append(f"{self.flag_of('prior_blur_m')} must be >= 0 (metres)")
         if self.lr is not None and not self.lr > 0:
