@@ -242,5 +242,8 @@ def test_task_with_a_prior_loss_predicts_the_target_classes() -> None:
     losses = task.compute_loss(out, y)
     assert torch.isfinite(losses["loss"])
     assert task.hparams["composition"][NLCD.codes.index(21)] == pytest.approx(table.mean[NLCD.codes.index(21)].tolist())
+    # validated against the LR labels (no reference): their NLCD indices are read in the NLCD legend
+    assert task.mask_to_target[NLCD.codes.index(41)].item() == NLCD.target.index_of("tree canopy")
+    assert task.mask_to_target[NLCD.codes.index(12)].item() == I
     with pytest.raises(ValueError, match="composition table"):
         LandCoverTask("unet", 4, target_legend().to_dict(), [0.0] * 4, [1.0] * 4, label_loss="prior")

@@ -144,7 +144,9 @@ class LandCoverTask(pl.LightningModule):
         self.register_buffer("allowed", allowed, persistent=False)
         # LR legend index -> target index, len(target) where untargeted (summed probabilities).
         self.register_buffer("target_group", torch.from_numpy(self.legend.index_to_target_group()), persistent=False)
-        val = Legend.from_dict(val_legend) if val_legend is not None else self.legend
+        # the validation masks: the reference's codes, else the LR labels (in the LR legend: with a prior
+        # loss, not the network's legend)
+        val = Legend.from_dict(val_legend or label_legend) if (val_legend or label_legend) else self.legend
         self.register_buffer(
             "mask_to_target",
             torch.from_numpy(val.index_to_target_lut().astype(np.int64)),
