@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from lcmap.errors import LcmapInputError
+from lcmap.geodata.compositions import BUILTIN_COMPOSITIONS, Composition, class_composition
 from lcmap.geodata.yaml_files import read_yaml
 
 #: Label value ignored by the loss and by the metrics (nodata, outside the AOI).
@@ -118,13 +119,15 @@ DEFAULT_TARGET = TargetScheme(
 class LegendClass:
     """One class of a legend: raster ``code``, ``name``, RGB ``color``, ``target`` class name and,
     for a class that is a mixture at 1 m by its definition, the target classes it may hold
-    (``mixed``; empty for a pure class)."""
+    (``mixed``; empty for a pure class), and what it holds at 1 m where known (``composition``,
+    :mod:`lcmap.geodata.compositions`)."""
 
     code: int
     name: str
     color: tuple[int, int, int]
     target: str | None
     mixed: tuple[str, ...] = ()
+    composition: Composition | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ class Legend:
         for c in self.classes:
             if c.target is not None:
                 self.target.index_of(c.target)  # raises KeyError naming the scheme
-            for name in c.mixed:
+            for name in (*c.mixed, *(c.composition.names if c.composition else ())):
                 self.target.index_of(name)
 
     # ------------------------------------------------------------------ basics
@@ -271,6 +274,7 @@ class Legend:
             "classes": [
                 {"code": c.code, "name": c.name, "color": _rgb_to_hex(c.color), "target": c.target}
                 | ({"mixed": list(c.mixed)} if c.mixed else {})
+                | ({"composition": c.composition.to_dict()} if c.composition else {})
                 for c in self.classes
             ],
         }
@@ -294,6 +298,7 @@ class Legend:
                     color=_hex_to_rgb(c.get("color", "#808080")),
                     target=(None if c.get("target") in (None, "", "none", "ignore") else str(c["target"])),
                     mixed=_mixed_names(c.get("mixed")),
+                    composition=class_composition(c, target.names, source),
                 )
                 for c in data["classes"]
             )
@@ -305,7 +310,8 @@ class Legend:
                 f"{source}: not a valid legend ({exc}). Expected keys: name, nodata, classes: "
                 "[{code, name, color '#rrggbb', target}] with targets among "
                 f"{', '.join(DEFAULT_TARGET.names)} (or null to ignore), and optionally mixed: "
-                "[target, ...] for a class that is a mixture of target classes at 1 m."
+                "[target, ...] for a class that is a mixture of target classes at 1 m, and composition: "
+                "{target: fraction, ...} for what it holds at 1 m."
             ) from exc
 
     @classmethod
@@ -329,12 +335,15 @@ def _mixed_names(value: Any) -> tuple[str, ...]:
 
 
 def _legend(name: str, nodata: tuple[int, ...], rows: list[tuple]) -> Legend:
-    """A legend from rows ``(code, name, colour, target)`` or ``(code, name, colour, target, mixed)``."""
+    """A legend from rows ``(code, name, colour, target)`` or ``(code, name, colour, target, mixed)``;
+    compositions from :data:`~lcmap.geodata.compositions.BUILTIN_COMPOSITIONS`."""
+    comps = BUILTIN_COMPOSITIONS.get(name, {})
     return Legend(
         name=name,
         nodata=nodata,
         classes=tuple(
-            LegendClass(r[0], r[1], _hex_to_rgb(r[2]), r[3], tuple(r[4]) if len(r) > 4 else ()) for r in rows
+            LegendClass(r[0], r[1], _hex_to_rgb(r[2]), r[3], tuple(r[4]) if len(r) > 4 else (), comps.get(r[0]))
+            for r in rows
         ),
     )
 

@@ -33,6 +33,10 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd")
 CLASS_WEIGHTINGS = ("inv_sqrt_freq", "inv_freq", "none")
 LABEL_FUSIONS = ("partial", "agree", "first")
+#: ``--label-loss`` losses that train on the LR classes' compositions (:mod:`lcmap.pipeline.losses`).
+PRIOR_LOSSES = ("prior", "prior-plat", "lsr", "qr")
+#: Every ``--label-loss``, today's default first.
+LABEL_LOSSES = ("plat", "ce", *PRIOR_LOSSES)
 
 #: Default peak learning rate per optimiser (used when ``lr`` is not given).
 DEFAULT_LR = {"adamw": 2e-3, "sgd": 0.01}
@@ -175,6 +179,21 @@ class TrainConfig:
         "low vegetation); --no-default-mixed trains every class as a plain label except those given with "
         "--mixed-class. RUN_DIR/config.yaml records the mixed classes used.",
     )  # fmt: skip
+    label_loss: str = option(
+        "plat", parse=v.lower, cli_type=str,
+        help="Training loss: plat (default: Paraformer's pseudo-label-assisted training on the LR classes), ce "
+        "(cross-entropy on the LR classes, every head), or a loss on what each LR class holds at 1 m (its "
+        "composition in the legend, e.g. NLCD 21 = 42 % tree canopy, 46 % low vegetation, 11 % built-up; the "
+        "network then predicts the target classes): prior (cross-entropy against the composition as a soft "
+        "target), prior-plat (prior on head 1, head 2 on head 1's posterior under the prior), lsr (label "
+        "super-resolution: the predicted class mix per LR class and patch vs the composition's mean +- sigma) "
+        "or qr (implicit-posterior loss). RUN_DIR/composition.json records the compositions used.",
+    )  # fmt: skip
+    prior_blur_m: float = option(
+        0.0, parse=float, cli_type=float, metavar="METRES",
+        help="Prior losses: standard deviation, in metres, of a Gaussian blur of the prior over neighbouring "
+        "LR cells (0: none; e.g. 30 for NLCD).",
+    )  # fmt: skip
     vit_weights: str | None = option(
         None, parse=v.text, cli_type=str, metavar="PATH",
         help="Local pretrained ViT weights (timm .pth/.safetensors or Google ImageNet-21k .npz). "
@@ -313,6 +332,7 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("class_weighting", CLASS_WEIGHTINGS),
             ("label_fusion", LABEL_FUSIONS),
+            ("label_loss", LABEL_LOSSES),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{self.flag_of(name)} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -329,6 +349,13 @@ class TrainConfig:
                 problems.append(f"{self.flag_of(name)} must be >= 1")
         if self.num_workers < 0:
             problems.append("--num-workers must be >= 0")
+        if self.label_loss in PRIOR_LOSSES and self.mixed_classes and not self.resume:
+            problems.append(
+                f"--mixed-class has no effect with {self.flag_of('label_loss')} {self.label_loss} (it trains on the "
+                "compositions): give the class a composition in a YAML legend instead"
+            )
+        if not self.prior_blur_m >= 0:
+            problems.append(f"{self.flag_of('prior_blur_m')} must be >= 0 (metres)")
         if self.lr is not None and not self.lr > 0:
             problems.append("--lr must be > 0")
         if self.bbox is not None and len(self.bbox) != 4:

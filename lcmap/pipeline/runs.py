@@ -7,6 +7,7 @@ This module is the one owner of the RUN_DIR layout (:class:`RunFolder` writes an
       legend.yaml              the LR legend the network predicts (its class order = output channels)
       normalization.json       per-band mean and std of the imagery (digital numbers)
       class_weights.json       CE class weights (and the label frequencies they come from)
+      composition.json         prior losses only: each LR class's composition used, the loss, the blur
       checkpoints/last.ckpt    Lightning checkpoint, written every epoch and on Ctrl-C or SIGTERM
       checkpoints/best.ckpt    best validation mIoU (vs the reference, else vs the LR labels);
                                ``lcmap predict --model RUN_DIR`` uses it only when validated
@@ -314,6 +315,7 @@ class RunFolder:
         self.legend_yaml = self.path / "legend.yaml"
         self.normalization_json = self.path / "normalization.json"
         self.class_weights_json = self.path / "class_weights.json"
+        self.composition_json = self.path / "composition.json"
         self.checkpoints = self.path / "checkpoints"
         self.last_ckpt = self.checkpoints / "last.ckpt"
         self.best_ckpt = self.checkpoints / "best.ckpt"
@@ -398,6 +400,10 @@ class RunFolder:
     def write_class_weights(self, record: dict[str, Any]) -> None:
         """Save the class-weight record (:func:`lcmap.pipeline.class_weights.class_weights_record`)."""
         atomic_write_text(self.class_weights_json, json.dumps(record, indent=1))
+
+    def write_composition(self, record: dict[str, Any]) -> None:
+        """Save the compositions a prior loss trains on (:class:`lcmap.pipeline.label_prior.PriorTraining`)."""
+        atomic_write_text(self.composition_json, json.dumps(record, indent=1))
 
     def read_class_weights(self) -> dict[str, Any] | None:
         """The saved class-weight record, or None when absent or unreadable."""

@@ -1,9 +1,12 @@
-"""The Lightning module that trains a network on LR labels: PLAT for Paraformer, plain CE for U-Net.
+"""The Lightning module that trains a network on LR labels: PLAT for Paraformer, plain CE for U-Net, or
+a loss on the LR classes' compositions (``--label-loss``).
 
 The losses are in :mod:`lcmap.pipeline.losses`, the class weights in :mod:`lcmap.pipeline.class_weights`,
 the callbacks in :mod:`lcmap.pipeline.callbacks`.
 
-The network predicts the LR legend's classes; validation takes the target class of highest summed
+The network predicts the LR legend's classes (``plat``, ``ce``), or the target classes (prior losses:
+its legend is then the target legend, and the LR legend with its compositions is recorded as
+``label_legend``); validation takes the target class of highest summed
 LR-class probability (as ``lcmap predict``) and scores it against the validation mask (the HR reference, or
 the LR labels themselves when no reference is given), both in target classes: a torchmetrics
 ``MulticlassConfusionMatrix`` summed over the devices.
@@ -26,7 +29,7 @@ from lcmap.geodata.legends import IGNORE_INDEX, Legend
 from lcmap.models import build_model, sum_probabilities
 from lcmap.models.context import predict_proba_valid
 from lcmap.models.tta import predict_proba_tta
-from lcmap.pipeline.losses import plat_loss, weighted_ce
+from lcmap.pipeline.losses import PRIOR_LOSSES, PriorSpec, label_loss
 from lcmap.pipeline.metrics import scores_from_confusion
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,12 @@ class LandCoverTask(pl.LightningModule):
             values that are sets of classes (then ``class_weights`` has one weight per row).
         val_tta: test-time augmentation of the validation windows (:mod:`lcmap.models.tta`):
             ``none``, ``flips`` or ``d4``, as ``lcmap predict --tta``.
+        label_loss: the loss (:data:`lcmap.pipeline.config.LABEL_LOSSES`).
+        composition: prior losses: the composition table ``(K, T)`` (per LR label value, the mean
+            fraction of each target class; :func:`lcmap.geodata.compositions.composition_table`).
+        composition_sigma: its spreads ``(K, T)``.
+        prior_blur_px: blur of the prior (pixels; 0: none).
+        label_legend: prior losses: the LR legend (with its compositions) as a dict, for the record.
     """
 
     # buffers (registered in __init__; declared here for the type checker)
@@ -94,14 +103,32 @@ class LandCoverTask(pl.LightningModule):
         allowed_classes: Sequence[Sequence[int]] | None = None,
         imagery_range: dict[str, Any] | None = None,
         val_tta: str = "none",
+        label_loss: str = "plat",
+        composition: Sequence[Sequence[float]] | None = None,
+        composition_sigma: Sequence[Sequence[float]] | None = None,
+        prior_blur_px: float = 0.0,
+        label_legend: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.legend = Legend.from_dict(legend)
         self.model = build_model(model_name, in_channels, len(self.legend), vit_weights=vit_weights)
         k = len(self.legend)
-        # label values: the legend's classes, or more with fused label products (sets of classes)
+        self.prior: PriorSpec | None = None
+        if label_loss in PRIOR_LOSSES:
+            if composition is None:
+                raise ValueError(f"label loss {label_loss!r} needs a composition table")
+            mean = torch.tensor(composition, dtype=torch.float32)
+            sigma = torch.tensor(composition_sigma, dtype=torch.float32) if composition_sigma is not None else None
+            if mean.ndim != 2 or mean.shape[1] != k or (sigma is not None and sigma.shape != mean.shape):
+                raise ValueError(f"the composition table must be (label classes, {k} target classes)")
+            self.prior = PriorSpec(mean, sigma if sigma is not None else torch.zeros_like(mean), float(prior_blur_px))
+            allowed_classes = None  # the compositions replace the mixed classes
+        # label values: the legend's classes, or more with fused label products (sets of classes) or
+        # with a prior loss (the LR classes, the network predicting the target classes)
         n_labels = k if allowed_classes is None else len(allowed_classes)
+        if self.prior is not None:
+            n_labels = self.prior.mean.shape[0]
         weights = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32)
         if weights is not None and weights.numel() != n_labels:
             raise ValueError(f"{weights.numel()} class weights for {n_labels} label classes")
@@ -118,7 +145,10 @@ class LandCoverTask(pl.LightningModule):
         self.register_buffer("allowed", allowed, persistent=False)
         # LR legend index -> target index, len(target) where untargeted (summed probabilities).
         self.register_buffer("target_group", torch.from_numpy(self.legend.index_to_target_group()), persistent=False)
-        val = Legend.from_dict(val_legend) if val_legend is not None else self.legend
+        # the validation masks: the reference's codes, else the LR labels (in the LR legend: with a prior
+        # loss, not the network's legend)
+        val_dict = val_legend or label_legend
+        val = Legend.from_dict(val_dict) if val_dict else self.legend
         self.register_buffer(
             "mask_to_target",
             torch.from_numpy(val.index_to_target_lut().astype(np.int64)),
@@ -133,14 +163,10 @@ class LandCoverTask(pl.LightningModule):
         return self.model(x)
 
     def compute_loss(self, outputs: list[Tensor], target: Tensor) -> dict[str, Tensor]:
-        """Losses for the network's outputs: PLAT for two heads, weighted CE for one."""
-        if len(outputs) == 2:
-            total, ce, mce, kept = plat_loss(outputs[0], outputs[1], target, self.class_weights, self.allowed)
-            return {"loss": total, "loss_ce": ce, "loss_mce": mce, "plat_kept": kept}
-        if len(outputs) != 1:
-            raise ValueError(f"expected 1 or 2 heads, got {len(outputs)}")
-        ce = weighted_ce(outputs[0], target, self.class_weights, self.allowed)
-        return {"loss": ce, "loss_ce": ce}
+        """Losses for the network's outputs (:func:`lcmap.pipeline.losses.label_loss`): by default PLAT
+        for two heads, weighted CE for one."""
+        kind = self.hparams.get("label_loss", "plat")
+        return label_loss(kind, outputs, target, self.class_weights, self.allowed, self.prior)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["mask"]

@@ -79,6 +79,7 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
     """
     import lightning.pytorch as pl
 
+    from lcmap.pipeline.label_prior import prior_training
     from lcmap.pipeline.label_products import label_product_flag
     from lcmap.pipeline.oom import raise_if_disk_full
     from lcmap.pipeline.trainer import build_trainer, log_devices
@@ -105,6 +106,9 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
                 log.info("lcmap train -> %s%s", run.path, " (resuming)" if config.resume else "")
                 log_devices(trainer, config)
                 inputs = _open_inputs(config, legend_flag)
+                prior = prior_training(config.label_loss, inputs.legend, config.prior_blur_m, inputs.imagery.res[0])
+                if prior is not None:  # a prior loss: target classes; the compositions replace the mixed classes
+                    inputs.net_legend, inputs.allowed, inputs.mixed = prior.net_legend, None, {}
                 config = dataclasses.replace(config, mixed_classes=inputs.mixed)  # recorded: the mixed classes used
                 if config.resume:
                     _check_resumed_checkpoint(run, config, inputs)
@@ -113,7 +117,9 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
                 weights = _class_weights(run, config, inputs, datamodule, is_zero)
                 if is_zero:
                     _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
-                task = _task(config, inputs, stats, weights)
+                    if prior is not None:
+                        run.write_composition(prior.record)
+                task = _task(config, inputs, stats, weights, prior.task_args if prior is not None else {})
                 log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
                 sigterm["fitting"] = True
                 _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
@@ -367,8 +373,9 @@ def _write_run_record(run: RunFolder, config: TrainConfig, legend: Any, stats: A
     run.write_normalization(stats)
 
 
-def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float] | None) -> Any:
-    """The Lightning module (builds the network: consumes the seeded torch RNG)."""
+def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float] | None, prior_args: dict) -> Any:
+    """The Lightning module (builds the network: consumes the seeded torch RNG); ``prior_args``: the
+    prior losses' arguments (:class:`~lcmap.pipeline.label_prior.PriorTraining`)."""
     from lcmap.pipeline.task import LandCoverTask
 
     legend = inputs.net_legend or inputs.legend  # the network's classes
@@ -401,6 +408,7 @@ def _task(config: TrainConfig, inputs: _Inputs, stats: Any, weights: list[float]
         val_source="reference" if inputs.ref_legend is not None else "labels",
         config=config.to_dict(),
         val_tta=config.val_tta,
+        **({"label_loss": config.label_loss} | prior_args),
     )
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
