@@ -24,12 +24,7 @@ from tests.rasters import write_raster
 MEAN, STD = [120.0, 120.0, 110.0, 130.0], [50.0, 45.0, 40.0, 55.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

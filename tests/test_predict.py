@@ -72,13 +72,7 @@ def _checkpoint(path: Path, legend, bands: int = 4, seed: int = 0) -> Path:
     return save_checkpoint(path, model, "unet", legend, [128.0] * bands, [60.0] * bands)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Intra-op threads that spin-wait on each other are very slow on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

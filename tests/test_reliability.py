@@ -72,12 +72,7 @@ FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", pr
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _write(path: Path, data: np.ndarray, crs="EPSG:32617", x0=500_000.0, y0=4_000_000.0, res=1.0, **kw) -> Path:

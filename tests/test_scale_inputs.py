@@ -28,12 +28,7 @@ from lcmap.pipeline.runs import save_checkpoint
 FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _tile(path: Path, crs: str, x0: float, y0: float, side_px: int, seed: int, res: float = 1.0) -> Path:

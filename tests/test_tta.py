@@ -24,13 +24,7 @@ from lcmap.models.tta import TTA_MODES, apply_transform, invert_transform, predi
 from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.runs import save_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class Counting(nn.Module):
