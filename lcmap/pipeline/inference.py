@@ -118,6 +118,9 @@ class WorkerState:
     std: np.ndarray
     imagery: HRImagery
     reader: StripReader
+    #: reads context boxes in the model's thread while ``reader`` prefetches the next strip in
+    #: another: its own file handles (a GDAL dataset must not be read from two threads at once)
+    context_reader: StripReader
     aoi: shapely.Geometry | None = None
     buffers: dict[Any, Any] = field(default_factory=dict)
 
@@ -163,6 +166,7 @@ def load_worker_state(
         std=std,
         imagery=ds,
         reader=StripReader(ds, job.grid),
+        context_reader=StripReader(ds, job.grid),
         aoi=aoi,
     )
 
@@ -322,7 +326,7 @@ def predict_group(
     def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray) -> None:
         """Window (i, j) classified from its context box B (the imagery around its valid box R)."""
         buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
-        raw, ok, br0, bc0 = st.reader.read(B[0], B[1], B[2], B[3], buf)
+        raw, ok, br0, bc0 = st.context_reader.read(B[0], B[1], B[2], B[3], buf)
         x = np.empty(raw.shape, np.float32)
         normalise_into(x, raw, ok, st.mean, st.std)
         t0 = time.perf_counter()
