@@ -53,6 +53,7 @@ from lcmap.pipeline.tiling import (
     Block,
     OutputGrid,
     WindowGrid,
+    block_end,
     block_start,
     cut_blocks,
     group_region,
@@ -232,8 +233,7 @@ def predict_group(
         while len(codes):
             if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
                 start = block_start(r, job.block_size, wg.row0)
-                end = wg.row0 + ((start - wg.row0) // job.block_size + 1) * job.block_size  # the next edge
-                h = min(end, region.r0 + region.height) - start
+                h = min(block_end(start, job.block_size, wg.row0), region.r0 + region.height) - start
                 row = [b for (br0, _), b in sorted(wanted.items()) if br0 == start]
                 cur.update(r0=start, h=h, blocks=[
                     (b, np.zeros((h, b.width), job.dtype),
@@ -337,7 +337,7 @@ def predict_group(
         p, box = found
         br0, bc0 = br0 + box[0], bc0 + box[2]
         if group is not None:
-            p = sum_probabilities(p[None].float(), group, n_classes)[0]
+            p = sum_probabilities(p[None], group, n_classes)[0]
         full = torch.zeros((p.shape[0], T, T), dtype=torch.float32, device=p.device)
         wr0, wc0 = wg.win_r0(i), wg.win_c0(j)
         full[:, R[0] - wr0 : R[1] - wr0, R[2] - wc0 : R[3] - wc0] = p[

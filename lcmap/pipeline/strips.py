@@ -24,6 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from lcmap.geodata.datasets import HRImagery, imagery_valid
+from lcmap.models.context import valid_bbox
 from lcmap.pipeline.tiling import OutputGrid, WindowGrid
 
 __all__ = ["Box", "StripReader", "context_box", "normalise_into", "window_into"]
@@ -218,12 +219,10 @@ def context_box(grid: OutputGrid, windows: WindowGrid, valid: np.ndarray, sr0: i
     ca, cb = max(wc0, sc0), min(wc0 + T, sc0 + w)
     if rb <= ra or cb <= ca:
         return None
-    v = valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0]
-    rows = np.flatnonzero(v.any(axis=1))
-    if not len(rows):
+    box = valid_bbox(valid[ra - sr0 : rb - sr0, ca - sc0 : cb - sc0])
+    if box is None:
         return None
-    cols = np.flatnonzero(v.any(axis=0))
-    R = (ra + int(rows[0]), ra + int(rows[-1]) + 1, ca + int(cols[0]), ca + int(cols[-1]) + 1)
+    R = (ra + box[0], ra + box[1], ca + box[2], ca + box[3])
 
     def extend(lo: int, hi: int, w0: int, e0: int, e1: int) -> tuple[int, int]:
         first, last = lo == w0, hi == w0 + T  # R reaches the window's edge there

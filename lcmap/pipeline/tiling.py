@@ -44,6 +44,7 @@ __all__ = [
     "lattice_start",
     "lattice_windows",
     "block_side_px",
+    "block_end",
     "block_start",
     "cut_blocks",
 ]
@@ -278,6 +279,11 @@ def block_start(px: int, block_size: int, origin: int = 0) -> int:
     """First pixel of the block (row or column) holding pixel ``px`` (>= 0): block edges lie at
     ``origin + k * block_size`` (``origin`` <= 0, the window lattice's start) and at 0."""
     return max(0, origin + (px - origin) // block_size * block_size)
+
+
+def block_end(px: int, block_size: int, origin: int = 0) -> int:
+    """The first pixel after the block holding pixel ``px`` (the next edge; see :func:`block_start`)."""
+    return origin + ((px - origin) // block_size + 1) * block_size
 
 
 def cut_blocks(height: int, width: int, block_size: int, row0: int = 0, col0: int = 0) -> list[Block]:
