@@ -16,6 +16,12 @@ scores of all folds' pixels pooled (per seed, then averaged), with the training 
 
     python benchmarks/accuracy.py [--label-loss plat prior ...] [--folds 8] [--seeds 3]
         [--epochs N] [--steps N] [--prior-blur-m M] [--set KEY=VALUE ...] [--out DIR] [--reuse]
+        [--keep-runs] [--rescore]
+
+Each run is scored twice from the same checkpoint: the network alone (``LOSS``) and combined with
+the held-out patches' NLCD by ``lcmap predict --label-prior`` (``LOSS+label-prior``,
+:mod:`lcmap.pipeline.prediction_prior`). ``--rescore`` scores the kept checkpoints of the runs in
+``OUT/runs.jsonl`` again (with ``--reuse --keep-runs``).
 
 Smoke run (well under 2 minutes): ``--folds 2 --seeds 1 --epochs 1 --steps 2``. Each finished run
 is appended to ``OUT/runs.jsonl``; ``--reuse`` skips the runs found there (an interrupted
@@ -44,6 +50,7 @@ from lcmap.geodata.legends import IGNORE_INDEX  # noqa: E402
 from lcmap.models import predict_proba, sum_probabilities  # noqa: E402
 from lcmap.pipeline.config import LABEL_LOSSES, TrainConfig  # noqa: E402
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
+from lcmap.pipeline.prediction_prior import PriorReader, prediction_prior  # noqa: E402
 from lcmap.pipeline.runs import load_trained_model  # noqa: E402
 from lcmap.pipeline.train import run_train  # noqa: E402
 
@@ -59,7 +66,7 @@ def folds_of(n_patches: int, k: int) -> list[list[int]]:
     return [[i for i in range(n_patches) if i % k == f] for f in range(k)]
 
 
-def map_patch(tm: Any, image_path: Path) -> np.ndarray:
+def map_patch(tm: Any, image_path: Path, prior: Any = None) -> np.ndarray:
     """Target-class indices (uint8, IGNORE_INDEX where the class has no target) of the map of ONE
     imagery file by itself: one forward pass over the whole file (padded by reflection to a multiple
     of 32 px if needed), normalised as ``lcmap predict`` does (``(value - mean) / std``, pixels whose
@@ -68,6 +75,7 @@ def map_patch(tm: Any, image_path: Path) -> np.ndarray:
     with rasterio.open(image_path) as src:
         image = src.read().astype(np.float32)
         nodata = src.nodata
+        crs_wkt, transform = src.crs.to_wkt(), src.transform
     x = (image - tm.mean[:, None, None]) / tm.std[:, None, None]
     if nodata is not None:
         x[:, np.all(image == nodata, axis=0)] = 0.0
@@ -79,7 +87,12 @@ def map_patch(tm: Any, image_path: Path) -> np.ndarray:
         probs = predict_proba(tm.model, xt)[:, :, :h, :w]
     n_target = len(tm.legend.target)
     group = torch.from_numpy(tm.legend.index_to_target_group())
-    idx = sum_probabilities(probs, group, n_target + 1)[0].argmax(0).numpy().astype(np.uint8)
+    p = sum_probabilities(probs, group, n_target + 1)[0]
+    if prior is not None:
+        reader = PriorReader(prior, crs_wkt, transform)
+        p = p * torch.from_numpy(reader.factors(0, h, 0, w))
+        reader.close()
+    idx = p.argmax(0).numpy().astype(np.uint8)
     return np.where(idx == n_target, IGNORE_INDEX, idx).astype(np.uint8)
 
 
@@ -118,6 +131,47 @@ def score(cm_map: np.ndarray, cm_nlcd: np.ndarray, names: list[str]) -> dict[str
     }
 
 
+def label_prior_of(tm: Any, train_patches: list[int], held_out: list[int]) -> Any:
+    """The ``--label-prior`` of ``tm`` with the held-out patches' NLCD (as ``lcmap predict`` builds
+    it). A checkpoint from before lcmap recorded ``label_frequency`` gets the frequency of each NLCD
+    class over the whole training patches instead (the run samples patches inside them)."""
+    if tm.hparams.get("label_frequency") is None:
+        legend = tm.hparams.get("label_legend") or tm.hparams["legend"]
+        codes = [c["code"] for c in legend["classes"]]
+        counts = np.zeros(len(codes))
+        for i in train_patches:
+            with rasterio.open(SAMPLE / "nlcd" / f"patch-{i}.tif") as src:
+                values, n = np.unique(src.read(1), return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist(), strict=True):
+                if v in codes:
+                    counts[codes.index(v)] += c
+        tm.hparams["label_frequency"] = (counts / counts.sum()).tolist()
+    n_channels = len(tm.legend.target) + (1 if len(tm.legend.target) in tm.legend.index_to_target_group() else 0)
+    files = [str(SAMPLE / "nlcd" / f"patch-{i}.tif") for i in held_out]
+    with rasterio.open(SAMPLE / "naip" / f"patch-{held_out[0]}.tif") as src:
+        bounds, crs = tuple(src.bounds), src.crs.to_wkt()
+    return prediction_prior(tm, files, "target", n_channels, crs, bounds)
+
+
+def score_checkpoint(ckpt: Path, train_patches: list[int], held_out: list[int]) -> dict[str, Any]:
+    """Confusion matrices of the map of each held-out patch (alone; network alone and with the
+    label prior) and of NLCD, on the same pixels."""
+    tm = load_trained_model(ckpt)
+    names = list(tm.legend.target.names)
+    k = len(names)
+    prior = label_prior_of(tm, train_patches, held_out)
+    cm = {key: np.zeros((k, k), np.int64) for key in ("cm_map", "cm_map_label_prior", "cm_nlcd")}
+    for i in held_out:
+        ref, nlcd = _reference_and_nlcd(i)
+        image = SAMPLE / "naip" / f"patch-{i}.tif"
+        pred, pred_prior = map_patch(tm, image), map_patch(tm, image, prior)
+        keep = (ref != IGNORE_INDEX) & (nlcd != IGNORE_INDEX) & (pred != IGNORE_INDEX)
+        cm["cm_map"] += confusion_matrix(ref[keep], pred[keep], k)
+        cm["cm_map_label_prior"] += confusion_matrix(ref[keep], pred_prior[keep], k)
+        cm["cm_nlcd"] += confusion_matrix(ref[keep], nlcd[keep], k)
+    return {"names": names, **{key: v.tolist() for key, v in cm.items()}}
+
+
 def run_one(loss: str, seed: int, fold: int, held_out: list[int], args: argparse.Namespace) -> dict[str, Any]:
     """Train without the fold's patches, map each of them alone, and return the confusion matrices."""
     n_patches = len(_patches())
@@ -128,16 +182,7 @@ def run_one(loss: str, seed: int, fold: int, held_out: list[int], args: argparse
     t0 = time.perf_counter()
     run_train(fold_config(loss, seed, train_patches, run_dir, args))
     seconds = time.perf_counter() - t0
-    tm = load_trained_model(run_dir / "checkpoints" / "last.ckpt")
-    names = list(tm.legend.target.names)
-    k = len(names)
-    cm_map, cm_nlcd = np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
-    for i in held_out:
-        ref, nlcd = _reference_and_nlcd(i)
-        pred = map_patch(tm, SAMPLE / "naip" / f"patch-{i}.tif")
-        keep = (ref != IGNORE_INDEX) & (nlcd != IGNORE_INDEX) & (pred != IGNORE_INDEX)
-        cm_map += confusion_matrix(ref[keep], pred[keep], k)
-        cm_nlcd += confusion_matrix(ref[keep], nlcd[keep], k)
+    scores = score_checkpoint(run_dir / "checkpoints" / "last.ckpt", train_patches, held_out)
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {
@@ -146,10 +191,18 @@ def run_one(loss: str, seed: int, fold: int, held_out: list[int], args: argparse
         "fold": fold,
         "held_out": held_out,
         "train_seconds": round(seconds, 1),
-        "names": names,
-        "cm_map": cm_map.tolist(),
-        "cm_nlcd": cm_nlcd.tolist(),
+        **scores,
     }
+
+
+def with_label_prior(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` and, for each run scored with the label prior, the same run as loss ``LOSS+label-prior``."""
+    extra = [
+        {**r, "label_loss": r["label_loss"] + "+label-prior", "cm_map": r["cm_map_label_prior"]}
+        for r in runs
+        if "cm_map_label_prior" in r
+    ]
+    return runs + extra
 
 
 def _fmt(v: float | None) -> str:
@@ -242,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/lcmap-bench-accuracy")
     ap.add_argument("--reuse", action="store_true", help="skip the runs already in OUT/runs.jsonl")
     ap.add_argument("--keep-runs", action="store_true", help="keep the run folders (checkpoints)")
+    ap.add_argument("--rescore", action="store_true", help="score the kept checkpoints of the runs again")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -272,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"done {loss} seed {seed} fold {f} {folds[f]}: gain {s['gain']:+.3f} ({r['train_seconds']:.0f} s)"
                 )
                 sys.stdout.flush()
-    summary = summarise(runs, list(args.label_loss))
+    if args.rescore:  # the kept checkpoints scored again by today's code (e.g. with the label prior)
+        for r in runs:
+            ckpt = Path(args.out) / f"{r['label_loss']}-s{r['seed']}-f{r['fold']}" / "checkpoints" / "last.ckpt"
+            if ckpt.is_file():
+                train_patches = [i for i in range(len(_patches())) if i not in r["held_out"]]
+                r.update(score_checkpoint(ckpt, train_patches, r["held_out"]))
+    losses = list(args.label_loss) + [f"{loss}+label-prior" for loss in args.label_loss]
+    summary = summarise(with_label_prior(runs), losses)
     settings = {
         "folds": args.folds,
         "only_folds": args.only_folds,

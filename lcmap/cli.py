@@ -226,6 +226,20 @@ def predict(
             ),
         ),
     ] = None,
+    label_prior: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label-prior",
+            help=(
+                "The LR labels the model was trained on (same legend), combined with the network at each pixel by "
+                "Bayes' rule: class = argmax p(class | image) x share of the class in the label's LR class (the "
+                "legend's compositions) / share in the training labels. Where the network is sure, it decides; "
+                "where it is unsure, the label does. Pixels without a label keep the network's class."
+            )
+            + LIST_HELP
+            + REMOTE_HELP,
+        ),
+    ] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.run_lock import check_not_locked
@@ -257,6 +271,7 @@ def predict(
         input_scale=input_scale,
         tta=tta,
         crs=crs,
+        label_prior=label_prior,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

@@ -68,3 +68,29 @@ def test_smoke_run_prints_the_summary_as_the_last_json_line(tmp_path: Path, caps
     # --reuse: nothing trained again
     assert accuracy.main([*args, "--steps", "1", "--out", str(tmp_path), "--reuse"]) == 0
     assert "done prior" not in capsys.readouterr().out
+
+
+def test_map_patch_with_the_label_prior_is_what_lcmap_predict_writes(tmp_path: Path) -> None:
+    """The benchmark's ``LOSS+label-prior`` maps are ``lcmap predict --label-prior``'s: sample patch 3
+    (smaller than one window, so predict runs one forward pass over it too) with its NLCD."""
+    import rasterio
+
+    from lcmap.pipeline.predict import predict_map
+
+    nlcd = get_legend("nlcd")
+    torch.manual_seed(1)
+    model = build_model("unet", 4, len(nlcd)).eval()
+    mean, std = [110.0, 120.0, 100.0, 150.0], [40.0, 35.0, 30.0, 55.0]
+    freq = [0.8 if c == 41 else 0.2 if c == 81 else 0.0 for c in nlcd.codes]
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", model, "unet", nlcd, mean, std, label_frequency=freq)
+    tm = load_trained_model(ckpt)
+    prior = accuracy.label_prior_of(tm, [0, 1], [3])
+    got = accuracy.map_patch(tm, sample_paths()["imagery"][3], prior)
+    plain = accuracy.map_patch(tm, sample_paths()["imagery"][3])
+    r = predict_map(ckpt, [sample_paths()["imagery"][3]], tmp_path / "map.tif", tile_px=512, overlap_px=64,
+                    scheduler="synchronous", progress=False, label_prior=[str(sample_paths()["labels"][3])])  # fmt: skip
+    with rasterio.open(r.path) as src:
+        written = src.read(1).astype(np.int64) - 1  # codes 1..4 -> target indices; nodata -> -1
+    written = np.where(written < 0, IGNORE_INDEX, written)
+    assert (got != plain).mean() > 0.01  # the prior matters here
+    assert (written == got).mean() > 0.999  # the same map (but for float near-ties)

@@ -37,6 +37,10 @@ def test_demo_writes_everything_it_promises(tmp_path: Path) -> None:
     assert saved["pixels"] == saved["baseline"]["pixels"] > 300_000
     with rasterio.open(out / "map.tif") as src:
         assert src.crs.to_epsg() == 26917 and src.res == (1.0, 1.0) and src.nodata == 0
+        assert "LCMAP_LABEL_PRIOR" in src.tags()  # mapped with the NLCD as prior
+    with rasterio.open(out / "map_heldout_network_alone.tif") as src:
+        assert "LCMAP_LABEL_PRIOR" not in src.tags()
+    assert "oa" in saved["held_out_network_alone"]
     assert "held-out" in (out / "report.md").read_text()
     # map-vs-baseline gains on the same classes, and the demo's training settings recorded in the run
     baseline_miou = saved["baseline"]["miou_reference_classes"]

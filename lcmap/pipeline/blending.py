@@ -84,6 +84,9 @@ class RowBlender:
         confidence: also produce the confidence (percent, uint8; nodata :data:`CONFIDENCE_NODATA`).
         device: where the accumulation and the argmax run (the model's device).
         sink: receives the finalised rows.
+        prior: None, or ``prior(r0, r1, c0, c1)`` -> float32 ``(K, r1 - r0, c1 - c0)`` numpy factors
+            that multiply the blended probabilities of map rows ``[r0, r1)`` and columns ``[c0, c1)``
+            before the argmax (``--label-prior``: :class:`lcmap.pipeline.prediction_prior.PriorReader`).
     """
 
     def __init__(
@@ -95,8 +98,10 @@ class RowBlender:
         confidence: bool,
         device: torch.device,
         sink,
+        prior=None,
     ):
         assert MAP_NODATA == 0
+        self.prior = prior
         self.windows, self.region, self.sink = windows, region, sink
         self.T = windows.tile
         self.device = device
@@ -154,12 +159,15 @@ class RowBlender:
             conf = np.full((z - a, b.width), CONFIDENCE_NODATA, np.uint8) if self.confidence else None
             for x0 in range(0, b.width, _FINALISE_COLS):  # temporaries of a fixed size, whatever the width
                 x1 = min(b.width, x0 + _FINALISE_COLS)
-                top, arg = _max_over_classes(self.acc[:, ya:yz, x0:x1])
+                acc = self.acc[:, ya:yz, x0:x1]
+                if self.prior is not None:  # the label's prior (lcmap.pipeline.prediction_prior)
+                    acc = acc * torch.from_numpy(self.prior(a, z, b.c0 + x0, b.c0 + x1)).to(self.device)
+                top, arg = _max_over_classes(acc)
                 need = self.need[ya:yz, x0:x1]
                 np.copyto(codes[:, x0:x1], self.lut_np[arg], where=need, casting="unsafe")
                 if conf is not None:
                     assert self.wsum is not None
-                    wsum = self.wsum[ya:yz, x0:x1].clamp_min(1e-12)
+                    wsum = (self.wsum[ya:yz, x0:x1] if self.prior is None else acc.sum(dim=0)).clamp_min(1e-12)
                     pct = torch.round(top.to(self.device) / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
                     np.copyto(conf[:, x0:x1], pct, where=need)
             self.sink(a, codes, conf)
@@ -236,11 +244,12 @@ class BlockBlender:
         dtype: str,
         confidence: bool,
         device: torch.device,
+        prior=None,
     ):
         self.block, self.need_all = block, need
         self.codes = np.full((block.height, block.width), MAP_NODATA, dtype=dtype)
         self.conf = np.full((block.height, block.width), CONFIDENCE_NODATA, np.uint8) if confidence else None
-        self.rows = RowBlender(windows, block, code_lut, dtype, confidence, device, self._take)
+        self.rows = RowBlender(windows, block, code_lut, dtype, confidence, device, self._take, prior)
         self.T = windows.tile
 
     def _take(self, r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:

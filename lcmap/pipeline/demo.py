@@ -1,9 +1,12 @@
 """``lcmap demo``: the paper's comparison, end to end, on the embedded real sample.
 
 1. train ``paraformer-tiny`` on the NLCD 30 m labels of the sample's 6 training patches (CPU);
-2. predict those patches at 1 m into a COG (map updating: the area the labels cover);
+2. predict those patches at 1 m into a COG (map updating: the area the labels cover), the network
+   combined at each pixel with the NLCD label it updates (``lcmap predict --label-prior``,
+   :mod:`lcmap.pipeline.prediction_prior`);
 3. score the map against the Chesapeake 1 m reference, with the NLCD label as the baseline;
-4. the same for the 2 held-out patches (a secondary figure: ground never trained on);
+4. the same for the 2 held-out patches (ground never trained on), and for the network alone there
+   (no label prior: ``held_out_network_alone`` in metrics.json);
 5. write ``quicklook.png`` (imagery | LR label | prediction | reference).
 """
 
@@ -100,11 +103,13 @@ def run_demo(
     t_train = time.perf_counter() - t0
 
     results: dict = {}
-    for split, aoi, name in (
-        ("train", all_files["aoi_train"], "map"),
-        ("held_out", all_files["aoi_heldout"], "map_heldout"),
+    for split, aoi, name, prior in (
+        ("train", all_files["aoi_train"], "map", all_files["labels"]),
+        ("held_out", all_files["aoi_heldout"], "map_heldout", all_files["labels"]),
+        ("held_out_network_alone", all_files["aoi_heldout"], "map_heldout_network_alone", None),
     ):
-        log.info("%s predicting the %s patches at 1 m", "2/4" if split == "train" else "3/4", split.replace("_", "-"))
+        log.info("%s predicting the %s patches at 1 m%s", "2/4" if split == "train" else "3/4",
+                 split.replace("_", "-"), " with the NLCD as prior" if prior else "")  # fmt: skip
         map_path = predict_map(
             run_dir,
             all_files["imagery"],
@@ -115,8 +120,9 @@ def run_demo(
             block_px=2048,
             scheduler="synchronous",
             progress=progress,
+            label_prior=prior,
         ).path
-        report_dir = out / ("report" if split == "train" else "report_heldout")
+        report_dir = out / {"train": "report", "held_out": "report_heldout"}.get(split, f"report_{split}")
         results[split] = evaluate_map(
             map_path,
             all_files["reference"],
@@ -133,6 +139,7 @@ def run_demo(
 
     metrics = dict(results["train"])
     metrics["held_out"] = results["held_out"]
+    metrics["held_out_network_alone"] = results["held_out_network_alone"]
     metrics["demo"] = {
         "seconds_total": round(time.perf_counter() - t0, 1),
         "seconds_training": round(t_train, 1),
@@ -174,9 +181,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _summary_md(m: dict) -> str:
-    rows = [("Paraformer-tiny map (1 m)", m), ("NLCD 2011 label (30 m)", m["baseline"])]
+    rows = [("Paraformer-tiny + NLCD prior (1 m)", m), ("NLCD 2011 label (30 m)", m["baseline"])]
     h = m["held_out"]
-    rows += [("held-out: Paraformer-tiny", h), ("held-out: NLCD", h["baseline"])]
+    rows += [("held-out: Paraformer-tiny + NLCD prior", h), ("held-out: NLCD", h["baseline"])]
+    if "held_out_network_alone" in m:
+        rows.append(("held-out: the network alone (no --label-prior)", m["held_out_network_alone"]))
     lines = [
         "# lcmap demo: embedded real sample",
         "",
@@ -215,12 +224,12 @@ def _print_summary(out: Path, m: dict) -> None:
         f"  map.tif (+ map.qml)      the 1 m map (COG); QGIS: Layer > Add Raster Layer, or drag it in:\n"
         f"                           the .qml beside it gives the class colours and names\n"
         f"  map.preview.png          the map small, with its legend\n"
-        f"  map_heldout.tif          the held-out patches\n"
+        f"  map_heldout.tif          the held-out patches (+ _network_alone: without the label prior)\n"
         f"  metrics.json, report.md  scores (map vs NLCD baseline; held_out)\n"
         f"  quicklook.png            imagery | LR label | prediction | reference\n"
         f"  run/                     the training run: checkpoints, loss.png, metrics.csv\n"
         f"Go on with your own imagery: lcmap predict --model {out / 'run'} --images YOUR.tif "
-        "--bbox W S E N --out MAP.tif"
+        "--bbox W S E N --label-prior YOUR_OLD_LABELS.tif --out MAP.tif"
     )
 
 

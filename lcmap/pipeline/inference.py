@@ -46,6 +46,7 @@ from lcmap.models import predict_proba, sum_probabilities
 from lcmap.models.context import predict_proba_valid
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.blending import RowBlender
+from lcmap.pipeline.prediction_prior import PredictionPrior, PriorReader
 from lcmap.pipeline.runs import TrainedModel, load_trained_model
 from lcmap.pipeline.strips import StripReader, context_box, normalise_into, window_into
 from lcmap.pipeline.tiling import (
@@ -101,6 +102,8 @@ class PredictJob:
     #: test-time augmentation (:data:`lcmap.models.tta.TTA_MODES`): each window's probabilities
     #: are averaged over these transforms before the taper and the blending
     tta: str = "none"
+    #: the LR labels as a prior on the blended probabilities (``--label-prior``), or None
+    label_prior: PredictionPrior | None = None
 
     def blocks(self) -> list[Block]:
         """The map's blocks (:func:`lcmap.pipeline.tiling.cut_blocks`)."""
@@ -124,6 +127,8 @@ class WorkerState:
     context_reader: StripReader
     aoi: shapely.Geometry | None = None
     buffers: dict[Any, Any] = field(default_factory=dict)
+    #: the ``--label-prior`` labels' reader (its own file handles), or None
+    prior: PriorReader | None = None
 
 
 def worker_device(device: str, index: int | None = None) -> torch.device:
@@ -169,6 +174,7 @@ def load_worker_state(
         reader=StripReader(ds, job.grid),
         context_reader=StripReader(ds, job.grid),
         aoi=aoi,
+        prior=PriorReader(job.label_prior, job.grid.crs_wkt, job.grid.transform) if job.label_prior else None,
     )
 
 
@@ -253,7 +259,8 @@ def predict_group(
                 done.extend(cur["blocks"])
                 cur["blocks"] = []
 
-    blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink)
+    prior = st.prior.factors if st.prior is not None else None
+    blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink, prior)
     if st.aoi is not None and not st.aoi.intersects(shapely.box(*job.grid.bounds(
         region.r0, region.c0, region.r0 + region.height, region.c0 + region.width
     ))):  # fmt: skip

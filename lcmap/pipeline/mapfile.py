@@ -313,6 +313,11 @@ def fingerprint(job: PredictJob) -> dict[str, Any]:
         "aoi_sha256": hashlib.sha256(job.aoi_wkb).hexdigest() if job.aoi_wkb else None,
         "input_scale": job.input_scale,
         "tta": job.tta,
+        "label_prior": (
+            {**job.label_prior.record(), "files": _files_fingerprint(job.label_prior.label_files)}
+            if job.label_prior is not None
+            else None
+        ),
     }
     return json.loads(json.dumps(found))
 
@@ -387,6 +392,10 @@ def write_map(
         "LCMAP_OVERLAP_PX": str(job.windows.overlap),
         "LCMAP_TTA": job.tta,
     }
+    if job.label_prior is not None:  # the map says it combined the network with these labels
+        tags["LCMAP_LABEL_PRIOR"] = json.dumps(
+            {k: v for k, v in job.label_prior.record().items() if k in ("label_files", "legend", "class_mix")}
+        )
     sources = [cog.VrtSource(str(block_path(job.blocks_dir, b)), 1, b.c0, b.r0, b.width, b.height) for b in blocks]
     common: dict[str, Any] = dict(width=g.width, height=g.height, crs=g.crs, transform=g.transform)
     vrt = cog.write_mosaic_vrt(

@@ -183,10 +183,13 @@ def plan_prediction(
     input_scale: float | None = None,
     tta: str = "none",
     crs: str | None = None,
+    label_prior: Sequence[str | Path] | str | Path | None = None,
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
     ``crs``: the map's CRS (imagery in other CRSs is warped onto it); None: see :func:`output_crs`.
+    ``label_prior``: LR label files combined with the network at each pixel
+    (:mod:`lcmap.pipeline.prediction_prior`); None: the network alone.
 
     Raises:
         LcmapInputError: on any bad input (see :func:`predict_map`).
@@ -269,6 +272,17 @@ def plan_prediction(
             f"the AOI ({aoi_obj.source if aoi_obj else ''}) only touches the imagery's edge: nothing to predict"
         )
     lut, group, out_legend, dtype = _code_lut(tm.legend, legend)
+    prior = None
+    if label_prior:
+        from lcmap.pipeline.prediction_prior import prediction_prior
+
+        files = [str(label_prior)] if isinstance(label_prior, (str, Path)) else [str(p) for p in label_prior]
+        prior = prediction_prior(tm, files, legend, len(lut), grid.crs_wkt, grid.bounds(0, 0, grid.height, grid.width))
+        log.info(
+            "label prior: %d label file(s) in legend %s; training class mix %s",
+            len(prior.label_files), prior.legend.get("name"),
+            ", ".join(f"{n} {v:.2f}" for n, v in zip(out_legend.names, prior.class_mix, strict=False)),
+        )  # fmt: skip
     wg = lattice_windows(grid, tile_px, overlap_px)
     block_size = block_side_px(block_px, wg)
     partial = out.with_name(out.name + ".partial")
@@ -293,6 +307,7 @@ def plan_prediction(
         precision=precision,
         input_scale=float(input_scale) if input_scale is not None else 1.0,
         tta=tta,
+        label_prior=prior,
     )
     fingerprint = mapfile.fingerprint(job)
     # the per-process model cache must not serve an older checkpoint saved at the same path

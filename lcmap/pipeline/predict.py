@@ -99,6 +99,7 @@ def predict_map(
     input_scale: float | None = None,
     tta: str = "none",
     crs: str | None = None,
+    label_prior: Sequence[str | Path] | str | Path | None = None,
 ) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -156,6 +157,10 @@ def predict_map(
             ~8x); each window's class probabilities are averaged over the transforms before the
             taper and blending (so also in ``MAP_confidence.tif``). Recorded in the map's
             ``LCMAP_TTA`` tag and in the resume manifest.
+        label_prior: the LR labels the model was trained on (same legend): each pixel's class is
+            the network's combined with its label by Bayes' rule
+            (:mod:`lcmap.pipeline.prediction_prior`); recorded in the ``LCMAP_LABEL_PRIOR`` tag
+            and the resume manifest. None: the network alone.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -198,6 +203,7 @@ def predict_map(
         input_scale=input_scale,
         tta=tta,
         crs=crs,
+        label_prior=label_prior,
     )
     t_plan = time.perf_counter() - t0
     if devices is not None and devices < 1:

@@ -76,6 +76,9 @@ class LandCoverTask(pl.LightningModule):
         composition_sigma: its spreads ``(K, T)``.
         prior_blur_px: blur of the prior (pixels; 0: none).
         label_legend: prior losses: the LR legend (with its compositions) as a dict, for the record.
+        label_frequency: ``(K,)`` frequency of each LR class in the sampled training patches, stored
+            for ``lcmap predict --label-prior`` (:mod:`lcmap.pipeline.prediction_prior`); None with
+            fused label products.
     """
 
     # buffers (registered in __init__; declared here for the type checker)
@@ -108,6 +111,7 @@ class LandCoverTask(pl.LightningModule):
         composition_sigma: Sequence[Sequence[float]] | None = None,
         prior_blur_px: float = 0.0,
         label_legend: dict[str, Any] | None = None,
+        label_frequency: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

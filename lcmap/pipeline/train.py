@@ -114,12 +114,13 @@ def run_train(config: TrainConfig, config_file: str | Path | None = None) -> Pat
                     _check_resumed_checkpoint(run, config, inputs)
                 stats = _normalization(run, config, inputs)
                 datamodule = _datamodule(config, inputs, stats)
-                weights = _class_weights(run, config, inputs, datamodule, is_zero)
+                weights, frequency = _class_weights(run, config, inputs, datamodule, is_zero)
                 if is_zero:
                     _write_run_record(run, config, inputs.net_legend or inputs.legend, stats)
                     if prior is not None:
                         run.write_composition(prior.record)
-                task = _task(config, inputs, stats, weights, prior.task_args if prior is not None else {})
+                prior_args = prior.task_args if prior is not None else {}
+                task = _task(config, inputs, stats, weights, prior_args | {"label_frequency": frequency})
                 log.info("validation: %d window(s) of %d px", len(datamodule.val_windows), config.val_patch_px)
                 sigterm["fitting"] = True
                 _fit(trainer, task, datamodule, run, config, inputs.aoi_name, is_zero)
@@ -339,8 +340,10 @@ def _datamodule(config: TrainConfig, inputs: _Inputs, stats: Any) -> Any:
 
 def _class_weights(
     run: RunFolder, config: TrainConfig, inputs: _Inputs, datamodule: Any, is_zero: bool
-) -> list[float] | None:
-    """CE class weights (None: unweighted), from patches drawn like training ones; saved to RUN_DIR."""
+) -> tuple[list[float] | None, list[float] | None]:
+    """CE class weights (None: unweighted), from patches drawn like training ones; saved to RUN_DIR;
+    and the frequency of each LR class in those patches (None with fused label products), which the
+    checkpoint records for ``lcmap predict --label-prior``."""
     from lcmap.pipeline.class_weights import class_weights_record, log_class_table
     from lcmap.pipeline.datamodule import sample_label_counts
 
@@ -364,7 +367,8 @@ def _class_weights(
             run.write_class_weights(record)
     if is_zero:
         log_class_table(record)
-    return record.get("weights")
+    frequency = None if config.label_products else [float(c["frequency"]) for c in record["classes"]]
+    return record.get("weights"), frequency
 
 
 def _write_run_record(run: RunFolder, config: TrainConfig, legend: Any, stats: Any) -> None:
