@@ -30,7 +30,7 @@ Cases (one line each: the test, then what it checks):
 The rest of the hostile sweep lives beside its room, each file's docstring listing its cases:
 tests/test_reliability_training.py (weights-only checkpoints, YAML errors, unwritable --out, SIGTERM,
 demo --resume, tls:// schedulers, single-class kappa) and tests/test_cluster.py (worker killed,
-scheduler lost or unreachable, Ctrl-C on predict). README "What lcmap guarantees" names them all.
+scheduler lost or unreachable, Ctrl-C on predict). docs/guarantees.md names them all.
 """
 
 from __future__ import annotations
