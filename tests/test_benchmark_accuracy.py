@@ -87,8 +87,9 @@ def test_map_patch_with_the_label_prior_is_what_lcmap_predict_writes(tmp_path: P
     prior = accuracy.label_prior_of(tm, [0, 1], [3])
     got = accuracy.map_patch(tm, sample_paths()["imagery"][3], prior)
     plain = accuracy.map_patch(tm, sample_paths()["imagery"][3])
+    labels = [str(sample_paths()["labels"][3])]
     r = predict_map(ckpt, [sample_paths()["imagery"][3]], tmp_path / "map.tif", tile_px=512, overlap_px=64,
-                    scheduler="synchronous", progress=False, label_prior=[str(sample_paths()["labels"][3])])  # fmt: skip
+                    scheduler="synchronous", progress=False, label_prior=labels)  # fmt: skip
     with rasterio.open(r.path) as src:
         written = src.read(1).astype(np.int64) - 1  # codes 1..4 -> target indices; nodata -> -1
     written = np.where(written < 0, IGNORE_INDEX, written)

@@ -76,9 +76,10 @@ def test_a_small_image_with_its_labels_is_mapped_by_bayes_rule(ckpt, tmp_path):
 
     plain = P.predict_map(ckpt, [image], tmp_path / "plain" / "map.tif", tile_px=128, overlap_px=32, **FAST)
     fused = P.predict_map(ckpt, [image], tmp_path / "fused" / "map.tif", tile_px=128, overlap_px=32,
-                          label_prior=[str(labels)], **FAST)  # fmt: skip
-    with rasterio.open(plain.path) as a, rasterio.open(fused.path) as b:
-        got_plain, got = a.read(1), b.read(1)
+                          label_prior=[str(labels)], confidence=True, **FAST)  # fmt: skip
+    assert fused.confidence_path is not None
+    with rasterio.open(plain.path) as a, rasterio.open(fused.path) as b, rasterio.open(fused.confidence_path) as c:
+        got_plain, got, conf = a.read(1), b.read(1), c.read(1).astype(int)
         tag = json.loads(b.tags()["LCMAP_LABEL_PRIOR"])
     assert tag["legend"] == "nlcd" and tag["label_files"] == [str(labels.absolute())]
 
@@ -101,6 +102,9 @@ def test_a_small_image_with_its_labels_is_mapped_by_bayes_rule(ckpt, tmp_path):
     clear = (top2[1] - top2[0]) > 1e-4 * top2[1]  # not a near-tie (float sums in another order)
     assert clear.mean() > 0.99
     assert np.array_equal(got[clear], want[clear])
+    # the confidence: the largest of p_t M[k, t] / pi_t normalised over t, in percent
+    want_conf = np.round(100 * score.max(0) / score.sum(0)).astype(int)
+    assert np.abs(conf - want_conf).max() <= 1
     assert np.array_equal(got_plain[(code == 0) & clear], got[(code == 0) & clear])  # no label: the network's
     assert (got != got_plain).mean() > 0.05  # the prior changes the map ...
     lab_target = np.zeros_like(code)
