@@ -60,7 +60,7 @@ def run_demo(
     """
     from lcmap.errors import LcmapInputError, TrainingInterrupted
     from lcmap.pipeline.evaluate import evaluate_map
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
     from lcmap.pipeline.runs import RunFolder
     from lcmap.pipeline.train import TrainConfig, run_train
 
@@ -106,14 +106,16 @@ def run_demo(
     ):
         log.info("%s predicting the %s patches at 1 m", "2/4" if split == "train" else "3/4", split.replace("_", "-"))
         map_path = predict_map(
-            run_dir,
-            all_files["imagery"],
-            out / f"{name}.tif",
-            aoi=aoi,
-            tile_px=256,
-            overlap_px=32,
-            block_px=2048,
-            scheduler="synchronous",
+            PredictConfig.of(
+                run_dir,
+                all_files["imagery"],
+                out / f"{name}.tif",
+                aoi=aoi,
+                tile_px=256,
+                overlap_px=32,
+                block_px=2048,
+                scheduler="synchronous",
+            ),
             progress=progress,
         ).path
         report_dir = out / ("report" if split == "train" else "report_heldout")
