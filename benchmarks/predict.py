@@ -146,10 +146,10 @@ def bare_forward_seconds(ckpt: Path, n_windows: int, tile: int, batch: int) -> f
 
 
 def pipeline_seconds(ckpt: Path, raster: Path, out: Path, **kw) -> tuple[float, dict]:
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
 
     t = time.perf_counter()
-    result = predict_map(ckpt, [raster], out, scheduler="synchronous", progress=False, **kw)
+    result = predict_map(PredictConfig.of(ckpt, [raster], out, scheduler="synchronous", **kw), progress=False)
     return time.perf_counter() - t, result.stats()
 
 
@@ -197,14 +197,16 @@ def child_memory(args: argparse.Namespace) -> None:
     sampler.start()
     t = time.perf_counter()
     result = P.predict_map(
-        args.ckpt,
-        [args.raster],
-        args.out,
-        tile_px=args.tile,
-        overlap_px=args.overlap,
-        block_px=args.block,
-        batch_size=args.batch,
-        scheduler="synchronous",
+        P.PredictConfig.of(
+            args.ckpt,
+            [args.raster],
+            args.out,
+            tile_px=args.tile,
+            overlap_px=args.overlap,
+            block_px=args.block,
+            batch_size=args.batch,
+            scheduler="synchronous",
+        ),
         progress=False,
     )
     seconds = time.perf_counter() - t

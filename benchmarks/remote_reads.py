@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.http_serve
 from lcmap.geodata.legends import target_legend  # noqa: E402
 from lcmap.geodata.sample import sample_paths  # noqa: E402
 from lcmap.models import build_model  # noqa: E402
-from lcmap.pipeline.predict import predict_map  # noqa: E402
+from lcmap.pipeline.predict import PredictConfig, predict_map  # noqa: E402
 from lcmap.pipeline.runs import save_checkpoint  # noqa: E402
 from tests.http_server import RangeServer  # noqa: E402
 
@@ -78,9 +78,18 @@ def main() -> None:
                 urls = [server.url(f"naip/{p.name}") for p in files]
                 t0 = time.perf_counter()
                 predict_map(
-                    ckpt, urls, root / f"map-{side}.tif", bbox=bbox, bbox_crs="EPSG:26917",
-                    tile_px=256, overlap_px=32, scheduler="synchronous", progress=False,
-                )  # fmt: skip
+                    PredictConfig.of(
+                        ckpt,
+                        urls,
+                        root / f"map-{side}.tif",
+                        bbox=bbox,
+                        bbox_crs="EPSG:26917",
+                        tile_px=256,
+                        overlap_px=32,
+                        scheduler="synchronous",
+                    ),
+                    progress=False,
+                )
                 seconds = time.perf_counter() - t0
                 stats = server.stats()
             km2 = side * side / 1e6

@@ -97,7 +97,7 @@ def pipeline_run(
     import torch
 
     import lcmap.pipeline.inference as inference
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
 
     torch.set_num_threads(1)
     cache: dict = {}
@@ -116,9 +116,20 @@ def pipeline_run(
     inference.predict_proba = standin
     t0 = time.perf_counter()
     res = predict_map(
-        ckpt, [images], out, tile_px=tile_px, overlap_px=overlap_px, block_px=block_px,
-        scheduler="synchronous", progress=False, device="cpu", bbox=bbox, bbox_crs="EPSG:32617",
-    )  # fmt: skip
+        PredictConfig.of(
+            ckpt,
+            [images],
+            out,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            block_px=block_px,
+            scheduler="synchronous",
+            device="cpu",
+            bbox=bbox,
+            bbox_crs="EPSG:32617",
+        ),
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0  # all threads (the strip reader's, GDAL's), the stand-in's too
     px = res.width * res.height

@@ -28,6 +28,7 @@ from lcmap.cli_options import (
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, Interrupted, LcmapInputError
 from lcmap.geodata.stac_inputs import ASSET_HELP, choose_asset
 from lcmap.pipeline.config import TrainConfig
+from lcmap.pipeline.predict_config import PredictConfig
 
 app = typer.Typer(
     cls=ListOptionsGroup,
@@ -49,11 +50,6 @@ app = typer.Typer(
 # printed as is, never read as rich markup (a path may hold "[...]")
 console = Console(stderr=True, soft_wrap=True)
 
-BBox = Annotated[
-    tuple[float, float, float, float] | None,
-    typer.Option("--bbox", help="Area as W S E N, in --bbox-crs units (degrees for EPSG:4326, metres for UTM)."),
-]
-BBoxCRS = Annotated[str, typer.Option("--bbox-crs", help="CRS of --bbox, e.g. EPSG:4326 (default) or EPSG:26917.")]
 AOIOpt = Annotated[
     Path | None,
     typer.Option("--aoi", help="Area of interest: GeoJSON, GeoPackage or Shapefile polygons, in any CRS."),
@@ -70,10 +66,6 @@ def _choose_stac_asset(ctx: typer.Context, key: str | None) -> str | None:
 StacAsset = Annotated[
     str | None, typer.Option("--stac-asset", metavar="KEY", help=ASSET_HELP, callback=_choose_stac_asset)
 ]
-TTA_HELP = (
-    "Test-time augmentation: none; flips (4 flips, ~4x the model time); d4 (the 8 flips and rotations, ~8x). "
-    "Each window's class probabilities are averaged before blending."
-)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -148,131 +140,31 @@ def train(config_file: Path | None, given: dict) -> None:
 
 
 @app.command()
-def predict(
-    model: Annotated[Path, typer.Option("--model", help="RUN_DIR from 'lcmap train' or a .ckpt file.")],
-    images: Annotated[
-        list[str],
-        typer.Option(
-            "--images", help="HR imagery (same bands as the model's training imagery)." + LIST_HELP + REMOTE_HELP
-        ),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")
-    ],
-    bbox: BBox = None,
-    bbox_crs: BBoxCRS = "EPSG:4326",
-    aoi: AOIOpt = None,
-    tile_px: Annotated[int, typer.Option("--tile-px", help="Model window side, pixels (multiple of 32).")] = 512,
-    overlap_px: Annotated[
-        int, typer.Option("--overlap-px", help="Overlap between neighbouring windows, pixels (blended).")
-    ] = 64,
-    block_px: Annotated[
-        int, typer.Option("--block-px", help="Side of one Dask task's block, pixels (memory per task).")
-    ] = 4096,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per model call.")] = 4,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler",
-            help=(
-                "dask.distributed scheduler address: tls://host:8786 (TLS from Dask's config; see README) or "
-                "tcp://host:8786 (unencrypted, trusted networks only); default: a local cluster sized to this "
-                "machine; 'synchronous' runs in this process."
-            ),
-        ),
-    ] = None,
-    confidence: Annotated[
-        bool, typer.Option("--confidence", help="Also write MAP_confidence.tif: max class probability in percent.")
-    ] = False,
-    legend: Annotated[
-        str,
-        typer.Option(
-            "--legend",
-            help=(
-                "target: the 4 common classes (water, tree canopy, low vegetation, built-up); native: the model's LR "
-                "legend codes."
-            ),
-        ),
-    ] = "target",
-    precision: Annotated[
-        str, typer.Option("--precision", help="32 (float32) or bf16 (bfloat16 on CUDA GPUs; refused on CPU).")
-    ] = "32",
-    devices: Annotated[
-        int | None,
-        typer.Option("--devices", help="GPUs to use with a local cluster (one worker per GPU; default: all visible)."),
-    ] = None,
-    input_scale: Annotated[
-        float | None,
-        typer.Option(
-            "--input-scale",
-            help=(
-                "Multiply the imagery's values by FACTOR before the model sees them, e.g. 0.025 for 16-bit imagery "
-                "holding 40x the 8-bit values the model was trained on. Without it, imagery of another data type or "
-                "far outside the training imagery's range is refused."
-            ),
-        ),
-    ] = None,
-    tta: Annotated[str, typer.Option("--tta", help=TTA_HELP)] = "none",
-    stac_asset: StacAsset = None,  # applied by its callback
-    crs: Annotated[
-        str | None,
-        typer.Option(
-            "--crs",
-            help=(
-                "CRS of the map, e.g. EPSG:32617 (imagery in other CRSs is warped onto it). Default: the imagery's "
-                "when all its files share one, else the UTM zone of the AOI's (or the imagery's) centre, said in the "
-                "log."
-            ),
-        ),
-    ] = None,
-    label_prior: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--label-prior",
-            help=(
-                "The LR labels the model was trained on (same legend), combined with the network at each pixel by "
-                "Bayes' rule: class = argmax p(class | image) x share of the class in the label's LR class (the "
-                "legend's compositions) / share in the training labels. Where the network is sure, it decides; "
-                "where it is unsure, the label does. Pixels without a label keep the network's class."
-            )
-            + LIST_HELP
-            + REMOTE_HELP,
-        ),
-    ] = None,
-) -> None:
+@command_from_options(
+    PredictConfig,
+    config_help=(
+        "YAML file with the same options as these flags (keys: the flag names); flags given on the command line "
+        "win. A map's LCMAP_PREDICT_OPTIONS tag holds such a file's options (as JSON)."
+    ),
+)
+def predict(config_file: Path | None, given: dict) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
-    from lcmap.pipeline.run_lock import check_not_locked
-    from lcmap.pipeline.scheduler_check import check_scheduler
 
-    _run(check_not_locked, out)  # another run on --out, and a --scheduler that is not Dask: refused
-    if scheduler and scheduler not in ("synchronous", "local") and ":" in scheduler:  # in seconds, before torch
-        _run(check_scheduler, scheduler)
-    from lcmap.pipeline.predict import predict_map
+    def go():
+        from lcmap.pipeline.run_lock import check_not_locked
+        from lcmap.pipeline.scheduler_check import check_scheduler
 
-    result = _run(
-        predict_map,
-        model,
-        images,
-        out,
-        bbox=bbox,
-        bbox_crs=bbox_crs,
-        aoi=aoi,
-        tile_px=tile_px,
-        overlap_px=overlap_px,
-        block_px=block_px,
-        batch_size=batch_size,
-        device=device,
-        scheduler=scheduler,
-        confidence=confidence,
-        legend=legend,
-        precision=precision,
-        devices=devices,
-        input_scale=input_scale,
-        tta=tta,
-        crs=crs,
-        label_prior=label_prior,
-    )
+        cfg = (PredictConfig.from_yaml(config_file) if config_file else PredictConfig()).merged(**given)
+        if cfg.out:  # another run on --out, and a --scheduler that is not Dask: refused in seconds, before torch
+            check_not_locked(cfg.out)
+        scheduler = cfg.scheduler
+        if scheduler and scheduler not in ("synchronous", "local") and ":" in scheduler:
+            check_scheduler(scheduler)
+        from lcmap.pipeline.predict import predict_map
+
+        return predict_map(cfg)  # checks the options first (PredictConfig.check)
+
+    result = _run(go)
     console.print(f"[green]map written to[/] {result.path}")
 
 

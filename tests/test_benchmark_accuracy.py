@@ -75,7 +75,7 @@ def test_map_patch_with_the_label_prior_is_what_lcmap_predict_writes(tmp_path: P
     (smaller than one window, so predict runs one forward pass over it too) with its NLCD."""
     import rasterio
 
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
 
     nlcd = get_legend("nlcd")
     torch.manual_seed(1)
@@ -88,8 +88,9 @@ def test_map_patch_with_the_label_prior_is_what_lcmap_predict_writes(tmp_path: P
     got = accuracy.map_patch(tm, sample_paths()["imagery"][3], prior)
     plain = accuracy.map_patch(tm, sample_paths()["imagery"][3])
     labels = [str(sample_paths()["labels"][3])]
-    r = predict_map(ckpt, [sample_paths()["imagery"][3]], tmp_path / "map.tif", tile_px=512, overlap_px=64,
-                    scheduler="synchronous", progress=False, label_prior=labels)  # fmt: skip
+    config = PredictConfig.of(ckpt, [sample_paths()["imagery"][3]], tmp_path / "map.tif", tile_px=512,
+                              overlap_px=64, scheduler="synchronous", label_prior=labels)  # fmt: skip
+    r = predict_map(config, progress=False)
     with rasterio.open(r.path) as src:
         written = src.read(1).astype(np.int64) - 1  # codes 1..4 -> target indices; nodata -> -1
     written = np.where(written < 0, IGNORE_INDEX, written)

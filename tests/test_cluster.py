@@ -33,7 +33,7 @@ from lcmap.pipeline.runs import save_checkpoint
 from tests.rasters import fake_imagery
 
 REPO = Path(__file__).resolve().parents[1]
-OPTS = dict(tile_px=64, overlap_px=16, batch_size=4, block_px=48, progress=False, device="cpu")
+OPTS = dict(tile_px=64, overlap_px=16, batch_size=4, block_px=48, device="cpu")
 
 
 def _free_port() -> int:
@@ -99,7 +99,10 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("unet", 4, 4)
     ckpt = save_checkpoint(root / "m.ckpt", model, "unet", target_legend(), [128.0] * 4, [60.0] * 4)
-    ref = P.predict_map(ckpt, [root / "images"], root / "ref" / "map.tif", scheduler="synchronous", **OPTS).path
+    ref = P.predict_map(
+        P.PredictConfig.of(ckpt, [root / "images"], root / "ref" / "map.tif", scheduler="synchronous", **OPTS),
+        progress=False,
+    ).path
     return {"root": root, "ckpt": ckpt, "images": [root / "images"], "ref": ref}
 
 
@@ -133,7 +136,10 @@ def _when_first_block(out: Path, action, timeout_s: float = 120) -> threading.Th
 
 
 def test_cluster_map_is_identical_to_synchronous(data, cluster, tmp_path):
-    res = P.predict_map(data["ckpt"], data["images"], tmp_path / "map.tif", scheduler=cluster.address, **OPTS)
+    res = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], tmp_path / "map.tif", scheduler=cluster.address, **OPTS),
+        progress=False,
+    )
     assert res.blocks_run == res.blocks > 4
     assert np.array_equal(_read(res.path), _read(data["ref"]))
 
@@ -148,7 +154,9 @@ def test_cluster_survives_a_worker_killed_mid_run(data, cluster, tmp_path):
             killed.append(time.monotonic())
 
     watcher = _when_first_block(out, kill)
-    res = P.predict_map(data["ckpt"], data["images"], out, scheduler=cluster.address, **OPTS)
+    res = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], out, scheduler=cluster.address, **OPTS), progress=False
+    )
     watcher.join(timeout=5)
     assert killed and cluster.workers[0].wait(timeout=10) == -signal.SIGKILL
     assert np.array_equal(_read(res.path), _read(data["ref"]))
@@ -158,7 +166,9 @@ def test_cluster_scheduler_lost_mid_run_keeps_blocks_and_says_how_to_resume(data
     out = tmp_path / "map.tif"
     watcher = _when_first_block(out, lambda: cluster.scheduler.send_signal(signal.SIGKILL))
     with pytest.raises(LcmapInputError) as exc:
-        P.predict_map(data["ckpt"], data["images"], out, scheduler=cluster.address, **OPTS)
+        P.predict_map(
+            P.PredictConfig.of(data["ckpt"], data["images"], out, scheduler=cluster.address, **OPTS), progress=False
+        )
     watcher.join(timeout=5)
     msg = str(exc.value)
     assert "scheduler" in msg and "went away" in msg and "resume" in msg
@@ -172,7 +182,9 @@ def test_cluster_scheduler_lost_mid_run_keeps_blocks_and_says_how_to_resume(data
     time.sleep(3)
     assert sorted(p.name for p in (partial / "blocks").iterdir()) == on_disk
     # resuming synchronously finishes the same map
-    res = P.predict_map(data["ckpt"], data["images"], out, scheduler="synchronous", **OPTS)
+    res = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], out, scheduler="synchronous", **OPTS), progress=False
+    )
     assert res.blocks_resumed > 0 and np.array_equal(_read(res.path), _read(data["ref"]))
 
 
@@ -180,7 +192,10 @@ def test_cluster_unreachable_scheduler_fails_fast_and_leaves_nothing(data, tmp_p
     out = tmp_path / "map.tif"
     t0 = time.monotonic()
     with pytest.raises(LcmapInputError, match="cannot connect"):
-        P.predict_map(data["ckpt"], data["images"], out, scheduler=f"tcp://127.0.0.1:{_free_port()}", **OPTS)
+        P.predict_map(
+            P.PredictConfig.of(data["ckpt"], data["images"], out, scheduler=f"tcp://127.0.0.1:{_free_port()}", **OPTS),
+            progress=False,
+        )
     assert time.monotonic() - t0 < 30
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
@@ -199,15 +214,26 @@ def test_ctrl_c_on_predict_says_what_was_kept_and_exits_130(data, tmp_path):
 
 def test_bf16_on_cpu_is_refused_with_a_message(data, tmp_path):
     with pytest.raises(LcmapInputError, match="bf16"):
-        P.predict_map(data["ckpt"], data["images"], tmp_path / "m.tif", scheduler="synchronous",
-                      precision="bf16", **OPTS)  # fmt: skip
+        P.predict_map(
+            P.PredictConfig.of(
+                data["ckpt"], data["images"], tmp_path / "m.tif", scheduler="synchronous", precision="bf16", **OPTS
+            ),
+            progress=False,
+        )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_bf16_map_mostly_agrees_with_float32(data, tmp_path):
     gpu = {**OPTS, "device": "cuda"}
-    a = P.predict_map(data["ckpt"], data["images"], tmp_path / "a.tif", scheduler="synchronous", **gpu).path
-    b = P.predict_map(data["ckpt"], data["images"], tmp_path / "b.tif", scheduler="synchronous", precision="bf16",
-                      **gpu).path  # fmt: skip
+    a = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], tmp_path / "a.tif", scheduler="synchronous", **gpu),
+        progress=False,
+    ).path
+    b = P.predict_map(
+        P.PredictConfig.of(
+            data["ckpt"], data["images"], tmp_path / "b.tif", scheduler="synchronous", precision="bf16", **gpu
+        ),
+        progress=False,
+    ).path
     assert (_read(a) == _read(b)).mean() > 0.95

@@ -43,7 +43,7 @@ def _codes_over(path: Path, bounds) -> np.ndarray:
         return src.read(1, window=from_bounds(*bounds, transform=src.transform))
 
 
-FAST = dict(batch_size=4, scheduler="synchronous", progress=False)
+FAST = dict(batch_size=4, scheduler="synchronous")
 
 
 def test_a_file_mapped_alone_equals_it_mapped_with_other_files(ckpt, tmp_path):
@@ -55,8 +55,16 @@ def test_a_file_mapped_alone_equals_it_mapped_with_other_files(ckpt, tmp_path):
     with rasterio.open(a) as src:
         bounds = tuple(src.bounds)
     for tile, overlap in ((64, 16), (128, 32)):
-        alone = P.predict_map(ckpt, [a], tmp_path / f"a{tile}" / "map.tif", tile_px=tile, overlap_px=overlap, **FAST)
-        both = P.predict_map(ckpt, [a, b], tmp_path / f"b{tile}" / "map.tif", tile_px=tile, overlap_px=overlap, **FAST)
+        alone = P.predict_map(
+            P.PredictConfig.of(ckpt, [a], tmp_path / f"a{tile}" / "map.tif", tile_px=tile, overlap_px=overlap, **FAST),
+            progress=False,
+        )
+        both = P.predict_map(
+            P.PredictConfig.of(
+                ckpt, [a, b], tmp_path / f"b{tile}" / "map.tif", tile_px=tile, overlap_px=overlap, **FAST
+            ),
+            progress=False,
+        )
         ca, cb = _codes_over(alone.path, bounds), _codes_over(both.path, bounds)
         assert ca.shape == cb.shape == (256, 256)
         assert (ca > 0).all() and len(np.unique(ca)) >= 2  # mapped, and not one class everywhere
@@ -82,7 +90,9 @@ def test_a_small_image_inside_one_window_is_one_forward_pass_over_itself(ckpt, t
         return real(model, x)
 
     monkeypatch.setattr(inference, "predict_proba", spy)
-    out = P.predict_map(ckpt, [path], tmp_path / "m" / "map.tif", tile_px=128, overlap_px=32, **FAST).path
+    out = P.predict_map(
+        P.PredictConfig.of(ckpt, [path], tmp_path / "m" / "map.tif", tile_px=128, overlap_px=32, **FAST), progress=False
+    ).path
     assert seen and set(seen) == {(1, 4, 64, 96)}  # the image itself, each time
     model = load_trained_model(ckpt).model
     x = (torch.from_numpy(data.astype(np.float32)) - torch.tensor(MEAN).view(4, 1, 1)) / torch.tensor(STD).view(4, 1, 1)

@@ -30,7 +30,7 @@ X0, Y0 = 500_000.0, 4_000_000.0
 H, W = 150, 170
 SPLIT, GAP = 90, 6  # the mosaic's two files: columns [0, 90) and [96, 170); no file covers the gap
 HOLE = (slice(10, 30), slice(120, 150))  # all bands 0 = imagery nodata
-FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous")
 
 
 def _imagery(folder: Path, bands: int = 4) -> list[Path]:
@@ -81,7 +81,10 @@ def data(tmp_path_factory):
     images = _imagery(root / "images")
     ckpt4 = _checkpoint(root / "target4.ckpt", target_legend())
     ckpt_nlcd = _checkpoint(root / "nlcd.ckpt", get_legend("nlcd"), seed=1)
-    ref = P.predict_map(ckpt4, [root / "images"], root / "ref" / "map.tif", block_px=4096, confidence=True, **FAST).path
+    ref = P.predict_map(
+        P.PredictConfig.of(ckpt4, [root / "images"], root / "ref" / "map.tif", block_px=4096, confidence=True, **FAST),
+        progress=False,
+    ).path
     return {"root": root, "images": images, "ckpt": ckpt4, "ckpt_nlcd": ckpt_nlcd, "ref": ref}
 
 
@@ -164,7 +167,10 @@ def test_preview_png_beside_the_map(data):
 
 def test_block_size_and_mosaic_invariance(data):
     result = P.predict_map(
-        data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48, confidence=True, **FAST
+        P.PredictConfig.of(
+            data["ckpt"], data["images"], data["root"] / "b48" / "map.tif", block_px=48, confidence=True, **FAST
+        ),
+        progress=False,
     )
     out = result.path
     # 150 x 170 px in 48 px blocks on the window lattice (it starts 32 px before the map's corner
@@ -195,7 +201,10 @@ def test_aoi_polygon_masks_and_crops(data, tmp_path):
             }
         )
     )
-    out = P.predict_map(data["ckpt"], data["images"], tmp_path / "aoi" / "map.tif", aoi=aoi, block_px=48, **FAST).path
+    out = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], tmp_path / "aoi" / "map.tif", aoi=aoi, block_px=48, **FAST),
+        progress=False,
+    ).path
     with rasterio.open(out) as src:
         codes, t = src.read(1), src.transform
     # extent: the triangle's bounds snapped outwards to the 1 m grid
@@ -222,7 +231,10 @@ def test_aoi_polygon_masks_and_crops(data, tmp_path):
 def test_bbox_in_utm_crops_exactly(data, tmp_path):
     bbox = (X0 + 10.4, Y0 - 100, X0 + 120, Y0 - 20.5)
     out = P.predict_map(
-        data["ckpt"], data["images"], tmp_path / "bbox" / "map.tif", bbox=bbox, bbox_crs=CRS, block_px=4096, **FAST
+        P.PredictConfig.of(
+            data["ckpt"], data["images"], tmp_path / "bbox" / "map.tif", bbox=bbox, bbox_crs=CRS, block_px=4096, **FAST
+        ),
+        progress=False,
     ).path
     with rasterio.open(out) as src:
         assert src.transform.c == X0 + 10 and src.transform.f == Y0 - 20
@@ -235,7 +247,10 @@ def test_bbox_in_utm_crops_exactly(data, tmp_path):
 def test_native_legend_codes(data, tmp_path):
     nlcd = get_legend("nlcd")
     out = P.predict_map(
-        data["ckpt_nlcd"], data["images"], tmp_path / "native" / "map.tif", legend="native", block_px=96, **FAST
+        P.PredictConfig.of(
+            data["ckpt_nlcd"], data["images"], tmp_path / "native" / "map.tif", legend="native", block_px=96, **FAST
+        ),
+        progress=False,
     ).path
     with rasterio.open(out) as src:
         codes = src.read(1)
@@ -250,7 +265,10 @@ def test_native_legend_codes(data, tmp_path):
     assert len(entries) == len(nlcd)
     # target codes of the same model: wherever the native map's class has a target, the target map
     # may differ from it only where several LR classes share a target (summed probabilities)
-    tgt = P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "tgt" / "map.tif", block_px=96, **FAST).path
+    tgt = P.predict_map(
+        P.PredictConfig.of(data["ckpt_nlcd"], data["images"], tmp_path / "tgt" / "map.tif", block_px=96, **FAST),
+        progress=False,
+    ).path
     lut = np.zeros(256, np.uint8)
     for c in nlcd.classes:
         lut[c.code] = 0 if c.target is None else nlcd.target.index_of(c.target) + 1
@@ -276,10 +294,18 @@ def test_target_map_takes_the_target_class_of_highest_summed_probability(data, t
     monkeypatch.setattr(inference, "predict_proba", fake_proba)
     native = _read(
         P.predict_map(
-            data["ckpt_nlcd"], data["images"], tmp_path / "n" / "map.tif", legend="native", block_px=96, **FAST
+            P.PredictConfig.of(
+                data["ckpt_nlcd"], data["images"], tmp_path / "n" / "map.tif", legend="native", block_px=96, **FAST
+            ),
+            progress=False,
         ).path
     )
-    tgt = _read(P.predict_map(data["ckpt_nlcd"], data["images"], tmp_path / "t" / "map.tif", block_px=96, **FAST).path)
+    tgt = _read(
+        P.predict_map(
+            P.PredictConfig.of(data["ckpt_nlcd"], data["images"], tmp_path / "t" / "map.tif", block_px=96, **FAST),
+            progress=False,
+        ).path
+    )
     with rasterio.open(data["ref"]) as src:  # the imagery on the output grid (same grid as ref)
         band1, band2 = (np.full((src.height, src.width), -1.0) for _ in range(2))
     for f in data["images"]:
@@ -311,7 +337,9 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mapfile, "write_block", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
+        P.predict_map(
+            P.PredictConfig.of(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST), progress=False
+        )
     assert not out.exists() and not out.with_name("map_confidence.tif").exists()
     partial = Path(str(out) + ".partial")
     assert sorted(p.stem for p in (partial / "blocks").glob("*.tif")) == sorted(written)
@@ -327,7 +355,9 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
             yield item
 
     monkeypatch.setattr(execution, "predict_group", counting)
-    result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST)
+    result = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], out, block_px=48, confidence=True, **FAST), progress=False
+    )
     assert result.blocks_resumed == 3 and len(ran) == 20 - 3 and not set(ran) & set(written)  # 4 x 5 blocks
     assert result.blocks_run == 20 - 3
     assert np.array_equal(_read(out), _read(data["ref"]))
@@ -341,14 +371,17 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     (partial / "manifest.json").write_text(json.dumps({"version": 1, "tile_px": 999}))
     (partial / "blocks" / "r00000_c00000.tif").write_bytes(b"stale")
     ran.clear()
-    result = P.predict_map(data["ckpt"], data["images"], out, block_px=48, **FAST)
+    result = P.predict_map(P.PredictConfig.of(data["ckpt"], data["images"], out, block_px=48, **FAST), progress=False)
     assert result.blocks_resumed == 0 and len(ran) == 20
     assert np.array_equal(_read(out), _read(data["ref"]))
 
 
 def test_local_cluster_matches_synchronous(data, tmp_path):
     opts = {**FAST, "scheduler": None}
-    result = P.predict_map(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts)
+    result = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], tmp_path / "dask" / "map.tif", block_px=96, **opts),
+        progress=False,
+    )
     out = result.path
     assert result.blocks_run == 2 * 3  # 96 px blocks on the lattice (from -32): rows [0, 64), cols [0, 64, 160)
     assert np.array_equal(_read(out), _read(data["ref"]))
@@ -392,7 +425,7 @@ def test_bad_input_writes_nothing(data, tmp_path, case):
     args = {"model": data["ckpt"], "images": data["images"], "out": tmp_path / "out" / "map.tif", **FAST}
     args.update(kwargs)
     with pytest.raises(LcmapInputError, match=message):
-        P.predict_map(**args)
+        P.predict_map(P.PredictConfig.of(**args), progress=False)
     out = Path(args["out"])
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
@@ -404,7 +437,7 @@ def test_full_disk_says_how_much_space(data, tmp_path, monkeypatch):
     monkeypatch.setattr(mapfile, "write_block", full)
     out = tmp_path / "full" / "map.tif"
     with pytest.raises(LcmapInputError, match=r"disk is full.*needs at most about [\d.]+ [KMG]?B"):
-        P.predict_map(data["ckpt"], data["images"], out, block_px=4096, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], data["images"], out, block_px=4096, **FAST), progress=False)
     assert not out.exists()
     assert mapfile.is_enospc(rasterio.errors.RasterioIOError("write failed: No space left on device"))
 
@@ -420,7 +453,10 @@ def test_imagery_nodata_reaches_the_model_as_the_band_mean(data, tmp_path, monke
         return real(model, x)
 
     monkeypatch.setattr(inference, "predict_proba", spy)
-    P.predict_map(data["ckpt"], data["images"], tmp_path / "m" / "map.tif", block_px=96, **FAST)
+    P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["images"], tmp_path / "m" / "map.tif", block_px=96, **FAST),
+        progress=False,
+    )
     x = torch.cat(seen)
     assert x.min() > (1 - 128) / 60 - 1e-4
     assert ((x == 0).all(dim=1)).sum() >= 20 * 30  # at least the hole's pixels, all bands 0
@@ -446,7 +482,13 @@ def test_nan_in_float_imagery_is_map_nodata_and_the_rest_maps_normally(data, tmp
         path.parent.mkdir()
         with rasterio.open(path, "w", **{**profile, "dtype": "float32", "nodata": nodata}) as dst:
             dst.write(values)
-        maps.append(_read(P.predict_map(data["ckpt"], path, tmp_path / name / "map.tif", **FAST).path))
+        maps.append(
+            _read(
+                P.predict_map(
+                    P.PredictConfig.of(data["ckpt"], path, tmp_path / name / "map.tif", **FAST), progress=False
+                ).path
+            )
+        )
     got, expected = maps
     assert (got[bad] == 0).all() and (got[~bad] != 0).all()
     assert np.array_equal(got, expected)

@@ -28,7 +28,11 @@ MEAN, STD = [120.0, 120.0, 110.0, 130.0], [50.0, 45.0, 40.0, 55.0]
 NLCD = get_legend("nlcd")
 # a training mix: mostly deciduous forest, some pasture and developed open space
 FREQ = {41: 0.80, 81: 0.15, 21: 0.05}
-FAST = dict(batch_size=4, scheduler="synchronous", progress=False)
+FAST = dict(batch_size=4, scheduler="synchronous")
+
+
+def _predict(model, images, out, **options):
+    return P.predict_map(P.PredictConfig.of(model, images, out, **options), progress=False)
 
 
 def _frequency() -> list[float]:
@@ -74,8 +78,8 @@ def test_a_small_image_with_its_labels_is_mapped_by_bayes_rule(ckpt, tmp_path):
     cell_transform = from_origin(x0, y0, 16.0, 16.0)
     labels = write_raster(tmp_path / "nlcd.tif", cells.astype(np.uint8)[None], transform=cell_transform, nodata=0)
 
-    plain = P.predict_map(ckpt, [image], tmp_path / "plain" / "map.tif", tile_px=128, overlap_px=32, **FAST)
-    fused = P.predict_map(ckpt, [image], tmp_path / "fused" / "map.tif", tile_px=128, overlap_px=32,
+    plain = _predict(ckpt, [image], tmp_path / "plain" / "map.tif", tile_px=128, overlap_px=32, **FAST)
+    fused = _predict(ckpt, [image], tmp_path / "fused" / "map.tif", tile_px=128, overlap_px=32,
                           label_prior=[str(labels)], confidence=True, **FAST)  # fmt: skip
     assert fused.confidence_path is not None
     with rasterio.open(plain.path) as a, rasterio.open(fused.path) as b, rasterio.open(fused.confidence_path) as c:
@@ -123,7 +127,7 @@ def test_a_real_patch_with_its_nlcd_is_the_same_map_at_any_block_size(ckpt, tmp_
     image, labels = paths["imagery"][0], paths["labels"][0]
     maps, blocks = [], []
     for block in (64, 256):
-        r = P.predict_map(ckpt, [image], tmp_path / f"b{block}" / "map.tif", tile_px=64, overlap_px=16,
+        r = _predict(ckpt, [image], tmp_path / f"b{block}" / "map.tif", tile_px=64, overlap_px=16,
                           block_px=block, label_prior=[str(labels)], **FAST)  # fmt: skip
         with rasterio.open(r.path) as src:
             maps.append(src.read(1))
@@ -138,13 +142,13 @@ def test_bad_label_priors_are_clear_errors(ckpt, tmp_path):
     out = tmp_path / "m" / "map.tif"
     old = save_checkpoint(tmp_path / "old.ckpt", _model(), "unet", NLCD, MEAN, STD)  # no label_frequency
     with pytest.raises(LcmapInputError, match="class mix of its training labels"):
-        P.predict_map(old, [image], out, tile_px=64, overlap_px=16, label_prior=[str(labels)], **FAST)
+        _predict(old, [image], out, tile_px=64, overlap_px=16, label_prior=[str(labels)], **FAST)
     with pytest.raises(LcmapInputError, match="--legend target"):
-        P.predict_map(ckpt, [image], out, tile_px=64, overlap_px=16, legend="native", label_prior=[str(labels)], **FAST)
+        _predict(ckpt, [image], out, tile_px=64, overlap_px=16, legend="native", label_prior=[str(labels)], **FAST)
     far_transform = from_origin(10.0, 40.0, 30.0, 30.0)
     far = write_raster(tmp_path / "far.tif", np.full((1, 4, 4), 41, np.uint8), transform=far_transform, nodata=0)
     with pytest.raises(LcmapInputError, match="overlaps the map"):
-        P.predict_map(ckpt, [image], out, tile_px=64, overlap_px=16, label_prior=[str(far)], **FAST)
+        _predict(ckpt, [image], out, tile_px=64, overlap_px=16, label_prior=[str(far)], **FAST)
     with pytest.raises(LcmapInputError):
-        P.predict_map(ckpt, [image], out, tile_px=64, overlap_px=16, label_prior=[str(tmp_path / "no.tif")], **FAST)
+        _predict(ckpt, [image], out, tile_px=64, overlap_px=16, label_prior=[str(tmp_path / "no.tif")], **FAST)
     assert not out.exists()

@@ -68,7 +68,7 @@ from lcmap.pipeline.runs import save_checkpoint
 DATA = Path(__file__).parent / "data"
 SAMPLE = DATA / "m_3907833_nw_17_1_naip-new.tif"  # 260 x 260, 4 bands, uint8
 SAMPLE_NLCD = DATA / "m_3907833_nw_17_1_nlcd.tif"
-FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -128,7 +128,9 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     image = _imagery(root / "images" / "scene.tif")
     ckpt = _checkpoint(root / "model.ckpt", image)
-    ref = P.predict_map(ckpt, image, root / "ref" / "map.tif", block_px=48, **FAST).path
+    ref = P.predict_map(
+        P.PredictConfig.of(ckpt, image, root / "ref" / "map.tif", block_px=48, **FAST), progress=False
+    ).path
     return {"root": root, "image": image, "ckpt": ckpt, "ref": ref}
 
 
@@ -162,7 +164,7 @@ def test_second_run_on_the_same_out_is_refused_with_the_pid(data, tmp_path):
         with pytest.raises(
             OutputLockedError, match=rf"being written by another lcmap process \(pid {holder.pid}\)"
         ) as e:
-            P.predict_map(data["ckpt"], data["image"], out, legend="native", **FAST)
+            P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, legend="native", **FAST), progress=False)
         assert e.value.pid == holder.pid
         assert time.perf_counter() - started < 30  # at once, not after predicting
         # the holder's folder is not deleted, even though this run's parameters differ
@@ -191,7 +193,7 @@ def test_sigkilled_holder_releases_the_lock(data, tmp_path):
     holder = _hold_lock(out)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    result = P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+    result = P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     assert np.array_equal(_read(result.path), _read(data["ref"]))
     assert not out.with_name("map.tif.partial").exists()
 
@@ -217,12 +219,12 @@ def test_symlinked_partial_folder_is_refused_and_nothing_is_deleted_through_it(d
     (partial / "manifest.json").write_text("{}")
     (partial / "blocks").symlink_to(victim, target_is_directory=True)
     with pytest.raises(LcmapInputError, match=r"blocks is a symlink"):
-        P.predict_map(data["ckpt"], data["image"], out, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, **FAST), progress=False)
     assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before and not out.exists()
     # a link among an older run's files is removed, never followed
     (partial / "blocks").unlink()
     (partial / "old").symlink_to(victim, target_is_directory=True)
-    result = P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+    result = P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     assert np.array_equal(_read(result.path), _read(data["ref"])) and not partial.exists()
     assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
     assert (victim / "thesis.txt").read_text() == "years of work"
@@ -241,7 +243,7 @@ def test_out_equal_to_an_input_image_is_refused(data, tmp_path):
     link = tmp_path / "link.tif"
     link.symlink_to(image)
     with pytest.raises(LcmapInputError, match="is also an input"):
-        P.predict_map(data["ckpt"], link, image, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], link, image, **FAST), progress=False)
     assert _sha(image) == before
 
 
@@ -263,13 +265,19 @@ def test_out_equal_to_the_aoi_is_refused(data, tmp_path):
         assert "is also an input" in _said(result) and aoi in _said(result)
         assert _sha(path) == before and not (tmp_path / "map.tif").exists()
     # a different --out with the same AOI maps
-    assert P.predict_map(data["ckpt"], data["image"], tmp_path / "ok.tif", aoi=tmp_path / "aoi.geojson", **FAST).path
+    assert P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["image"], tmp_path / "ok.tif", aoi=tmp_path / "aoi.geojson", **FAST),
+        progress=False,
+    ).path
 
 
 def test_outputs_in_the_images_folder_are_skipped(data, tmp_path, caplog):
     folder = tmp_path / "images"
     image = _imagery(folder / "naip.tif")
-    P.predict_map(data["ckpt"], folder, folder / "map.tif", confidence=True, block_px=48, **FAST)
+    P.predict_map(
+        P.PredictConfig.of(data["ckpt"], folder, folder / "map.tif", confidence=True, block_px=48, **FAST),
+        progress=False,
+    )
     (folder / "old.tif.partial" / "blocks").mkdir(parents=True)
     _write(folder / "old.tif.partial" / "blocks" / "r000000_c000000.tif", np.ones((1, 8, 8), np.uint8))
     with caplog.at_level(logging.INFO, logger="lcmap.geodata.io"):
@@ -277,7 +285,9 @@ def test_outputs_in_the_images_folder_are_skipped(data, tmp_path, caplog):
     skipped = caplog.text
     assert "map.tif" in skipped and "map_confidence.tif" in skipped and "partial" in skipped
     # and the next run over the folder is not confused by them ("different band counts [1, 4]")
-    again = P.predict_map(data["ckpt"], folder, tmp_path / "again.tif", block_px=48, **FAST)
+    again = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], folder, tmp_path / "again.tif", block_px=48, **FAST), progress=False
+    )
     assert np.array_equal(_read(again.path), _read(folder / "map.tif"))
 
 
@@ -344,20 +354,22 @@ def test_16bit_imagery_for_an_8bit_model_is_refused(tmp_path):
     assert "--input-scale" in text
     assert not out.exists()
     with pytest.raises(ImageryMismatchError):
-        P.plan_prediction(ckpt, img16, out, device="cpu")
+        P.plan_prediction(P.PredictConfig.of(ckpt, img16, out, device="cpu"))
     # asked for explicitly, the rescale is accepted and gives the 8-bit map (up to float rounding)
-    scaled = P.predict_map(ckpt, img16, out, input_scale=0.025, **FAST)
-    plain = P.predict_map(ckpt, SAMPLE, tmp_path / "plain.tif", **FAST)
+    scaled = P.predict_map(P.PredictConfig.of(ckpt, img16, out, input_scale=0.025, **FAST), progress=False)
+    plain = P.predict_map(P.PredictConfig.of(ckpt, SAMPLE, tmp_path / "plain.tif", **FAST), progress=False)
     assert np.mean(_read(scaled.path) == _read(plain.path)) > 0.995
     # a wrong factor still leaves the values far outside the range
     with pytest.raises(ImageryMismatchError, match="after --input-scale 0.5"):
-        P.plan_prediction(ckpt, img16, tmp_path / "x.tif", input_scale=0.5, device="cpu")
+        P.plan_prediction(P.PredictConfig.of(ckpt, img16, tmp_path / "x.tif", input_scale=0.5, device="cpu"))
 
 
 def test_old_checkpoint_without_imagery_record_still_predicts(data, tmp_path, caplog):
     old = _checkpoint(tmp_path / "old.ckpt")  # no imagery_range: trained by an older lcmap
     with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
-        result = P.predict_map(old, data["image"], tmp_path / "map.tif", block_px=48, **FAST)
+        result = P.predict_map(
+            P.PredictConfig.of(old, data["image"], tmp_path / "map.tif", block_px=48, **FAST), progress=False
+        )
     assert "does not record its training imagery" in caplog.text
     assert np.array_equal(_read(result.path), _read(data["ref"]))
 
@@ -385,7 +397,7 @@ def test_block_cut_short_during_write_is_not_finished(data, tmp_path, monkeypatc
     monkeypatch.setattr(rasterio, "open", cut_short_open)
     out = tmp_path / "map.tif"
     with pytest.raises(OSError, match="does not read back"):
-        P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     blocks = out.with_name("map.tif.partial") / "blocks"
     assert not list(blocks.glob("r*_c*.tif")) and not list(blocks.glob("*.sha256")) and not out.exists()
 
@@ -403,7 +415,7 @@ def test_truncated_block_is_recomputed_on_resume(data, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(mapfile, "write_block", stop_after_four)
     with pytest.raises(KeyboardInterrupt):
-        P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     monkeypatch.setattr(mapfile, "write_block", real_write)
     blocks = out.with_name("map.tif.partial") / "blocks"
     cut, changed, unrecorded = (blocks / f"{name}.tif" for name in written[:3])
@@ -427,7 +439,9 @@ def test_truncated_block_is_recomputed_on_resume(data, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(execution, "predict_group", counting)
     with caplog.at_level(logging.INFO, logger="lcmap.pipeline.mapfile"):
-        result = P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+        result = P.predict_map(
+            P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False
+        )
     assert set(written[:3]) <= set(ran) and written[3] not in ran
     assert result.blocks_resumed == 1
     for name in written[:3]:
@@ -476,12 +490,12 @@ def test_full_disk_tmpfs_during_cog_assembly(data, tiny_disk, monkeypatch):
     monkeypatch.setattr(mapfile, "write_map", fill_then_write)
     out = tiny_disk / "m.tif"
     with pytest.raises(DiskFullError, match="the disk is full"):
-        P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+        P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     assert not out.exists()
     # the blocks are kept and verified: freeing space and running again resumes them all
     (tiny_disk / "filler").unlink()
     monkeypatch.setattr(mapfile, "write_map", real_write_map)
-    result = P.predict_map(data["ckpt"], data["image"], out, block_px=48, **FAST)
+    result = P.predict_map(P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False)
     assert result.blocks_resumed == result.blocks
     assert np.array_equal(_read(out), _read(data["ref"]))
 

@@ -63,7 +63,7 @@ DATA = REPO / "tests" / "data"
 IMAGE = DATA / "m_3907833_nw_17_1_naip-new.tif"  # 260 x 260, 4 bands, EPSG:26917
 NLCD = DATA / "m_3907833_nw_17_1_nlcd.tif"
 SAMPLE = REPO / "lcmap" / "geodata" / "sample"
-FAST = dict(tile_px=64, overlap_px=16, batch_size=4, block_px=128, scheduler="synchronous", progress=False)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, block_px=128, scheduler="synchronous")
 runner = CliRunner()
 
 
@@ -213,8 +213,10 @@ def test_scheduler_that_is_not_dask_is_refused_in_seconds(ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------ 4c. tracebacks
 def test_world_bbox_maps_the_imagery(ckpt, tmp_path):
-    plain = P.predict_map(ckpt, IMAGE, tmp_path / "plain.tif", **FAST).path
-    world = P.predict_map(ckpt, IMAGE, tmp_path / "world.tif", bbox=(-180, -90, 180, 90), **FAST).path
+    plain = P.predict_map(P.PredictConfig.of(ckpt, IMAGE, tmp_path / "plain.tif", **FAST), progress=False).path
+    world = P.predict_map(
+        P.PredictConfig.of(ckpt, IMAGE, tmp_path / "world.tif", bbox=(-180, -90, 180, 90), **FAST), progress=False
+    ).path
     with rasterio.open(plain) as a, rasterio.open(world) as b:
         assert a.transform == b.transform and np.array_equal(a.read(1), b.read(1))
 
@@ -381,7 +383,7 @@ def test_second_predict_is_refused_before_loading_anything(ckpt, tmp_path, monke
     with mapfile.lock_partial(Path(str(out) + ".partial"), out):
         t0 = time.monotonic()
         with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
-            P.predict_map(ckpt, IMAGE, out, progress=False)  # the default: a local Dask cluster
+            P.predict_map(P.PredictConfig.of(ckpt, IMAGE, out), progress=False)  # the default: a local Dask cluster
         said = _one_line_error(runner.invoke(app, ["predict", "--model", str(ckpt), "--images", str(IMAGE),
                                                    "--out", str(out)]))  # fmt: skip
         assert "another lcmap process" in said and time.monotonic() - t0 < 10

@@ -36,7 +36,7 @@ from lcmap.geodata.stac_inputs import asset_choice, stac_asset_hrefs
 from lcmap.models import build_model
 from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.evaluate import evaluate_map
-from lcmap.pipeline.predict import predict_map
+from lcmap.pipeline.predict import PredictConfig, predict_map
 from lcmap.pipeline.runs import save_checkpoint
 from tests.http_server import RangeServer
 from tests.rasters import fake_imagery
@@ -44,7 +44,7 @@ from tests.rasters import fake_imagery
 runner = CliRunner()
 #: Parts of patches 7 and 3 of the sample (EPSG:26917), with 94 m without imagery between them.
 BBOX = (538189.0, 4164500.0, 538381.0, 4164596.0)
-FAST = dict(tile_px=64, overlap_px=16, batch_size=8, scheduler="synchronous", progress=False)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=8, scheduler="synchronous")
 
 
 def _squash(text: str) -> str:
@@ -81,7 +81,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def local_map(cogs: Path, checkpoint: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "map.tif"
     files = sorted(str(p) for p in (cogs / "naip").glob("*.tif"))
-    predict_map(checkpoint, files, out, bbox=BBOX, bbox_crs="EPSG:26917", **FAST)
+    predict_map(PredictConfig.of(checkpoint, files, out, bbox=BBOX, bbox_crs="EPSG:26917", **FAST), progress=False)
     return out
 
 
@@ -103,7 +103,10 @@ def test_map_from_urls_equals_local_and_reads_a_fraction(
     files = sorted((cogs / "naip").glob("*.tif"))
     with RangeServer(cogs) as server:
         urls = [server.url(f"naip/{p.name}") for p in files]
-        result = predict_map(checkpoint, urls, tmp_path / "map.tif", bbox=BBOX, bbox_crs="EPSG:26917", **FAST)
+        result = predict_map(
+            PredictConfig.of(checkpoint, urls, tmp_path / "map.tif", bbox=BBOX, bbox_crs="EPSG:26917", **FAST),
+            progress=False,
+        )
         stats = server.stats()
         identities = remote_identities(urls)  # the resume fingerprint: URL, size, version
     _same_map(local_map, result.path)

@@ -32,7 +32,7 @@ from lcmap.pipeline.runs import save_checkpoint
 from lcmap.pipeline.strips import StripReader
 from lcmap.pipeline.tiling import output_grid
 
-FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False, device="cpu")
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", device="cpu")
 NAIP = {p.stem: p for p in sample_paths()["imagery"]}  # patch-0 ... patch-7, EPSG:26917
 EDGE_PX = 3  # pixels along a footprint's edge, where resampling mixes in the outside
 
@@ -80,7 +80,11 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("unet", 4, len(target_legend()))  # stored for its legend and normalisation only
     ckpt = save_checkpoint(root / "m.ckpt", model, "unet", target_legend(), [128.0] * 4, [60.0] * 4)
-    own = {"patch-0": P.predict_map(ckpt, [NAIP["patch-0"]], root / "own" / "patch-0.tif", **FAST).path}
+    own = {
+        "patch-0": P.predict_map(
+            P.PredictConfig.of(ckpt, [NAIP["patch-0"]], root / "own" / "patch-0.tif", **FAST), progress=False
+        ).path
+    }
     return {"root": root, "ckpt": ckpt, "own": own}
 
 
@@ -157,7 +161,10 @@ def test_crs_option_maps_the_imaged_area_with_the_classes_of_the_own_crs_map(dat
     Virginia North (US survey feet): the patch's footprint is mapped, nothing around it, pixels stay
     1 m on the ground, and the classes are those of the map in the imagery's own CRS."""
     out = P.predict_map(
-        data["ckpt"], [NAIP["patch-0"]], data["root"] / crs.replace(":", "") / "map.tif", crs=crs, **FAST
+        P.PredictConfig.of(
+            data["ckpt"], [NAIP["patch-0"]], data["root"] / crs.replace(":", "") / "map.tif", crs=crs, **FAST
+        ),
+        progress=False,
     )
     with rasterio.open(out.path) as src:
         assert src.crs == CRS.from_user_input(crs)
@@ -181,8 +188,12 @@ def test_folder_mixing_crss_maps_every_file(data, other_crs):
     (folder / "a.tif").parent.mkdir(parents=True, exist_ok=True)
     (folder / "a.tif").write_bytes(NAIP["patch-0"].read_bytes())
     warped = _warp(NAIP["patch-5"], folder / "b.tif", other_crs)
-    warped_own = P.predict_map(data["ckpt"], [warped], data["root"] / f"own{other_crs[5:]}.tif", **FAST).path
-    out = P.predict_map(data["ckpt"], [folder], data["root"] / f"mixed{other_crs[5:]}.tif", **FAST)
+    warped_own = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], [warped], data["root"] / f"own{other_crs[5:]}.tif", **FAST), progress=False
+    ).path
+    out = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], [folder], data["root"] / f"mixed{other_crs[5:]}.tif", **FAST), progress=False
+    )
     with rasterio.open(out.path) as src:
         assert src.crs.to_epsg() == 32617
     # the imaged areas: the patches' footprints (the warped file's corners are nodata)

@@ -25,7 +25,7 @@ from lcmap.models import build_model
 from lcmap.pipeline import cog, execution
 from lcmap.pipeline.runs import save_checkpoint
 
-FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", progress=False)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -67,33 +67,40 @@ def two_zones(tmp_path_factory):
 
 def test_imagery_across_utm_zones_gets_one_crs_the_aoi_centroid_zone(two_zones, caplog):
     with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
-        plan = P.plan_prediction(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", **{
-            k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")
-        })  # fmt: skip
+        opts = {k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")}
+        plan = P.plan_prediction(
+            P.PredictConfig.of(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", **opts)
+        )
     # no AOI: the imagery's centre lies just east of 84 W -> zone 17 (or west -> 16): one of the two
     centre_zone = CRS.from_wkt(plan.job.grid.crs_wkt).to_epsg()
     assert centre_zone in (32616, 32617)
     assert any("map CRS" in r.getMessage() and "UTM zone" in r.getMessage() for r in caplog.records)
     # a bbox wholly west of the boundary: its centroid's zone, 16
     plan16 = P.plan_prediction(
-        two_zones["ckpt"],
-        [two_zones["images"]],
-        two_zones["root"] / "m.tif",
-        bbox=(-84.004, 34.9975, -83.9985, 35.0005),
+        P.PredictConfig.of(
+            two_zones["ckpt"],
+            [two_zones["images"]],
+            two_zones["root"] / "m.tif",
+            bbox=(-84.004, 34.9975, -83.9985, 35.0005),
+        )
     )
     assert CRS.from_wkt(plan16.job.grid.crs_wkt).to_epsg() == 32616
     plan17 = P.plan_prediction(
-        two_zones["ckpt"],
-        [two_zones["images"]],
-        two_zones["root"] / "m.tif",
-        bbox=(-84.0005, 34.9975, -83.996, 35.0005),
+        P.PredictConfig.of(
+            two_zones["ckpt"],
+            [two_zones["images"]],
+            two_zones["root"] / "m.tif",
+            bbox=(-84.0005, 34.9975, -83.996, 35.0005),
+        )
     )
     assert CRS.from_wkt(plan17.job.grid.crs_wkt).to_epsg() == 32617
 
 
 def test_crs_option_warps_every_file_onto_one_grid(two_zones):
     out = two_zones["root"] / "out16" / "map.tif"
-    res = P.predict_map(two_zones["ckpt"], [two_zones["images"]], out, crs="EPSG:32616", **FAST)
+    res = P.predict_map(
+        P.PredictConfig.of(two_zones["ckpt"], [two_zones["images"]], out, crs="EPSG:32616", **FAST), progress=False
+    )
     with rasterio.open(res.path) as src:
         assert src.crs.to_epsg() == 32616
         assert src.res == pytest.approx((1.0, 1.0))
@@ -116,10 +123,12 @@ def test_map_pixel_size_is_ground_metres_whatever_file_comes_first(tmp_path):
     _tile(tmp_path / "img" / "b_utm17.tif", "EPSG:32617", round(x17), round(y17), 160, 4)
     ckpt = _checkpoint(tmp_path / "m.ckpt")
     opts = {k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")}
-    plan = P.plan_prediction(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32617", **opts)
+    plan = P.plan_prediction(P.PredictConfig.of(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32617", **opts))
     assert (plan.job.grid.res_x, plan.job.grid.res_y) == (1.0, 1.0)
     # no file in the map's CRS: the Mercator pixel warped onto zone 16, ~1 m (not 1.22)
-    plan16 = P.plan_prediction(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32616", **opts)
+    plan16 = P.plan_prediction(
+        P.PredictConfig.of(ckpt, [tmp_path / "img"], tmp_path / "m.tif", crs="EPSG:32616", **opts)
+    )
     assert plan16.job.grid.res_x == pytest.approx(1.0, abs=0.01)
     assert plan16.job.grid.res_y == pytest.approx(1.0, abs=0.01)
 
@@ -127,7 +136,9 @@ def test_map_pixel_size_is_ground_metres_whatever_file_comes_first(tmp_path):
 def test_bad_crs_is_an_input_error(two_zones):
     for bad in ("EPSG:4326", "not-a-crs"):
         with pytest.raises(LcmapInputError):
-            P.plan_prediction(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", crs=bad)
+            P.plan_prediction(
+                P.PredictConfig.of(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", crs=bad)
+            )
 
 
 def test_tiles_far_apart_plan_only_the_blocks_they_touch(tmp_path):
@@ -136,7 +147,9 @@ def test_tiles_far_apart_plan_only_the_blocks_they_touch(tmp_path):
     _tile(img / "a.tif", "EPSG:32617", 500_000.0, 4_000_000.0, 300, 1)
     _tile(img / "b.tif", "EPSG:32617", 600_000.0, 3_900_000.0, 300, 2)  # 100 km east, 100 km south
     plan = P.plan_prediction(
-        _checkpoint(tmp_path / "m.ckpt"), [img], tmp_path / "m.tif", block_px=512, tile_px=64, overlap_px=16
+        P.PredictConfig.of(
+            _checkpoint(tmp_path / "m.ckpt"), [img], tmp_path / "m.tif", block_px=512, tile_px=64, overlap_px=16
+        )
     )
     blocks = plan.blocks()
     every = plan.job.blocks()

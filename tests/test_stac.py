@@ -278,7 +278,7 @@ def test_predict_writes_the_stac_item_with_the_imagery_date(tmp_path: Path):
 
     from lcmap.geodata.legends import target_legend
     from lcmap.models import build_model
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
     from lcmap.pipeline.runs import save_checkpoint
 
     images = [
@@ -289,8 +289,12 @@ def test_predict_writes_the_stac_item_with_the_imagery_date(tmp_path: Path):
     ckpt = save_checkpoint(
         tmp_path / "m.ckpt", build_model("unet", 3, 4), "unet", target_legend(), [128.0] * 3, [60.0] * 3
     )
-    out = predict_map(ckpt, images, tmp_path / "out" / "map.tif", tile_px=64, overlap_px=16,
-                      scheduler="synchronous", progress=False).path  # fmt: skip
+    out = predict_map(
+        PredictConfig.of(
+            ckpt, images, tmp_path / "out" / "map.tif", tile_px=64, overlap_px=16, scheduler="synchronous"
+        ),
+        progress=False,
+    ).path
     item = load(stac_item_path(out))
     props = item["properties"]
     assert props["lcmap:datetime_source"] == "imagery" and props["datetime"] is None
@@ -299,6 +303,10 @@ def test_predict_writes_the_stac_item_with_the_imagery_date(tmp_path: Path):
     assert [c["value"] for c in item["assets"]["data"]["classification:classes"]][1:] == [1, 2, 3, 4]
     # imagery without a date tag: the map's time, said so
     plain = [_tagged_imagery(tmp_path / "plain.tif", X0)]
-    out2 = predict_map(ckpt, plain, tmp_path / "out2" / "map.tif", tile_px=64, overlap_px=16,
-                       scheduler="synchronous", progress=False).path  # fmt: skip
+    out2 = predict_map(
+        PredictConfig.of(
+            ckpt, plain, tmp_path / "out2" / "map.tif", tile_px=64, overlap_px=16, scheduler="synchronous"
+        ),
+        progress=False,
+    ).path
     assert load(stac_item_path(out2))["properties"]["lcmap:datetime_source"] == "created"

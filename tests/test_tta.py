@@ -142,7 +142,7 @@ def test_val_tta_option_is_checked_and_reaches_validation(monkeypatch):
 
 # ----------------------------------------------------------------------- lcmap predict --tta
 H, W = 100, 120
-FAST = dict(tile_px=64, overlap_px=16, batch_size=3, progress=False, confidence=True)
+FAST = dict(tile_px=64, overlap_px=16, batch_size=3, confidence=True)
 
 
 def _read(path: Path, band: int = 1) -> np.ndarray:
@@ -159,8 +159,16 @@ def data(tmp_path_factory):
     with torch.no_grad():
         model.net.segmentation_head[0].weight.mul_(8.0)
     ckpt = save_checkpoint(root / "m.ckpt", model, "unet", target_legend(), [128.0] * 4, [60.0] * 4)
-    ref = P.predict_map(ckpt, image, root / "ref" / "map.tif", block_px=4096, scheduler="synchronous", tta="d4", **FAST)
-    none = P.predict_map(ckpt, image, root / "none" / "map.tif", block_px=4096, scheduler="synchronous", **FAST)
+    ref = P.predict_map(
+        P.PredictConfig.of(
+            ckpt, image, root / "ref" / "map.tif", block_px=4096, scheduler="synchronous", tta="d4", **FAST
+        ),
+        progress=False,
+    )
+    none = P.predict_map(
+        P.PredictConfig.of(ckpt, image, root / "none" / "map.tif", block_px=4096, scheduler="synchronous", **FAST),
+        progress=False,
+    )
     return {"root": root, "image": image, "ckpt": ckpt, "ref": ref.path, "none": none.path}
 
 
@@ -179,24 +187,38 @@ def test_tta_map_is_recorded_and_differs_from_none(data):
 
 def test_tta_map_is_bit_identical_across_block_sizes(data, tmp_path):
     out = P.predict_map(
-        data["ckpt"], data["image"], tmp_path / "b48" / "map.tif", block_px=48, scheduler="synchronous", tta="d4",
-        **FAST,
-    )  # fmt: skip
+        P.PredictConfig.of(
+            data["ckpt"],
+            data["image"],
+            tmp_path / "b48" / "map.tif",
+            block_px=48,
+            scheduler="synchronous",
+            tta="d4",
+            **FAST,
+        ),
+        progress=False,
+    )
     assert out.blocks > 4
     assert np.array_equal(_read(out.path), _read(data["ref"]))
     assert np.array_equal(_read(out.confidence_path), _read(data["ref"].with_name("map_confidence.tif")))
 
 
 def test_tta_map_is_bit_identical_on_a_local_cluster(data, tmp_path):
-    out = P.predict_map(data["ckpt"], data["image"], tmp_path / "dask" / "map.tif", block_px=96, tta="d4", **FAST)
+    out = P.predict_map(
+        P.PredictConfig.of(data["ckpt"], data["image"], tmp_path / "dask" / "map.tif", block_px=96, tta="d4", **FAST),
+        progress=False,
+    )
     assert out.blocks_run == 4
     assert np.array_equal(_read(out.path), _read(data["ref"]))
     assert np.array_equal(_read(out.confidence_path), _read(data["ref"].with_name("map_confidence.tif")))
 
 
 def test_manifest_fingerprint_differs_between_modes(data, tmp_path):
-    prints = [P.plan_prediction(data["ckpt"], data["image"], tmp_path / "m.tif", tta=m).fingerprint for m in TTA_MODES]
+    prints = [
+        P.plan_prediction(P.PredictConfig.of(data["ckpt"], data["image"], tmp_path / "m.tif", tta=m)).fingerprint
+        for m in TTA_MODES
+    ]
     assert [p["tta"] for p in prints] == list(TTA_MODES)
     assert prints[0] != prints[1] != prints[2] != prints[0]
     with pytest.raises(LcmapInputError, match="--tta"):
-        P.plan_prediction(data["ckpt"], data["image"], tmp_path / "m.tif", tta="all")
+        P.plan_prediction(P.PredictConfig.of(data["ckpt"], data["image"], tmp_path / "m.tif", tta="all"))

@@ -5,25 +5,23 @@ units), how a value from YAML or the command line becomes the field's type, and 
 declaration gives the dataclass field, the config-file key (the field name, ``_`` or ``-``), the
 command-line flag and its help (:mod:`lcmap.cli_options` builds the ``lcmap train`` flags from it).
 
-Merging: ``TrainConfig.from_yaml(path).merged(**flags)``: the flags given win over the file.
+Merging: ``TrainConfig.from_yaml(path).merged(**flags)``: the flags given win over the file (the
+declaration machinery, shared with :class:`lcmap.pipeline.predict_config.PredictConfig`, is
+:mod:`lcmap.pipeline.option_values`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.remote import is_remote
 from lcmap.geodata.stac_inputs import ASSET_HELP
-from lcmap.geodata.yaml_files import read_yaml
 from lcmap.pipeline import option_values as v
-from lcmap.pipeline.option_values import Option, option
+from lcmap.pipeline.option_values import DeclaredOptions, Option, option
 
 __all__ = ["Option", "TrainConfig", "option"]
 
@@ -60,7 +58,7 @@ RESUME_MAY_CHANGE = (
 
 # ------------------------------------------------------------------------------ value parsers
 @dataclass
-class TrainConfig:
+class TrainConfig(DeclaredOptions):
     """Options of ``lcmap train`` (config-file keys = field names with ``_`` or ``-``).
 
     Each field's help (``TrainConfig.option_of(name).help``) says what it is and in which unit;
@@ -222,83 +220,6 @@ class TrainConfig:
         None, parse=v.text, cli_type=str, metavar="RUN_DIR",
         help="RUN_DIR to write checkpoints, config, legend, stats, metrics, loss plot.",
     )  # fmt: skip
-
-    # ---------------------------------------------------------------- declaration access
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def option_of(cls, name: str) -> Option:
-        """The :class:`Option` declared for field ``name``."""
-        return next(f.metadata["option"] for f in fields(cls) if f.name == name)
-
-    @classmethod
-    def flag_of(cls, name: str) -> str:
-        """The command-line flag of field ``name`` (``--patch-px``)."""
-        return cls.option_of(name).flag or "--" + name.replace("_", "-")
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def _normalise_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
-        known = set(cls.field_names())
-        # a key may also be spelled as its flag (mixed_class / mixed-class for mixed_classes)
-        by_flag = {cls.flag_of(n)[2:].replace("-", "_"): n for n in known}
-        out: dict[str, Any] = {}
-        unknown = []
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            name = name if name in known else by_flag.get(name, name)
-            if name not in known:
-                unknown.append(str(key))
-            else:
-                out[name] = value
-        if unknown:
-            raise LcmapInputError(
-                f"{source}: unknown option(s) {', '.join(sorted(unknown))}. Valid options: "
-                f"{', '.join(cls.field_names())}"
-            )
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> TrainConfig:
-        return cls()._replace(cls._normalise_keys(data, source), source)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML config file (keys: the field names or the flags' names); unknown keys are an error."""
-        path = Path(path)
-        data = read_yaml(path, "config file")
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise LcmapInputError(f"config file {path} must hold a mapping of option: value")
-        return cls.from_dict(data, source=str(path))
-
-    def merged(self, **flags: Any) -> TrainConfig:
-        """A copy with ``flags`` applied; None values mean "not given" and are skipped."""
-        given = {k: v for k, v in flags.items() if v is not None}
-        return self._replace(self._normalise_keys(given, "command line"), "command line")
-
-    def _replace(self, values: dict[str, Any], source: str) -> TrainConfig:
-        coerced: dict[str, Any] = {}
-        for name, value in values.items():
-            try:
-                coerced[name] = None if value is None else self.option_of(name).parse(value)
-            except (TypeError, ValueError) as exc:
-                raise LcmapInputError(f"{source}: option {name} = {value!r} is invalid ({exc})") from exc
-        return dataclasses.replace(self, **coerced)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path) -> None:
-        """Write the options as YAML, atomically (a temporary file renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ resolution
     @property

@@ -63,7 +63,7 @@ def run_demo(
     """
     from lcmap.errors import LcmapInputError, TrainingInterrupted
     from lcmap.pipeline.evaluate import evaluate_map
-    from lcmap.pipeline.predict import predict_map
+    from lcmap.pipeline.predict import PredictConfig, predict_map
     from lcmap.pipeline.runs import RunFolder
     from lcmap.pipeline.train import TrainConfig, run_train
 
@@ -111,16 +111,18 @@ def run_demo(
         log.info("%s predicting the %s patches at 1 m%s", "2/4" if split == "train" else "3/4",
                  split.replace("_", "-"), " with the NLCD as prior" if prior else "")  # fmt: skip
         map_path = predict_map(
-            run_dir,
-            all_files["imagery"],
-            out / f"{name}.tif",
-            aoi=aoi,
-            tile_px=256,
-            overlap_px=32,
-            block_px=2048,
-            scheduler="synchronous",
+            PredictConfig.of(
+                run_dir,
+                all_files["imagery"],
+                out / f"{name}.tif",
+                aoi=aoi,
+                tile_px=256,
+                overlap_px=32,
+                block_px=2048,
+                scheduler="synchronous",
+                label_prior=prior or [],
+            ),
             progress=progress,
-            label_prior=prior,
         ).path
         report_dir = out / {"train": "report", "held_out": "report_heldout"}.get(split, f"report_{split}")
         results[split] = evaluate_map(

@@ -376,15 +376,19 @@ def write_map(
     out_legend: Legend,
     model_legend: Legend,
     console: Any | None = None,
+    tags: dict[str, str] | None = None,
 ) -> None:
     """Mosaic the block files into ``out`` (COG, mode overviews, colours, category names, tags,
     ``MAP.qml``) and, with ``job.confidence``, ``MAP_confidence.tif`` (average overviews).
 
-    ``console``: a rich console to say what is being written, or None.
+    ``console``: a rich console to say what is being written, or None. ``tags``: further GDAL
+    tags of both maps (how they were made: :func:`lcmap.pipeline.predict_config.map_tags`).
     """
     g = job.grid
     colormap, names, entries = cog.map_categories(out_legend)
+    made = dict(tags or {})
     tags = {
+        **made,
         LEGEND_TAG: cog.legend_tag(out_legend),
         "LCMAP_MODEL": Path(job.checkpoint).name,
         "LCMAP_MODEL_LEGEND": model_legend.name,
@@ -421,6 +425,7 @@ def write_map(
                 CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
                 "LCMAP_MODEL": Path(job.checkpoint).name,
                 "LCMAP_TTA": job.tta,
+                **made,
             },
             description="confidence (%)",
             **common,

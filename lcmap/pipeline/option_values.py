@@ -1,19 +1,30 @@
-"""How one training option is declared and how its values are read.
+"""How a command's options are declared once, and how their values are read.
 
 :class:`Option` (attached to a dataclass field by :func:`option`) says how a field is given in a
 config file and on the command line; the parsers below turn a YAML or flag value into the field's
-type, raising ValueError/TypeError with a message that names the expected form. Used by
-:class:`lcmap.pipeline.config.TrainConfig`; :mod:`lcmap.cli_options` builds flags from it.
+type, raising ValueError/TypeError with a message that names the expected form.
+:class:`DeclaredOptions` is what such a dataclass can do with its declaration: read a YAML config
+file (:func:`yaml.safe_load` only: a config is data), merge the flags given on the command line
+(they win), refuse an unknown key or a bad value in one line naming it, and write itself as YAML.
+Used by :class:`lcmap.pipeline.config.TrainConfig` and
+:class:`lcmap.pipeline.predict_config.PredictConfig`; :mod:`lcmap.cli_options` builds the flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-__all__ = ["Option", "option"]
+import yaml
+
+from lcmap.errors import LcmapInputError
+from lcmap.geodata.yaml_files import read_yaml
+
+__all__ = ["DeclaredOptions", "Option", "option"]
 
 
 def as_list(value: Any) -> list[str]:
@@ -137,7 +148,7 @@ def mixed_classes(value: Any) -> dict[int, list[str]]:
 # ------------------------------------------------------------------------------ declaration
 @dataclass(frozen=True)
 class Option:
-    """How one :class:`TrainConfig` field is given in a config file and on the command line.
+    """How one option field (of a :class:`DeclaredOptions` dataclass) is given in a config file and on the command line.
 
     Attributes:
         help: the flag's help text (with units).
@@ -173,3 +184,90 @@ def option(
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class DeclaredOptions:
+    """Base of a dataclass whose every field is declared with :func:`option` (config-file keys =
+    the field names, with ``_`` or ``-``, or the flags' names).
+
+    ``cls.from_yaml(path).merged(**flags)``: the file's options, then the flags given (not None)
+    win. Unknown keys and values the field's parser refuses raise :class:`LcmapInputError`, one line
+    naming the key and where it came from.
+    """
+
+    # ---------------------------------------------------------------- declaration access
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def option_of(cls, name: str) -> Option:
+        """The :class:`Option` declared for field ``name``."""
+        return next(f.metadata["option"] for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of field ``name`` (``--patch-px``)."""
+        return cls.option_of(name).flag or "--" + name.replace("_", "-")
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def _normalise_keys(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+        known = set(cls.field_names())
+        # a key may also be spelled as its flag (mixed_class / mixed-class for mixed_classes)
+        by_flag = {cls.flag_of(n)[2:].replace("-", "_"): n for n in known}
+        out: dict[str, Any] = {}
+        unknown = []
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            name = name if name in known else by_flag.get(name, name)
+            if name not in known:
+                unknown.append(str(key))
+            else:
+                out[name] = value
+        if unknown:
+            raise LcmapInputError(
+                f"{source}: unknown option(s) {', '.join(sorted(unknown))}. Valid options: "
+                f"{', '.join(cls.field_names())}"
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Self:
+        return cls()._replace(cls._normalise_keys(data, source), source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Read a YAML config file (keys: the field names or the flags' names); unknown keys are an error."""
+        path = Path(path)
+        data = read_yaml(path, "config file")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise LcmapInputError(f"config file {path} must hold a mapping of option: value")
+        return cls.from_dict(data, source=str(path))
+
+    def merged(self, **flags: Any) -> Self:
+        """A copy with ``flags`` applied; None values mean "not given" and are skipped."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return self._replace(self._normalise_keys(given, "command line"), "command line")
+
+    def _replace(self, values: dict[str, Any], source: str) -> Self:
+        coerced: dict[str, Any] = {}
+        for name, value in values.items():
+            try:
+                coerced[name] = None if value is None else self.option_of(name).parse(value)
+            except (TypeError, ValueError) as exc:
+                raise LcmapInputError(f"{source}: option {name} = {value!r} is invalid ({exc})") from exc
+        return dataclasses.replace(self, **coerced)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the options as YAML, atomically (a temporary file renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)

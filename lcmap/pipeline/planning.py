@@ -4,8 +4,9 @@
 count, data type and value range of the training imagery, ``--input-scale``), refuses an output
 that is an input, chooses the map's CRS (:mod:`lcmap.geodata.mapcrs`), the output grid, the window
 grid and the blocks that touch the imagery inside the AOI (:mod:`lcmap.pipeline.tiling`), and the
-manifest fingerprint a re-run must match to resume. :func:`lcmap.pipeline.predict.predict_map`
-runs the plan.
+manifest fingerprint a re-run must match to resume, from the options of one
+:class:`~lcmap.pipeline.predict_config.PredictConfig` (checked first by its ``check``).
+:func:`lcmap.pipeline.predict.predict_map` runs the plan.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -26,26 +26,24 @@ import torch
 from rasterio.crs import CRS
 
 from lcmap.errors import ImageryMismatchError, LcmapInputError
-from lcmap.geodata.aoi import AOI, resolve_aoi
+from lcmap.geodata.aoi import resolve_aoi
 from lcmap.geodata.datasets import HRImagery, open_imagery
 from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
 from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.geodata.remote import absolute_input
-from lcmap.models.tta import TTA_MODES
+from lcmap.geodata.stac_inputs import asset_choice
 from lcmap.pipeline import cog, mapfile
-from lcmap.pipeline.inference import PRECISIONS, PredictJob
+from lcmap.pipeline.inference import PredictJob
+from lcmap.pipeline.predict_config import PredictConfig, map_tags
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
 from lcmap.pipeline.stac import stac_item_path
 from lcmap.pipeline.tiling import Block, block_side_px, lattice_windows, output_grid
 
-__all__ = ["TILE_MULTIPLE", "Plan", "plan_prediction"]
+__all__ = ["Plan", "plan_prediction"]
 
 log = logging.getLogger(__name__)
-
-#: ``tile_px`` must be a multiple of this (U-Net: 32; Paraformer-tiny: 16).
-TILE_MULTIPLE = 32
 
 
 @dataclass
@@ -58,6 +56,8 @@ class Plan:
     out_legend: Legend
     model_legend: Legend
     fingerprint: dict[str, Any]
+    #: GDAL tags that say how the map was made (:func:`lcmap.pipeline.predict_config.map_tags`)
+    tags: dict[str, str] = field(default_factory=dict)
     model: TrainedModel | None = field(default=None, repr=False)
     imagery: HRImagery | None = field(default=None, repr=False)
     #: the imagery's footprint inside the AOI, in the output CRS (WKB)
@@ -116,8 +116,8 @@ def _code_lut(legend: Legend, mode: str) -> tuple[tuple[int, ...], tuple[int, ..
         lut = tuple(legend.codes)
         group = None
         out_legend = legend
-    else:
-        raise LcmapInputError(f"--legend {mode!r}: choose 'target' (common classes) or 'native' (the model's legend)")
+    else:  # PredictConfig.check refuses any other
+        raise ValueError(f"legend mode {mode!r}")
     dtype = "uint8" if max(lut + (MAP_NODATA,)) <= 255 else "uint16"
     return lut, group, out_legend, dtype
 
@@ -163,74 +163,35 @@ def _check_imagery_kind(tm: TrainedModel, ds: HRImagery, input_scale: float | No
     )
 
 
-def plan_prediction(
-    model: str | Path,
-    images: str | Path | Sequence[str | Path],
-    out: str | Path,
-    *,
-    bbox: Sequence[float] | None = None,
-    bbox_crs: str = "EPSG:4326",
-    aoi: str | Path | AOI | None = None,
-    tile_px: int = 512,
-    overlap_px: int = 64,
-    block_px: int = 4096,
-    batch_size: int = 4,
-    device: str = "auto",
-    confidence: bool = False,
-    legend: str = "target",
-    torch_threads: int | None = None,
-    precision: str = "32",
-    input_scale: float | None = None,
-    tta: str = "none",
-    crs: str | None = None,
-    label_prior: Sequence[str | Path] | str | Path | None = None,
-) -> Plan:
+def plan_prediction(config: PredictConfig, *, torch_threads: int | None = None) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
-    ``crs``: the map's CRS (imagery in other CRSs is warped onto it); None: see :func:`output_crs`.
-    ``label_prior``: LR label files combined with the network at each pixel
-    (:mod:`lcmap.pipeline.prediction_prior`); None: the network alone.
+    ``config``: the options (:func:`lcmap.pipeline.predict.predict_map` documents each; its
+    ``--stac-asset`` applies while the imagery is opened). ``torch_threads``: torch threads of the
+    workers (None: their default).
 
     Raises:
         LcmapInputError: on any bad input (see :func:`predict_map`).
     """
-    if not isinstance(tile_px, int) or tile_px < TILE_MULTIPLE or tile_px % TILE_MULTIPLE:
-        raise LcmapInputError(
-            f"--tile-px {tile_px}: the window side must be a positive multiple of {TILE_MULTIPLE} px "
-            f"(the networks downsample by {TILE_MULTIPLE}), e.g. 256, 512 or 1024"
-        )
-    if not isinstance(overlap_px, int) or overlap_px < 0 or 2 * overlap_px > tile_px:
-        raise LcmapInputError(
-            f"--overlap-px {overlap_px}: must be between 0 and half of --tile-px ({tile_px // 2}); "
-            "64 px per side is a good default for 512 px windows"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise LcmapInputError(f"--batch-size {batch_size}: must be at least 1")
-    if not isinstance(block_px, int) or block_px < 1:
-        raise LcmapInputError(f"--block-px {block_px}: must be a positive number of pixels")
-    if legend not in ("target", "native"):
-        raise LcmapInputError(f"--legend {legend!r}: choose 'target' (common classes) or 'native' (the model's legend)")
-    if input_scale is not None and not (math.isfinite(input_scale) and input_scale > 0):
-        raise LcmapInputError(f"--input-scale {input_scale}: must be a positive number, e.g. 0.025")
-    if tta not in TTA_MODES:
-        raise LcmapInputError(
-            f"--tta {tta!r}: choose none, flips (4 flips, ~4x the model time) or d4 (8 flips and rotations, ~8x)"
-        )
-    dev = _resolve_device(device)
-    if precision not in PRECISIONS:
-        raise LcmapInputError(f"--precision {precision!r}: choose 32 or bf16 (bfloat16 on CUDA GPUs)")
-    if precision == "bf16" and not dev.startswith("cuda"):
+    config.check()
+    with asset_choice(config.stac_asset):
+        return _plan(config, torch_threads)
+
+
+def _plan(c: PredictConfig, torch_threads: int | None) -> Plan:
+    dev = _resolve_device(c.device)
+    if c.precision == "bf16" and not dev.startswith("cuda"):
         raise LcmapInputError(
             "--precision bf16 runs the model in bfloat16 on CUDA GPUs only; this run is on the CPU "
             "(--device cpu, or no GPU visible): leave --precision out (float32)"
         )
-
-    out = Path(out).expanduser().absolute()
+    assert c.model is not None and c.out is not None  # PredictConfig.check
+    out = Path(c.out).expanduser().absolute()
     _check_output_folder(out)
 
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = resolve_checkpoint(c.model)
     tm = load_trained_model(checkpoint, "cpu")
-    ds = open_imagery(images)
+    ds = open_imagery(c.images)
     if ds.count != tm.in_channels:
         raise LcmapInputError(
             f"the imagery has {ds.count} band(s) ({', '.join(ds.files[:3])}{' ...' if len(ds.files) > 3 else ''}) "
@@ -239,25 +200,16 @@ def plan_prediction(
         )
     outputs = {"--out": out, "the map's .partial folder": out.with_name(out.name + ".partial")}
     outputs.update({"the map's style": cog.qml_path(out), "the map's STAC Item": stac_item_path(out)})
-    if confidence:
+    if c.confidence:
         outputs["the confidence map"] = mapfile.confidence_path(out)
-    aoi_files = [str(aoi)] if isinstance(aoi, (str, Path)) else []  # the --aoi file (a bbox or AOI object: none)
-    check_not_an_input(outputs, [*ds.files, str(checkpoint), *aoi_files])
-    _check_imagery_kind(tm, ds, input_scale)
-    bbox4 = cast("tuple[float, float, float, float]", tuple(bbox)) if bbox is not None else None
-    if isinstance(aoi, (str, Path)):
-        aoi_obj = resolve_aoi(aoi, bbox4, bbox_crs)
-    elif isinstance(aoi, AOI):
-        if bbox is not None:
-            raise LcmapInputError("give either --aoi or --bbox, not both")
-        aoi_obj = aoi
-    else:
-        aoi_obj = resolve_aoi(None, bbox4, bbox_crs)
-    out_crs, why = output_crs(ds, crs, aoi_obj)
-    if out_crs != CRS.from_user_input(ds.crs):  # read every file onto the map's CRS
-        ds = open_imagery(images, crs=out_crs, res=grid_res(ds, out_crs))
-    log.info("map CRS: %s (%s)", out_crs.to_string(), why)
-    crs = out_crs
+    check_not_an_input(outputs, [*ds.files, str(checkpoint), *([c.aoi] if c.aoi else [])])
+    _check_imagery_kind(tm, ds, c.input_scale)
+    bbox4 = cast("tuple[float, float, float, float]", tuple(c.bbox)) if c.bbox is not None else None
+    aoi_obj = resolve_aoi(c.aoi, bbox4, c.bbox_crs)
+    crs, why = output_crs(ds, c.crs, aoi_obj)
+    if crs != CRS.from_user_input(ds.crs):  # read every file onto the map's CRS
+        ds = open_imagery(c.images, crs=crs, res=grid_res(ds, crs))
+    log.info("map CRS: %s (%s)", crs.to_string(), why)
     x, y, _ = ds.bounds
     img_bounds = (float(x.start), float(y.start), float(x.stop), float(y.stop))
     geom = None
@@ -271,20 +223,20 @@ def plan_prediction(
         raise LcmapInputError(
             f"the AOI ({aoi_obj.source if aoi_obj else ''}) only touches the imagery's edge: nothing to predict"
         )
-    lut, group, out_legend, dtype = _code_lut(tm.legend, legend)
+    lut, group, out_legend, dtype = _code_lut(tm.legend, c.legend)
     prior = None
-    if label_prior:
+    if c.label_prior:  # the LR labels as a prior at each pixel (lcmap.pipeline.prediction_prior)
         from lcmap.pipeline.prediction_prior import prediction_prior
 
-        files = [str(label_prior)] if isinstance(label_prior, (str, Path)) else [str(p) for p in label_prior]
-        prior = prediction_prior(tm, files, legend, len(lut), grid.crs_wkt, grid.bounds(0, 0, grid.height, grid.width))
+        prior = prediction_prior(tm, list(c.label_prior), c.legend, len(lut), grid.crs_wkt,
+                                 grid.bounds(0, 0, grid.height, grid.width))  # fmt: skip
         log.info(
             "label prior: %d label file(s) in legend %s; training class mix %s",
             len(prior.label_files), prior.legend.get("name"),
             ", ".join(f"{n} {v:.2f}" for n, v in zip(out_legend.names, prior.class_mix, strict=False)),
         )  # fmt: skip
-    wg = lattice_windows(grid, tile_px, overlap_px)
-    block_size = block_side_px(block_px, wg)
+    wg = lattice_windows(grid, c.tile_px, c.overlap_px)
+    block_size = block_side_px(c.block_px, wg)
     partial = out.with_name(out.name + ".partial")
     aoi_wkb = shapely.to_wkb(geom) if geom is not None else None
     footprint = shapely.union_all(list(ds.index.geometry.values))  # the files' extents, imagery CRS
@@ -297,16 +249,16 @@ def plan_prediction(
         grid=grid,
         windows=wg,
         block_size=block_size,
-        batch_size=batch_size,
+        batch_size=c.batch_size,
         code_lut=lut,
         class_group=group,
         dtype=dtype,
-        confidence=bool(confidence),
+        confidence=bool(c.confidence),
         aoi_wkb=aoi_wkb,
         blocks_dir=str(partial / "blocks"),
-        precision=precision,
-        input_scale=float(input_scale) if input_scale is not None else 1.0,
-        tta=tta,
+        precision=c.precision,
+        input_scale=float(c.input_scale) if c.input_scale is not None else 1.0,
+        tta=c.tta,
         label_prior=prior,
     )
     fingerprint = mapfile.fingerprint(job)
@@ -320,6 +272,7 @@ def plan_prediction(
         out_legend=out_legend,
         model_legend=tm.legend,
         fingerprint=fingerprint,
+        tags=map_tags(c, job.checkpoint),
         model=tm,
         imagery=ds,
         area_wkb=shapely.to_wkb(area),

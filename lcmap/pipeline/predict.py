@@ -28,20 +28,19 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lcmap.errors import Interrupted, LcmapInputError
-from lcmap.geodata.aoi import AOI
 from lcmap.models.tta import tta_transforms
 from lcmap.pipeline import execution, mapfile, preview, stac
 from lcmap.pipeline.planning import plan_prediction
+from lcmap.pipeline.predict_config import PredictConfig
 from lcmap.pipeline.run_lock import check_not_locked
 from lcmap.pipeline.scheduler_check import check_scheduler
 from lcmap.pipeline.tiling import block_groups, group_shape
 
-__all__ = ["PredictResult", "predict_map"]
+__all__ = ["PredictConfig", "PredictResult", "predict_map"]
 
 log = logging.getLogger(__name__)
 
@@ -77,90 +76,72 @@ class PredictResult:
         return {k: v for k, v in asdict(self).items() if k not in ("path", "confidence_path")}
 
 
-def predict_map(
-    model: str | Path,
-    images: str | Path | Sequence[str | Path],
-    out: str | Path,
-    *,
-    bbox: Sequence[float] | None = None,
-    bbox_crs: str = "EPSG:4326",
-    aoi: str | Path | AOI | None = None,
-    tile_px: int = 512,
-    overlap_px: int = 64,
-    block_px: int = 4096,
-    batch_size: int = 4,
-    device: str = "auto",
-    scheduler: str | None = None,
-    confidence: bool = False,
-    legend: str = "target",
-    progress: bool = True,
-    precision: str = "32",
-    devices: int | None = None,
-    input_scale: float | None = None,
-    tta: str = "none",
-    crs: str | None = None,
-    label_prior: Sequence[str | Path] | str | Path | None = None,
-) -> PredictResult:
+def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
     Args:
-        model: RUN_DIR written by ``lcmap train`` (checkpoint chosen by
-            :func:`lcmap.pipeline.runs.resolve_checkpoint`) or a ``.ckpt``.
-        images: imagery files and/or folders (searched recursively); one mosaic, with the bands the
-            model was trained on. The map has the imagery's CRS and pixel size (e.g. 1 m).
-        out: the map to write (``MAP.tif``, a COG). Also written: ``MAP.tif.aux.xml`` (category
-            names), ``MAP.qml`` (QGIS style), ``MAP.preview.png`` (a small picture with the legend:
-            :mod:`lcmap.pipeline.preview`), ``MAP.stac.json`` (STAC Item, dated by the imagery's
-            date tags when present: :func:`lcmap.pipeline.stac.imagery_datetime_of`) and, with
-            ``confidence``, ``MAP_confidence.tif``.
-            ``MAP.tif.partial/`` holds finished blocks while running (kept on failure, to resume).
-        bbox: area to map, ``(west, south, east, north)`` in ``bbox_crs`` units (degrees for the
-            default EPSG:4326); not with ``aoi``. Default: the whole imagery extent.
-        bbox_crs: CRS of ``bbox`` (any string rasterio understands, e.g. ``EPSG:32617``).
-        aoi: polygon file (GeoJSON/GeoPackage/Shapefile, any CRS) or an :class:`AOI`; the map
-            covers its bounding box (snapped to the imagery's pixel grid) and pixels whose centre
-            lies outside the polygon are nodata.
-        tile_px: model window side in pixels (multiple of 32).
-        overlap_px: pixels shared by neighbouring windows (0 to ``tile_px / 2``); the window
-            stride is ``tile_px - overlap_px`` and probabilities are blended with a Hann taper
-            inside the overlap. Costs about ``(tile / stride)²`` in compute (1.31x at 512/64).
-        block_px: side of one task's block in pixels, rounded to a whole number of window strides
-            (4096 -> 4032 with the defaults). Bigger blocks recompute fewer halo windows (~23% at
-            4032 px, ~11% at 8064 px); memory per task hardly depends on it.
-        batch_size: windows per model call (every call is padded to this many windows).
-        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
-        scheduler: ``None``: a local Dask cluster sized to this machine (one process per GPU; on
-            CPU one per core up to 4 cores, else one per 4 cores; 1 task thread each, torch
-            threads = cores / processes; its workers are spawned processes, so a script that
-            calls this needs the usual ``if __name__ == "__main__":`` guard);
-            ``"tcp://host:8786"``: an existing Dask cluster (with ``cuda``, tasks ask for the
-            worker resource ``GPU=1``); ``"synchronous"``: in this process, no Dask.
-        confidence: also write ``MAP_confidence.tif``: the blended probability of the chosen
-            class in percent (uint8 0-100, nodata 255).
-        legend: ``target``: codes 1..N of the target classes (1 water, 2 tree canopy, 3 low
-            vegetation, 4 built-up by default), the target class of highest summed LR-class
-            probability; where LR classes without a target win, 0; ``native``: the
-            codes of the model's own (LR) legend. 0 is nodata either way.
+        config: the options (:class:`~lcmap.pipeline.predict_config.PredictConfig`, e.g.
+            ``PredictConfig.of(model, images, out, tile_px=256)``), each as follows. They are
+            recorded in the map's ``LCMAP_PREDICT_OPTIONS`` tag (JSON; every option but ``out``)
+            and the checkpoint used in its ``LCMAP_CHECKPOINT`` tag, both also in the STAC Item.
+            model: RUN_DIR written by ``lcmap train`` (checkpoint chosen by
+                :func:`lcmap.pipeline.runs.resolve_checkpoint`) or a ``.ckpt``.
+            images: imagery files and/or folders (searched recursively); one mosaic, with the bands the
+                model was trained on. The map has the imagery's CRS and pixel size (e.g. 1 m).
+            out: the map to write (``MAP.tif``, a COG). Also written: ``MAP.tif.aux.xml`` (category
+                names), ``MAP.qml`` (QGIS style), ``MAP.preview.png`` (a small picture with the legend:
+                :mod:`lcmap.pipeline.preview`), ``MAP.stac.json`` (STAC Item, dated by the imagery's
+                date tags when present: :func:`lcmap.pipeline.stac.imagery_datetime_of`) and, with
+                ``confidence``, ``MAP_confidence.tif``.
+                ``MAP.tif.partial/`` holds finished blocks while running (kept on failure, to resume).
+            bbox: area to map, ``(west, south, east, north)`` in ``bbox_crs`` units (degrees for the
+                default EPSG:4326); not with ``aoi``. Default: the whole imagery extent.
+            bbox_crs: CRS of ``bbox`` (any string rasterio understands, e.g. ``EPSG:32617``).
+            aoi: polygon file (GeoJSON/GeoPackage/Shapefile, any CRS); the map covers its bounding
+                box (snapped to the imagery's pixel grid) and pixels whose centre lies outside the
+                polygon are nodata.
+            tile_px: model window side in pixels (multiple of 32).
+            overlap_px: pixels shared by neighbouring windows (0 to ``tile_px / 2``); the window
+                stride is ``tile_px - overlap_px`` and probabilities are blended with a Hann taper
+                inside the overlap. Costs about ``(tile / stride)²`` in compute (1.31x at 512/64).
+            block_px: side of one task's block in pixels, rounded to a whole number of window strides
+                (4096 -> 4032 with the defaults). Bigger blocks recompute fewer halo windows (~23% at
+                4032 px, ~11% at 8064 px); memory per task hardly depends on it.
+            batch_size: windows per model call (every call is padded to this many windows).
+            device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+            scheduler: ``None``: a local Dask cluster sized to this machine (one process per GPU; on
+                CPU one per core up to 4 cores, else one per 4 cores; 1 task thread each, torch
+                threads = cores / processes; its workers are spawned processes, so a script that
+                calls this needs the usual ``if __name__ == "__main__":`` guard);
+                ``"tcp://host:8786"``: an existing Dask cluster (with ``cuda``, tasks ask for the
+                worker resource ``GPU=1``); ``"synchronous"``: in this process, no Dask.
+            confidence: also write ``MAP_confidence.tif``: the blended probability of the chosen
+                class in percent (uint8 0-100, nodata 255).
+            legend: ``target``: codes 1..N of the target classes (1 water, 2 tree canopy, 3 low
+                vegetation, 4 built-up by default), the target class of highest summed LR-class
+                probability; where LR classes without a target win, 0; ``native``: the
+                codes of the model's own (LR) legend. 0 is nodata either way.
+            precision: ``32`` (float32) or ``bf16`` (the model in bfloat16 autocast; CUDA only).
+            devices: with ``cuda`` and a local cluster, how many GPUs to use (one worker each;
+                default: all visible).
+            crs: the map's CRS, e.g. ``EPSG:32617`` (imagery in other CRSs is warped onto it); None:
+                the imagery's when its files share one, else the UTM zone of the AOI's centroid.
+            input_scale: multiply the imagery's values by this factor before the model sees them
+                (e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained
+                on). Without it, imagery whose data type differs from the training imagery's, or
+                whose values go far above the training range, is refused; with it, only the range
+                (after scaling) is checked.
+            tta: test-time augmentation (:mod:`lcmap.models.tta`): ``none``; ``flips`` (identity,
+                horizontal, vertical, both: ~4x the model time) or ``d4`` (the 8 flips and rotations:
+                ~8x); each window's class probabilities are averaged over the transforms before the
+                taper and blending (so also in ``MAP_confidence.tif``). Recorded in the map's
+                ``LCMAP_TTA`` tag and in the resume manifest.
+            stac_asset: the asset of STAC Items given as ``images`` (:mod:`lcmap.geodata.stac_inputs`).
+            label_prior: the LR labels the model was trained on (same legend): each pixel's class is
+                the network's combined with its label by Bayes' rule
+                (:mod:`lcmap.pipeline.prediction_prior`); recorded in the ``LCMAP_LABEL_PRIOR`` tag
+                and the resume manifest. Empty: the network alone.
         progress: show a progress bar (blocks and km² with imagery inside the AOI).
-        precision: ``32`` (float32) or ``bf16`` (the model in bfloat16 autocast; CUDA only).
-        devices: with ``cuda`` and a local cluster, how many GPUs to use (one worker each;
-            default: all visible).
-        crs: the map's CRS, e.g. ``EPSG:32617`` (imagery in other CRSs is warped onto it); None:
-            the imagery's when its files share one, else the UTM zone of the AOI's centroid.
-        input_scale: multiply the imagery's values by this factor before the model sees them
-            (e.g. 0.025 for 16-bit imagery holding 40x the 8-bit values the model was trained
-            on). Without it, imagery whose data type differs from the training imagery's, or
-            whose values go far above the training range, is refused; with it, only the range
-            (after scaling) is checked.
-        tta: test-time augmentation (:mod:`lcmap.models.tta`): ``none``; ``flips`` (identity,
-            horizontal, vertical, both: ~4x the model time) or ``d4`` (the 8 flips and rotations:
-            ~8x); each window's class probabilities are averaged over the transforms before the
-            taper and blending (so also in ``MAP_confidence.tif``). Recorded in the map's
-            ``LCMAP_TTA`` tag and in the resume manifest.
-        label_prior: the LR labels the model was trained on (same legend): each pixel's class is
-            the network's combined with its label by Bayes' rule
-            (:mod:`lcmap.pipeline.prediction_prior`); recorded in the ``LCMAP_LABEL_PRIOR`` tag
-            and the resume manifest. None: the network alone.
 
     Returns:
         The map's path (and the confidence map's) and the run's statistics.
@@ -176,6 +157,8 @@ def predict_map(
         Interrupted: Ctrl-C; the message says what was kept and how to resume.
     """
     t0 = time.perf_counter()
+    config.check()
+    scheduler = config.scheduler
     sched = None if scheduler in (None, "", "local") else str(scheduler)
     if sched is not None and sched != "synchronous":
         if "://" not in sched and ":" not in sched:
@@ -184,31 +167,12 @@ def predict_map(
                 "or nothing for a local cluster"
             )
         check_scheduler(sched)  # in seconds, before the model and the imagery are read
-    check_not_locked(out)  # another run on --out: refused before anything is loaded
-    plan = plan_prediction(
-        model,
-        images,
-        out,
-        bbox=bbox,
-        bbox_crs=bbox_crs,
-        aoi=aoi,
-        tile_px=tile_px,
-        overlap_px=overlap_px,
-        block_px=block_px,
-        batch_size=batch_size,
-        device=device,
-        confidence=confidence,
-        legend=legend,
-        precision=precision,
-        input_scale=input_scale,
-        tta=tta,
-        crs=crs,
-        label_prior=label_prior,
-    )
+    check_not_locked(str(config.out))  # another run on --out: refused before anything is loaded
+    plan = plan_prediction(config)
     t_plan = time.perf_counter() - t0
-    if devices is not None and devices < 1:
-        raise LcmapInputError(f"--devices {devices}: must be at least 1")
-    log.info("test-time augmentation (--tta): %s, %d transform(s) per window", tta, len(tta_transforms(tta)))
+    log.info(
+        "test-time augmentation (--tta): %s, %d transform(s) per window", config.tta, len(tta_transforms(config.tta))
+    )
     job = plan.job
     blocks = plan.blocks()
     n_rows = max((b.row for b in blocks), default=0) + 1
@@ -222,7 +186,7 @@ def predict_map(
         client = None
         if sched != "synchronous":
             try:
-                client = stack.enter_context(execution.dask_client(sched, job, len(blocks), devices))
+                client = stack.enter_context(execution.dask_client(sched, job, len(blocks), config.devices))
             except BaseException:
                 if not partial_existed:  # an unreachable scheduler leaves nothing behind
                     shutil.rmtree(plan.partial, ignore_errors=True)
@@ -280,7 +244,9 @@ def predict_map(
         t1 = time.perf_counter()
         with mapfile.GdalErrors() as gdal_errors:
             try:
-                mapfile.write_map(job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console)
+                mapfile.write_map(
+                    job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console, tags=plan.tags
+                )
             except BaseException as exc:
                 if mapfile.is_enospc(exc, gdal_errors.messages, plan.out.parent):
                     raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc

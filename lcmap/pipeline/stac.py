@@ -12,7 +12,9 @@ The Item is built with ``rio-stac`` (geometry and bbox in EPSG:4326, projection 
 - assets for the sidecars present: ``style`` (``MAP.qml``), ``categories`` (``MAP.tif.aux.xml``,
   which holds GDAL's category names), ``thumbnail`` (``MAP.preview.png``), ``report`` /
   ``table`` (``MAP.md`` / ``MAP.csv``, as the change maps have) and any further reports given;
-- ``derived_from`` links to the inputs (e.g. a change map's map and old products).
+- ``derived_from`` links to the inputs (e.g. a change map's map and old products);
+- ``lcmap:predict_options`` and ``lcmap:checkpoint``: how a map was made, from its
+  ``LCMAP_PREDICT_OPTIONS`` (JSON) and ``LCMAP_CHECKPOINT`` tags (:mod:`lcmap.pipeline.predict_config`).
 
 Every href is relative to the Item's folder (an absolute path only where none exists, e.g. another
 drive), so the folder can be moved or served as is. Classes come from the raster's category names
@@ -37,6 +39,7 @@ from lcmap.geodata.io import CHANGES_TAG, open_raster
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline import cog
 from lcmap.pipeline.cog import LEGEND_TAG
+from lcmap.pipeline.predict_config import CHECKPOINT_TAG, PREDICT_OPTIONS_TAG
 
 __all__ = [
     "IMAGERY_DATETIME_TAG",
@@ -176,6 +179,26 @@ def imagery_datetime_of(files: Sequence[str | Path]) -> str | None:
     return first.isoformat() if first == last else f"{first.isoformat()}/{last.isoformat()}"
 
 
+def _made_with(tags: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """Item properties saying how the map was made, from its tags (none for a map without them).
+
+    Raises:
+        LcmapInputError: the options tag is not a JSON object.
+    """
+    found: dict[str, Any] = {}
+    if tags.get(PREDICT_OPTIONS_TAG):
+        try:
+            options = json.loads(tags[PREDICT_OPTIONS_TAG])
+        except json.JSONDecodeError as exc:
+            raise LcmapInputError(f"map {path}: its {PREDICT_OPTIONS_TAG} tag is not valid JSON ({exc})") from exc
+        if not isinstance(options, dict):
+            raise LcmapInputError(f"map {path}: its {PREDICT_OPTIONS_TAG} tag is not a JSON object")
+        found["lcmap:predict_options"] = options
+    if tags.get(CHECKPOINT_TAG):
+        found["lcmap:checkpoint"] = tags[CHECKPOINT_TAG]
+    return found
+
+
 def _check_lcmap_cog(src: Any, path: Path) -> None:
     """Refuse a raster the Item would describe falsely: not an lcmap map or change map (no
     ``LCMAP_LEGEND`` / ``LCMAP_CHANGES`` tag), not a valid COG, or cut short (:func:`cog.validate_cog`)."""
@@ -265,6 +288,7 @@ def build_stac_item(
         f"lcmap {'change map' if 'LCMAP_CHANGES' in tags else 'land-cover map'} {map_path.stem}"
     )
     item.properties["lcmap:version"] = __version__
+    item.properties.update(_made_with(tags, map_path))
     if gsd_m is not None:
         item.common_metadata.gsd = float(gsd_m)
     item.properties.update(properties or {})
