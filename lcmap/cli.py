@@ -157,7 +157,11 @@ def predict(
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.")
+        Path,
+        typer.Option(
+            "--out",
+            help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. With --tile-km: a folder.",
+        ),
     ],
     bbox: BBox = None,
     bbox_crs: BBoxCRS = "EPSG:4326",
@@ -226,6 +230,19 @@ def predict(
             ),
         ),
     ] = None,
+    tile_km: Annotated[
+        float | None,
+        typer.Option(
+            "--tile-km",
+            metavar="N",
+            help=(
+                "Write --out as a folder of COG tiles of about N km a side on the map's grid, rounded to a whole "
+                "number of --block-px blocks, plus FOLDER.vrt (one QGIS layer with the legend) and a STAC "
+                "collection.json; each tile is written as soon as its blocks are done. Suits province-size areas. "
+                "Default: one COG."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
     from lcmap.pipeline.run_lock import check_not_locked
@@ -257,6 +274,7 @@ def predict(
         input_scale=input_scale,
         tta=tta,
         crs=crs,
+        tile_km=tile_km,
     )
     console.print(f"[green]map written to[/] {result.path}")
 

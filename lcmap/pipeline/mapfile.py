@@ -70,6 +70,9 @@ __all__ = [
     "fingerprint",
     "prepare_partial",
     "write_map",
+    "map_tags",
+    "confidence_tags",
+    "remove_block",
     "is_enospc",
     "space_error",
 ]
@@ -228,6 +231,12 @@ def write_block(
     return path
 
 
+def remove_block(blocks_dir: str | Path, block: Block) -> None:
+    """Remove a block file and its record (the record first: a block without one is not trusted)."""
+    _sidecar(block_path(blocks_dir, block)).unlink(missing_ok=True)
+    block_path(blocks_dir, block).unlink(missing_ok=True)
+
+
 def _sidecar(path: Path) -> Path:
     """The record (size, SHA-256) that marks block file ``path`` as finished."""
     return path.with_name(path.name + ".sha256")
@@ -363,6 +372,27 @@ def prepare_partial(partial: Path, manifest_data: dict[str, Any], blocks_dir: Pa
 
 
 # ----------------------------------------------------------------------------------- COG
+def map_tags(job: PredictJob, out_legend: Legend, model_legend: Legend) -> dict[str, str]:
+    """The dataset tags of a map made by ``job`` (its legend, model, windows, TTA)."""
+    return {
+        LEGEND_TAG: cog.legend_tag(out_legend),
+        "LCMAP_MODEL": Path(job.checkpoint).name,
+        "LCMAP_MODEL_LEGEND": model_legend.name,
+        "LCMAP_TILE_PX": str(job.windows.tile),
+        "LCMAP_OVERLAP_PX": str(job.windows.overlap),
+        "LCMAP_TTA": job.tta,
+    }
+
+
+def confidence_tags(job: PredictJob) -> dict[str, str]:
+    """The dataset tags of the confidence map made by ``job``."""
+    return {
+        CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
+        "LCMAP_MODEL": Path(job.checkpoint).name,
+        "LCMAP_TTA": job.tta,
+    }
+
+
 def write_map(
     job: PredictJob,
     blocks: list[Block],
@@ -371,22 +401,17 @@ def write_map(
     out_legend: Legend,
     model_legend: Legend,
     console: Any | None = None,
+    tags: dict[str, str] | None = None,
 ) -> None:
     """Mosaic the block files into ``out`` (COG, mode overviews, colours, category names, tags,
     ``MAP.qml``) and, with ``job.confidence``, ``MAP_confidence.tif`` (average overviews).
 
-    ``console``: a rich console to say what is being written, or None.
+    ``partial``: the folder for the mosaic VRTs; ``console``: a rich console to say what is being
+    written, or None; ``tags``: further dataset tags of ``out``.
     """
     g = job.grid
     colormap, names, entries = cog.map_categories(out_legend)
-    tags = {
-        LEGEND_TAG: cog.legend_tag(out_legend),
-        "LCMAP_MODEL": Path(job.checkpoint).name,
-        "LCMAP_MODEL_LEGEND": model_legend.name,
-        "LCMAP_TILE_PX": str(job.windows.tile),
-        "LCMAP_OVERLAP_PX": str(job.windows.overlap),
-        "LCMAP_TTA": job.tta,
-    }
+    tags = {**map_tags(job, out_legend, model_legend), **(tags or {})}
     sources = [cog.VrtSource(str(block_path(job.blocks_dir, b)), 1, b.c0, b.r0, b.width, b.height) for b in blocks]
     common: dict[str, Any] = dict(width=g.width, height=g.height, crs=g.crs, transform=g.transform)
     vrt = cog.write_mosaic_vrt(
@@ -408,11 +433,7 @@ def write_map(
             dtype="uint8",
             nodata=CONFIDENCE_NODATA,
             sources=csources,
-            tags={
-                CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
-                "LCMAP_MODEL": Path(job.checkpoint).name,
-                "LCMAP_TTA": job.tta,
-            },
+            tags=confidence_tags(job),
             description="confidence (%)",
             **common,
         )

@@ -34,7 +34,7 @@ from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.geodata.remote import absolute_input
 from lcmap.models.tta import TTA_MODES
-from lcmap.pipeline import cog, mapfile
+from lcmap.pipeline import cog, mapfile, tiled_output
 from lcmap.pipeline.inference import PRECISIONS, PredictJob
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
 from lcmap.pipeline.stac import stac_item_path
@@ -78,7 +78,10 @@ class Plan:
 
 def _check_output_folder(out: Path) -> None:
     if out.exists() and out.is_dir():
-        raise LcmapInputError(f"--out {out} is a folder: give the map's file name, e.g. {out / 'map.tif'}")
+        raise LcmapInputError(
+            f"--out {out} is a folder: give the map's file name, e.g. {out / 'map.tif'} (or --tile-km N for a "
+            "folder of tiles)"
+        )
     folder = out.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,10 +186,12 @@ def plan_prediction(
     input_scale: float | None = None,
     tta: str = "none",
     crs: str | None = None,
+    tile_km: float | None = None,
 ) -> Plan:
     """Check every input and work out the grids; writes nothing but a probe file.
 
     ``crs``: the map's CRS (imagery in other CRSs is warped onto it); None: see :func:`output_crs`.
+    ``tile_km``: ``out`` is a folder of tiles (:mod:`lcmap.pipeline.tiled_output`).
 
     Raises:
         LcmapInputError: on any bad input (see :func:`predict_map`).
@@ -223,7 +228,9 @@ def plan_prediction(
         )
 
     out = Path(out).expanduser().absolute()
-    _check_output_folder(out)
+    if tile_km is not None:
+        tiled_output.check_tiles_out(out, tile_km)  # a folder, a positive tile side
+    _check_output_folder(tiled_output.mosaic_path(out) if tile_km is not None else out)
 
     checkpoint = resolve_checkpoint(model)
     tm = load_trained_model(checkpoint, "cpu")
@@ -238,6 +245,8 @@ def plan_prediction(
     outputs.update({"the map's style": cog.qml_path(out), "the map's STAC Item": stac_item_path(out)})
     if confidence:
         outputs["the confidence map"] = mapfile.confidence_path(out)
+    if tile_km is not None:
+        outputs = tiled_output.planned_outputs(out, confidence)
     aoi_files = [str(aoi)] if isinstance(aoi, (str, Path)) else []  # the --aoi file (a bbox or AOI object: none)
     check_not_an_input(outputs, [*ds.files, str(checkpoint), *aoi_files])
     _check_imagery_kind(tm, ds, input_scale)
