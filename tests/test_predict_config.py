@@ -34,7 +34,7 @@ FLAGS_BEFORE = {
     "--tile-px": 512, "--overlap-px": 64, "--block-px": 4096, "--batch-size": 4, "--device": "auto",
     "--scheduler": None, "--confidence": False, "--legend": "target", "--precision": "32", "--devices": None,
     "--input-scale": None, "--tta": "none", "--stac-asset": None, "--crs": None,
-    "--label-prior": [],  # added after the declaration (lcmap.pipeline.prediction_prior)
+    "--label-prior": [], "--tile-km": None,  # added after the declaration (prediction_prior, tiled_output)
 }  # fmt: skip
 
 

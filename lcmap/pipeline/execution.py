@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ from lcmap.pipeline.tiling import Block, OutputGrid
 
 __all__ = [
     "RunCounts",
+    "Work",
     "Progress",
     "ModelPlugin",
     "SchedulerLost",
@@ -152,13 +153,19 @@ class ModelPlugin(WorkerPlugin):
         self.state = None
 
 
-def _task(job: PredictJob, blocks: list[Block], name: str, owner: Any = None) -> dict[str, Any]:
-    """The Dask task: this worker's plugin state, then :func:`run_group`."""
+#: What one task runs: ``work(state, job, item, owner)`` -> :func:`run_group`'s statistics; ``item``:
+#: a group of blocks for :func:`run_group`, or what another ``work`` takes (e.g. a tile:
+#: :func:`lcmap.pipeline.tiled_output.run_tile`). A module-level function (Dask pickles it).
+Work = Callable[[WorkerState, PredictJob, Any, Any], dict[str, Any]]
+
+
+def _task(job: PredictJob, blocks: Any, name: str, owner: Any = None, work: Work | None = None) -> dict[str, Any]:
+    """The Dask task: this worker's plugin state, then ``work`` (default :func:`run_group`)."""
     plugin = get_worker().plugins.get(name)
     state = getattr(plugin, "state", None)
     if state is None:  # not registered here (yet)
         raise RuntimeError(f"worker plugin {name} is missing on {get_worker().address}")
-    return run_group(state, job, blocks, owner)
+    return (work or run_group)(state, job, blocks, owner)
 
 
 # ------------------------------------------------------------------------------- progress
@@ -256,17 +263,18 @@ def local_cluster_shape(device: str, n_tasks: int, devices: int | None = None) -
 
 def run_synchronous(
     job: PredictJob,
-    todo: list[list[Block]],
+    todo: Sequence[Any],
     progress: Progress,
     counts: RunCounts,
     model: TrainedModel | None = None,
     imagery: HRImagery | None = None,
+    work: Work | None = None,
 ) -> None:
     """Run the groups ``todo`` one after the other in this process (``model``/``imagery``: already
-    loaded by planning, reused)."""
+    loaded by planning, reused; ``work``: what runs one item of ``todo``, default :func:`run_group`)."""
     st = load_worker_state(job, preloaded=model, imagery=imagery)
     for group in todo:
-        res = run_group(st, job, group)
+        res = (work or run_group)(st, job, group, None)
         counts.add(res)
         for name in res["blocks"]:
             progress.advance(name)
@@ -338,11 +346,17 @@ def dask_client(scheduler: str | None, job: PredictJob, n_tasks: int, devices: i
 
 
 def run_distributed(
-    client: Any, job: PredictJob, todo: list[list[Block]], progress: Progress, counts: RunCounts, owner: Any = None
+    client: Any,
+    job: PredictJob,
+    todo: Sequence[Any],
+    progress: Progress,
+    counts: RunCounts,
+    owner: Any = None,
+    work: Work | None = None,
 ) -> None:
     """Run the groups ``todo`` on ``client``'s cluster (local threads set ``job.torch_threads``);
     ``owner``: the run's :attr:`~lcmap.pipeline.run_lock.RunLock.owner` (tasks that outlive the
-    run write nothing; see :func:`run_group`).
+    run write nothing; see :func:`run_group`); ``work``: what runs one item (default :func:`run_group`).
 
     Raises:
         SchedulerLost: the scheduler went away or the connection broke mid-run.
@@ -361,9 +375,10 @@ def run_distributed(
             group = next(pending, None)
             if group is None:
                 return False
+            name = getattr(group, "name", None) or group[0].name  # a tile's, or its first block's
             ac.add(
                 client.submit(
-                    _task, job, group, plugin.name, owner, key=f"lcmap-{group[0].name}-{token}", pure=False, **extra
+                    _task, job, group, plugin.name, owner, work, key=f"lcmap-{name}-{token}", pure=False, **extra
                 )
             )
             return True

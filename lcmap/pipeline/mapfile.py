@@ -70,6 +70,9 @@ __all__ = [
     "fingerprint",
     "prepare_partial",
     "write_map",
+    "map_tags",
+    "confidence_tags",
+    "remove_block",
     "is_enospc",
     "space_error",
 ]
@@ -228,6 +231,12 @@ def write_block(
     return path
 
 
+def remove_block(blocks_dir: str | Path, block: Block) -> None:
+    """Remove a block file and its record (the record first: a block without one is not trusted)."""
+    _sidecar(block_path(blocks_dir, block)).unlink(missing_ok=True)
+    block_path(blocks_dir, block).unlink(missing_ok=True)
+
+
 def _sidecar(path: Path) -> Path:
     """The record (size, SHA-256) that marks block file ``path`` as finished."""
     return path.with_name(path.name + ".sha256")
@@ -368,6 +377,36 @@ def prepare_partial(partial: Path, manifest_data: dict[str, Any], blocks_dir: Pa
 
 
 # ----------------------------------------------------------------------------------- COG
+def map_tags(job: PredictJob, out_legend: Legend, model_legend: Legend) -> dict[str, str]:
+    """The dataset tags of a map made by ``job`` (its legend, model, windows, TTA)."""
+    return {
+        LEGEND_TAG: cog.legend_tag(out_legend),
+        "LCMAP_MODEL": Path(job.checkpoint).name,
+        "LCMAP_MODEL_LEGEND": model_legend.name,
+        "LCMAP_TILE_PX": str(job.windows.tile),
+        "LCMAP_OVERLAP_PX": str(job.windows.overlap),
+        "LCMAP_TTA": job.tta,
+        **label_prior_tag(job),
+    }
+
+
+def label_prior_tag(job: PredictJob) -> dict[str, str]:
+    """``LCMAP_LABEL_PRIOR``: the labels a map was combined with (``--label-prior``), or nothing."""
+    if job.label_prior is None:
+        return {}
+    keep = ("label_files", "legend", "class_mix")
+    return {"LCMAP_LABEL_PRIOR": json.dumps({k: v for k, v in job.label_prior.record().items() if k in keep})}
+
+
+def confidence_tags(job: PredictJob) -> dict[str, str]:
+    """The dataset tags of the confidence map made by ``job``."""
+    return {
+        CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
+        "LCMAP_MODEL": Path(job.checkpoint).name,
+        "LCMAP_TTA": job.tta,
+    }
+
+
 def write_map(
     job: PredictJob,
     blocks: list[Block],
@@ -381,25 +420,14 @@ def write_map(
     """Mosaic the block files into ``out`` (COG, mode overviews, colours, category names, tags,
     ``MAP.qml``) and, with ``job.confidence``, ``MAP_confidence.tif`` (average overviews).
 
-    ``console``: a rich console to say what is being written, or None. ``tags``: further GDAL
-    tags of both maps (how they were made: :func:`lcmap.pipeline.predict_config.map_tags`).
+    ``partial``: the folder for the mosaic VRTs; ``console``: a rich console to say what is being
+    written, or None; ``tags``: further GDAL tags of both maps (how they were made:
+    :func:`lcmap.pipeline.predict_config.map_tags`; a tile's fingerprint).
     """
     g = job.grid
     colormap, names, entries = cog.map_categories(out_legend)
     made = dict(tags or {})
-    tags = {
-        **made,
-        LEGEND_TAG: cog.legend_tag(out_legend),
-        "LCMAP_MODEL": Path(job.checkpoint).name,
-        "LCMAP_MODEL_LEGEND": model_legend.name,
-        "LCMAP_TILE_PX": str(job.windows.tile),
-        "LCMAP_OVERLAP_PX": str(job.windows.overlap),
-        "LCMAP_TTA": job.tta,
-    }
-    if job.label_prior is not None:  # the map says it combined the network with these labels
-        tags["LCMAP_LABEL_PRIOR"] = json.dumps(
-            {k: v for k, v in job.label_prior.record().items() if k in ("label_files", "legend", "class_mix")}
-        )
+    tags = {**map_tags(job, out_legend, model_legend), **made}
     sources = [cog.VrtSource(str(block_path(job.blocks_dir, b)), 1, b.c0, b.r0, b.width, b.height) for b in blocks]
     common: dict[str, Any] = dict(width=g.width, height=g.height, crs=g.crs, transform=g.transform)
     vrt = cog.write_mosaic_vrt(
@@ -421,12 +449,7 @@ def write_map(
             dtype="uint8",
             nodata=CONFIDENCE_NODATA,
             sources=csources,
-            tags={
-                CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
-                "LCMAP_MODEL": Path(job.checkpoint).name,
-                "LCMAP_TTA": job.tta,
-                **made,
-            },
+            tags={**confidence_tags(job), **made},
             description="confidence (%)",
             **common,
         )

@@ -34,7 +34,7 @@ from lcmap.geodata.mapcrs import grid_res, output_crs
 from lcmap.geodata.normalization import imagery_mismatch, sample_imagery_range
 from lcmap.geodata.remote import absolute_input
 from lcmap.geodata.stac_inputs import asset_choice
-from lcmap.pipeline import cog, mapfile
+from lcmap.pipeline import cog, mapfile, tiled_output
 from lcmap.pipeline.inference import PredictJob
 from lcmap.pipeline.predict_config import PredictConfig, map_tags
 from lcmap.pipeline.runs import TrainedModel, load_trained_model, resolve_checkpoint, training_imagery_range
@@ -78,7 +78,10 @@ class Plan:
 
 def _check_output_folder(out: Path) -> None:
     if out.exists() and out.is_dir():
-        raise LcmapInputError(f"--out {out} is a folder: give the map's file name, e.g. {out / 'map.tif'}")
+        raise LcmapInputError(
+            f"--out {out} is a folder: give the map's file name, e.g. {out / 'map.tif'} (or --tile-km N for a "
+            "folder of tiles)"
+        )
     folder = out.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +190,9 @@ def _plan(c: PredictConfig, torch_threads: int | None) -> Plan:
         )
     assert c.model is not None and c.out is not None  # PredictConfig.check
     out = Path(c.out).expanduser().absolute()
-    _check_output_folder(out)
+    if c.tile_km is not None:
+        tiled_output.check_tiles_out(out, c.tile_km)  # a folder, a positive tile side
+    _check_output_folder(tiled_output.mosaic_path(out) if c.tile_km is not None else out)
 
     checkpoint = resolve_checkpoint(c.model)
     tm = load_trained_model(checkpoint, "cpu")
@@ -202,6 +207,8 @@ def _plan(c: PredictConfig, torch_threads: int | None) -> Plan:
     outputs.update({"the map's style": cog.qml_path(out), "the map's STAC Item": stac_item_path(out)})
     if c.confidence:
         outputs["the confidence map"] = mapfile.confidence_path(out)
+    if c.tile_km is not None:
+        outputs = tiled_output.planned_outputs(out, c.confidence)
     check_not_an_input(outputs, [*ds.files, str(checkpoint), *([c.aoi] if c.aoi else [])])
     _check_imagery_kind(tm, ds, c.input_scale)
     bbox4 = cast("tuple[float, float, float, float]", tuple(c.bbox)) if c.bbox is not None else None

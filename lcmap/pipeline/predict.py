@@ -15,7 +15,9 @@ its own module:
   progress bar;
 - :mod:`lcmap.pipeline.mapfile` (and :mod:`lcmap.pipeline.cog`): block files written
   atomically, the manifest that lets a re-run resume, the final COG with its legend tag,
-  category names and ``MAP.qml``.
+  category names and ``MAP.qml``;
+- :mod:`lcmap.pipeline.tiled_output` (``tile_km``): a folder of COG tiles instead, each written
+  by the task that computed its blocks, with a VRT mosaic and a STAC Collection.
 
 Only blocks that touch the imagery's footprint inside the AOI are planned (imagery with gaps
 costs only where it lies); the others are nodata in the COG. The map is bit-identical for any
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from lcmap.errors import Interrupted, LcmapInputError
 from lcmap.models.tta import tta_transforms
-from lcmap.pipeline import execution, mapfile, preview, stac
+from lcmap.pipeline import execution, mapfile, preview, stac, tiled_output
 from lcmap.pipeline.planning import plan_prediction
 from lcmap.pipeline.predict_config import PredictConfig
 from lcmap.pipeline.run_lock import check_not_locked
@@ -54,7 +56,9 @@ class PredictResult:
     ``seconds_forward``: time inside the model (meaningful on CPU, synchronous only: summed over
     workers otherwise); ``block_px``: the block side used (whole window strides); ``width`` x
     ``height``: the map in pixels; ``seconds_predict``: planning and the blocks, of which
-    ``seconds_plan`` planning (inputs checked, model loaded, grids); ``seconds_write``: the COG(s).
+    ``seconds_plan`` planning (inputs checked, model loaded, grids); ``seconds_write``: the COG(s)
+    (with tiles: the VRT, preview and STAC Collection); ``tiles``: tiles in the output folder
+    (``tile_km``; 0 without), of which ``tiles_resumed`` were already written.
     """
 
     path: Path
@@ -70,6 +74,8 @@ class PredictResult:
     seconds_predict: float
     seconds_write: float
     seconds_plan: float = 0.0
+    tiles: int = 0
+    tiles_resumed: int = 0
 
     def stats(self) -> dict[str, int | float]:
         """The run statistics (every field but the paths)."""
@@ -141,6 +147,11 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                 the network's combined with its label by Bayes' rule
                 (:mod:`lcmap.pipeline.prediction_prior`); recorded in the ``LCMAP_LABEL_PRIOR`` tag
                 and the resume manifest. Empty: the network alone.
+            tile_km: write ``out`` as a folder of COG tiles of about this many km a side (in whole
+                blocks; :mod:`lcmap.pipeline.tiled_output`), each with its overviews, colours, category
+                names and ``.qml``, plus ``FOLDER.vrt`` (the mosaic, with ``FOLDER.qml``),
+                ``FOLDER.preview.png`` and ``collection.json`` (STAC; the tiles are its Items). For
+                province-size areas; None: one COG.
         progress: show a progress bar (blocks and km² with imagery inside the AOI).
 
     Returns:
@@ -177,6 +188,10 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
     blocks = plan.blocks()
     n_rows = max((b.row for b in blocks), default=0) + 1
     n_cols = max((b.col for b in blocks), default=0) + 1
+    tiles = None
+    if config.tile_km is not None:
+        legends = (plan.out_legend, plan.model_legend)
+        tiles = tiled_output.TiledOutput.plan(job, plan.out, blocks, config.tile_km, legends, plan.fingerprint)
     locked = contextlib.ExitStack()  # the partial folder's lock, held until the map is written
     partial_existed = plan.partial.exists()
     with locked, contextlib.ExitStack() as stack:
@@ -192,11 +207,15 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                     shutil.rmtree(plan.partial, ignore_errors=True)
                 raise
         done = mapfile.prepare_partial(plan.partial, plan.fingerprint, Path(job.blocks_dir), 2 if job.confidence else 1)
+        if tiles is not None:
+            tiles.made_tags = dict(plan.tags)
+            done |= tiles.prepare(job)  # the blocks of tiles already written
         todo_blocks = [b for b in blocks if b.name not in done]
         slots = max(1, sum(client.nthreads().values())) if client is not None else 1
         shape = group_shape(n_rows, n_cols, 2 * slots if slots > 1 else 1, job.block_size // job.windows.stride)
         job = replace(job, group=shape)
-        todo = block_groups(todo_blocks, *shape)
+        todo = block_groups(todo_blocks, *shape) if tiles is None else tiles.tasks(job, todo_blocks)
+        work = None if tiles is None else tiled_output.run_tile  # a task per tile, which writes it
         console = None
         if progress:
             from rich.console import Console
@@ -213,17 +232,17 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         try:
             if todo:
                 if client is None:
-                    execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery)
+                    execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery, work=work)
                 else:
                     plan.model = plan.imagery = None  # the workers load their own; free this process's copy
-                    execution.run_distributed(client, job, todo, bar, counts, owner=run_lock.owner)
+                    execution.run_distributed(client, job, todo, bar, counts, owner=run_lock.owner, work=work)
         except execution.SchedulerLost:
             run_lock.revoke()  # its workers may still be running: they write no further block
             kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
             raise LcmapInputError(
                 f"the Dask scheduler {sched} went away (or the connection to it broke) while predicting; "
-                f"{kept} of {len(blocks)} blocks finished are kept in {plan.partial}. Start the scheduler "
-                "and workers again (or leave --scheduler out) and run the same command to resume."
+                f"{kept} of {len(blocks)} blocks finished are kept in {plan.partial}{tiled_output.kept(tiles)}. "
+                "Start the scheduler and workers again (or leave --scheduler out) and run the same command to resume."
             ) from None
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
@@ -231,8 +250,8 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
             run_lock.revoke()
             kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
             raise Interrupted(
-                f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}. "
-                "Run the same command again to resume from there."
+                f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}"
+                f"{tiled_output.kept(tiles)}. Run the same command again to resume from there."
             ) from None
         except BaseException as exc:
             if mapfile.is_enospc(exc, (), plan.partial):
@@ -244,9 +263,12 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         t1 = time.perf_counter()
         with mapfile.GdalErrors() as gdal_errors:
             try:
-                mapfile.write_map(
-                    job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console, tags=plan.tags
-                )
+                if tiles is None:
+                    mapfile.write_map(
+                        job, blocks, plan.out, plan.partial, plan.out_legend, plan.model_legend, console, tags=plan.tags
+                    )
+                else:
+                    tiles.finish(job, console)  # the tiles are written: VRT, .qml, preview, STAC Collection
             except BaseException as exc:
                 if mapfile.is_enospc(exc, gdal_errors.messages, plan.out.parent):
                     raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
@@ -255,11 +277,13 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                 raise
         shutil.rmtree(plan.partial, ignore_errors=True)
     plan.model = None
-    preview.write_preview(plan.out)  # MAP.preview.png, before the STAC Item that lists it
-    stac.write_stac_item(plan.out, imagery_datetime=stac.imagery_datetime_of(job.image_files))  # MAP.stac.json
+    if tiles is None:
+        preview.write_preview(plan.out)  # MAP.preview.png, before the STAC Item that lists it
+        stac.write_stac_item(plan.out, imagery_datetime=stac.imagery_datetime_of(job.image_files))  # MAP.stac.json
+    path = plan.out if tiles is None else tiles.vrt
     return PredictResult(
-        path=plan.out,
-        confidence_path=mapfile.confidence_path(plan.out) if job.confidence else None,
+        path=path,
+        confidence_path=mapfile.confidence_path(path) if job.confidence else None,
         blocks=len(blocks),
         blocks_resumed=len(blocks) - len(todo_blocks),
         blocks_run=counts.blocks_run,
@@ -271,4 +295,6 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         seconds_predict=t1 - t0,
         seconds_write=time.perf_counter() - t1,
         seconds_plan=t_plan,
+        tiles=len(tiles.tiles) if tiles is not None else 0,
+        tiles_resumed=len(tiles.complete) if tiles is not None else 0,
     )

@@ -65,7 +65,7 @@ class PredictConfig(DeclaredOptions):
     )  # fmt: skip
     out: str | None = option(
         None, parse=v.text, cli_type=str, metavar="PATH",
-        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it.",
+        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. With --tile-km: a folder.",
     )  # fmt: skip
     bbox: list[float] | None = option(
         None, parse=v.bbox4, cli_type=tuple[float, float, float, float],
@@ -121,6 +121,13 @@ class PredictConfig(DeclaredOptions):
         None, parse=v.text, cli_type=str,
         help="CRS of the map, e.g. EPSG:32617 (imagery in other CRSs is warped onto it). Default: the imagery's "
         "when all its files share one, else the UTM zone of the AOI's (or the imagery's) centre, said in the log.",
+    )  # fmt: skip
+    tile_km: float | None = option(
+        None, parse=float, cli_type=float, metavar="N",
+        help="Write --out as a folder of COG tiles of about N km a side on the map's grid, rounded to a whole "
+        "number of --block-px blocks, plus FOLDER.vrt (one QGIS layer with the legend) and a STAC "
+        "collection.json; each tile is written as soon as its blocks are done. Suits province-size areas. "
+        "Default: one COG.",
     )  # fmt: skip
     label_prior: list[str] = option(
         default_factory=list, parse=v.as_list, cli_type=list[str], metavar="PATH",

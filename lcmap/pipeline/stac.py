@@ -46,6 +46,7 @@ __all__ = [
     "build_stac_item",
     "imagery_datetime_of",
     "map_classes",
+    "save_stac",
     "stac_item_path",
     "write_stac_item",
 ]
@@ -352,9 +353,12 @@ def build_stac_item(
 def write_stac_item(map_path: str | Path, **kwargs: Any) -> Path:
     """Build the map's STAC Item (:func:`build_stac_item`, same arguments) and write it atomically
     to ``MAP.stac.json`` beside the map; returns that path."""
-    item = build_stac_item(map_path, **kwargs)
-    path = stac_item_path(map_path)
-    text = json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
+    return save_stac(build_stac_item(map_path, **kwargs), stac_item_path(map_path))
+
+
+def save_stac(obj: Any, path: Path) -> Path:
+    """Write a pystac Item or Collection to ``path`` atomically, its hrefs as they are; returns ``path``."""
+    text = json.dumps(obj.to_dict(include_self_link=False, transform_hrefs=False), indent=2) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
