@@ -20,7 +20,7 @@ scores of all folds' pixels pooled (per seed, then averaged), with the training 
 
 Each run is scored twice from the same checkpoint: the network alone (``LOSS``) and combined with
 the held-out patches' NLCD by ``lcmap predict --label-prior`` (``LOSS+label-prior``,
-:mod:`lcmap.pipeline.prediction_prior`). ``--rescore`` scores the kept checkpoints of the runs in
+:mod:`lcmap.pipeline.prediction.prediction_prior`). ``--rescore`` scores the kept checkpoints of the runs in
 ``OUT/runs.jsonl`` again (with ``--reuse --keep-runs``).
 
 Smoke run (well under 2 minutes): ``--folds 2 --seeds 1 --epochs 1 --steps 2``. Each finished run
@@ -48,11 +48,11 @@ from train_sample import SAMPLE, _patches, _reference_and_nlcd  # noqa: E402
 
 from lcmap.geodata.legends import IGNORE_INDEX  # noqa: E402
 from lcmap.models import predict_proba, sum_probabilities  # noqa: E402
-from lcmap.pipeline.config import LABEL_LOSSES, TrainConfig  # noqa: E402
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion  # noqa: E402
-from lcmap.pipeline.prediction_prior import PriorReader, prediction_prior  # noqa: E402
+from lcmap.pipeline.prediction.prediction_prior import PriorReader, prediction_prior  # noqa: E402
 from lcmap.pipeline.runs import load_trained_model  # noqa: E402
-from lcmap.pipeline.train import run_train  # noqa: E402
+from lcmap.pipeline.training.config import LABEL_LOSSES, TrainConfig  # noqa: E402
+from lcmap.pipeline.training.train import run_train  # noqa: E402
 
 #: Seeds in the order used: the demo's default first.
 SEEDS = (1234, 1, 2, 3, 4, 5, 6, 7, 8, 9)

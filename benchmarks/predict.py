@@ -11,7 +11,7 @@
 2. Memory: peak RSS of a fresh process predicting an area 16x larger than another (4x the side),
    with the same block size (the 1x area is one block), ``MALLOC_TRIM_THRESHOLD_`` set as Dask's
    nanny sets it for workers. Target: growth <= 10%. What still grows is GDAL's block cache of the
-   source imagery, capped at ``lcmap.pipeline.mapfile.GDAL_CACHE_BYTES``.
+   source imagery, capped at ``lcmap.pipeline.prediction.mapfile.GDAL_CACHE_BYTES``.
 3. Seams: maps with ``block_px`` 1024 and 4096 must be bit-identical. Against a reference with a
    large overlap (half a window), the disagreement rate near window borders vs in window
    interiors, for lcmap's blended grid and for a naive non-overlapping grid (TorchGeo's
@@ -146,7 +146,7 @@ def bare_forward_seconds(ckpt: Path, n_windows: int, tile: int, batch: int) -> f
 
 
 def pipeline_seconds(ckpt: Path, raster: Path, out: Path, **kw) -> tuple[float, dict]:
-    from lcmap.pipeline.predict import PredictConfig, predict_map
+    from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
 
     t = time.perf_counter()
     result = predict_map(PredictConfig.of(ckpt, [raster], out, scheduler="synchronous", **kw), progress=False)
@@ -168,7 +168,7 @@ def peak_rss_mb() -> float:
 
 def child_memory(args: argparse.Namespace) -> None:
     """Run in a fresh process: predict, print peak RSS (MB) as JSON."""
-    import lcmap.pipeline.predict as P
+    import lcmap.pipeline.prediction.predict as P
     from lcmap.models import predict_proba
     from lcmap.pipeline.runs import load_trained_model
 
@@ -388,7 +388,7 @@ def main() -> None:
             f"share of the pipeline's own run spent in the model: {inside:.3f}"
         )
         # halo recompute of blocks (same windows computed by two blocks), default-sized runs
-        from lcmap.pipeline.tiling import WindowGrid, block_side_px
+        from lcmap.pipeline.prediction.tiling import WindowGrid, block_side_px
 
         halo = {}
         for tile, ov, bpx in ((512, 64, 4096), (512, 64, 8192), (args.tile, args.overlap, 1024)):

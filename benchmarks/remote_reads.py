@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.http_serve
 from lcmap.geodata.legends import target_legend  # noqa: E402
 from lcmap.geodata.sample import sample_paths  # noqa: E402
 from lcmap.models import build_model  # noqa: E402
-from lcmap.pipeline.predict import PredictConfig, predict_map  # noqa: E402
+from lcmap.pipeline.prediction.predict import PredictConfig, predict_map  # noqa: E402
 from lcmap.pipeline.runs import save_checkpoint  # noqa: E402
 from tests.http_server import RangeServer  # noqa: E402
 

@@ -89,7 +89,7 @@ def pipeline_in_child(
     cmd += ["--block-px", str(block_px), "--tile-px", str(tile_px), "--overlap-px", str(overlap_px)]
     cmd += ["--warmup", *(str(v) for v in (500_000, 4_200_000 - 1024, 501_024, 4_200_000))]
     # no MALLOC_TRIM_THRESHOLD_ (trimming on every free made GDAL's COG assembly ~4x slower): the
-    # workers trim once per task (lcmap.pipeline.execution.release_free_memory)
+    # workers trim once per task (lcmap.pipeline.prediction.execution.release_free_memory)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:

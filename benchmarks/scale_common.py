@@ -96,8 +96,8 @@ def pipeline_run(
     """``predict_map`` with a stand-in model (fixed probabilities, its time measured and excluded)."""
     import torch
 
-    import lcmap.pipeline.inference as inference
-    from lcmap.pipeline.predict import PredictConfig, predict_map
+    import lcmap.pipeline.prediction.inference as inference
+    from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
 
     torch.set_num_threads(1)
     cache: dict = {}

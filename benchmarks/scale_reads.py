@@ -14,7 +14,7 @@ read only where needed. Measured here with the kernel's I/O accounting:
 - Labels, as ``lcmap train`` reads them: imagery and label product paired as training pairs them
   (:func:`lcmap.geodata.datasets.open_imagery` / ``open_labels``, ``LabelledImagery``, imagery
   first), ``n`` random patches inside the AOI from the training sampler
-  (:func:`lcmap.pipeline.datamodule.make_random_sampler`), each read with the dataset's
+  (:func:`lcmap.pipeline.training.datamodule.make_random_sampler`), each read with the dataset's
   ``__getitem__``; the label part is the calling thread's ``rchar`` inside
   ``LabelRaster.__getitem__``. Compared with the product's size on disk, and with the compressed
   bytes of the product's blocks (GeoTIFF tiles) that the patches touch: a reader that reads only
@@ -165,7 +165,7 @@ def label_reads(images: Path, labels: Path, legend: str, aoi: Path, n: int = 64,
     """Bytes read from one label product by ``n`` training patches (see the module docs)."""
     from lcmap.compat import query_bounds
     from lcmap.geodata.datasets import LabelRaster
-    from lcmap.pipeline.datamodule import make_random_sampler
+    from lcmap.pipeline.training.datamodule import make_random_sampler
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NodataShadowWarning)  # the imagery's band 4 is tagged alpha
@@ -217,8 +217,8 @@ def print_label_reads(name: str, r: dict) -> None:
 # ------------------------------------------------------------------------------ imagery
 def imagery_reads(tmp: Path, images: Path, bbox: list[float], warm_bbox: list[float]) -> dict:
     """Bytes read by ``predict_map`` over ``bbox`` (EPSG:32617 metres) with the stand-in model."""
-    import lcmap.pipeline.predict  # noqa: F401  (imported before measuring)
-    import lcmap.pipeline.strips as strips
+    import lcmap.pipeline.prediction.predict  # noqa: F401  (imported before measuring)
+    import lcmap.pipeline.prediction.strips as strips
 
     ckpt = common.standin_checkpoint(tmp / "reads_standin.ckpt")
     calls: list = []

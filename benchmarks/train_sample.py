@@ -38,10 +38,10 @@ from rasterio.warp import reproject
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
 from lcmap.models import sum_probabilities
 from lcmap.models.tta import TTA_MODES, predict_proba_tta
-from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 from lcmap.pipeline.runs import load_trained_model
-from lcmap.pipeline.train import run_train
+from lcmap.pipeline.training.config import TrainConfig
+from lcmap.pipeline.training.train import run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 

@@ -36,7 +36,7 @@ from train_sample import _patches, predict_patch, sample_config, score_run  # no
 
 from lcmap.models.tta import TTA_MODES  # noqa: E402
 from lcmap.pipeline.runs import load_trained_model  # noqa: E402
-from lcmap.pipeline.train import run_train  # noqa: E402
+from lcmap.pipeline.training.train import run_train  # noqa: E402
 
 SHORT = {"water": "water", "tree canopy": "tree", "low vegetation": "lowveg", "built-up": "built"}
 

@@ -2,7 +2,7 @@
 
 For each size (default 16, 64, 256 Mpx) a uint8 class map (4 classes + nodata stripes, 512 px
 tiles, DEFLATE, UTM 17N, 2 m pixels, ``LCMAP_LEGEND`` tag) and ~50 zone polygons (Voronoi cells
-of random points, in EPSG:4326) are generated, then :func:`lcmap.pipeline.zone_stats.zone_stats`
+of random points, in EPSG:4326) are generated, then :func:`lcmap.pipeline.analysis.zone_stats.zone_stats`
 runs in this process. Prints seconds, Mpx/s and the peak RSS *during that run* (sampled every
 10 ms, so sizes are comparable within one process) and one JSON line. With
 ``--compare-exactextract`` the 64 Mpx map (or the largest below it) is also summarised with
@@ -28,8 +28,8 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from lcmap.geodata.legends import target_legend
-from lcmap.pipeline.cog import legend_tag
-from lcmap.pipeline.zone_stats import zone_stats
+from lcmap.pipeline.analysis.zone_stats import zone_stats
+from lcmap.pipeline.prediction.cog import legend_tag
 
 RES_M = 2.0
 X0, Y0 = 500_000.0, 4_300_000.0

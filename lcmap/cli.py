@@ -27,8 +27,8 @@ from lcmap.cli_options import (
 )
 from lcmap.errors import EXIT_INPUT, EXIT_INTERRUPTED, Interrupted, LcmapInputError
 from lcmap.geodata.stac_inputs import ASSET_HELP, choose_asset
-from lcmap.pipeline.config import TrainConfig
-from lcmap.pipeline.predict_config import PredictConfig
+from lcmap.pipeline.prediction.predict_config import PredictConfig
+from lcmap.pipeline.training.config import TrainConfig
 
 app = typer.Typer(
     cls=ListOptionsGroup,
@@ -72,7 +72,7 @@ def _setup_logging(verbose: bool) -> None:
     """lcmap's own lines at INFO (DEBUG with --verbose); other libraries' only from WARNING (with
     --verbose, everything): rasterio's per-tile "Skipping source" lines and Dask's start-up chatter
     are not for users. Libraries that set their own level keep it (Lightning; Dask, which
-    :func:`lcmap.pipeline.execution.dask_client` quiets itself)."""
+    :func:`lcmap.pipeline.prediction.execution.dask_client` quiets itself)."""
     from rich.logging import RichHandler
 
     logging.basicConfig(
@@ -128,7 +128,7 @@ def _main(
 )
 def train(config_file: Path | None, given: dict) -> None:
     """Train Paraformer (or the U-Net baseline) on HR imagery with LR labels inside an AOI."""
-    from lcmap.pipeline.train import run_train
+    from lcmap.pipeline.training.train import run_train
 
     def go():
         cfg = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
@@ -151,8 +151,8 @@ def predict(config_file: Path | None, given: dict) -> None:
     """Predict a seamless 1 m map over --bbox/--aoi into a QGIS-ready COG (Dask-tiled, blended)."""
 
     def go():
-        from lcmap.pipeline.run_lock import check_not_locked
-        from lcmap.pipeline.scheduler_check import check_scheduler
+        from lcmap.pipeline.prediction.run_lock import check_not_locked
+        from lcmap.pipeline.prediction.scheduler_check import check_scheduler
 
         cfg = (PredictConfig.from_yaml(config_file) if config_file else PredictConfig()).merged(**given)
         if cfg.out:  # another run on --out, and a --scheduler that is not Dask: refused in seconds, before torch
@@ -160,7 +160,7 @@ def predict(config_file: Path | None, given: dict) -> None:
         scheduler = cfg.scheduler
         if scheduler and scheduler not in ("synchronous", "local") and ":" in scheduler:
             check_scheduler(scheduler)
-        from lcmap.pipeline.predict import predict_map
+        from lcmap.pipeline.prediction.predict import predict_map
 
         return predict_map(cfg)  # checks the options first (PredictConfig.check)
 
@@ -200,8 +200,8 @@ def evaluate(
 ) -> None:
     """Score a map against an HR reference: OA, mIoU, kappa, per-class IoU/precision/recall/F1."""
     from lcmap.geodata.legends import get_legend
-    from lcmap.pipeline.evaluate import evaluate_map
-    from lcmap.pipeline.evaluate_report import format_score as fmt
+    from lcmap.pipeline.analysis.evaluate import evaluate_map
+    from lcmap.pipeline.analysis.evaluate_report import format_score as fmt
 
     def go():
         if baseline and not baseline_legend:
@@ -288,7 +288,7 @@ def stats(
 ) -> None:
     """Area per class and zone: pixels, km2 and percent of the zone's classified area (nodata not counted)."""
     from lcmap.geodata.io import check_not_an_input
-    from lcmap.pipeline.zone_stats import write_stats, zone_stats
+    from lcmap.pipeline.analysis.zone_stats import write_stats, zone_stats
 
     def go():
         if block_px < 1:
@@ -359,7 +359,7 @@ def changes(
     ] = 2048,
 ) -> None:
     """Map from -> to transitions on the target classes between an older product and a new map."""
-    from lcmap.pipeline.changes import map_changes
+    from lcmap.pipeline.analysis.changes import map_changes
 
     _run(check_writable, out, "--out")
     result = _run(map_changes, map_path, old, old_legend, out, map_legend_override=map_legend, block_px=block_px)
@@ -392,7 +392,7 @@ def stac(
     ] = None,
 ) -> None:
     """Write the STAC Item (MAP.stac.json) of an existing map: footprint, projection, classes, assets."""
-    from lcmap.pipeline.stac import write_stac_item
+    from lcmap.pipeline.analysis.stac import write_stac_item
 
     _run(check_writable, map_path.with_name(map_path.stem + ".stac.json"), "the STAC Item")
     path = _run(write_stac_item, map_path, imagery_datetime=imagery_datetime, reports=report or ())

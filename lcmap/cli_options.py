@@ -1,8 +1,8 @@
 """Command-line flags generated from a dataclass whose fields carry an :class:`~lcmap.pipeline.option_values.Option`.
 
-``lcmap train`` takes one flag per :class:`~lcmap.pipeline.config.TrainConfig` field (name, type
+``lcmap train`` takes one flag per :class:`~lcmap.pipeline.training.config.TrainConfig` field (name, type
 and help from the field's declaration) plus ``--config FILE``; ``lcmap predict`` the same from
-:class:`~lcmap.pipeline.predict_config.PredictConfig`. A flag counts only when it was
+:class:`~lcmap.pipeline.prediction.predict_config.PredictConfig`. A flag counts only when it was
 given on the command line (click's parameter source), so a flag's default never overrides the
 config file.
 

@@ -24,8 +24,8 @@ def _record(rank: int, entry: dict[str, Any]) -> None:
 
 def _install() -> None:
     from lcmap.compat import query_bounds
-    from lcmap.pipeline.datamodule import LandCoverDataModule
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.datamodule import LandCoverDataModule
+    from lcmap.pipeline.training.task import LandCoverTask
 
     loader = LandCoverDataModule._loader
 

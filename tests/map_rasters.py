@@ -11,7 +11,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from lcmap.geodata.legends import MAP_NODATA, Legend, target_legend
-from lcmap.pipeline import cog
+from lcmap.pipeline.prediction import cog
 
 
 def write_map_cog(

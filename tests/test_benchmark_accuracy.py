@@ -75,7 +75,7 @@ def test_map_patch_with_the_label_prior_is_what_lcmap_predict_writes(tmp_path: P
     (smaller than one window, so predict runs one forward pass over it too) with its NLCD."""
     import rasterio
 
-    from lcmap.pipeline.predict import PredictConfig, predict_map
+    from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
 
     nlcd = get_legend("nlcd")
     torch.manual_seed(1)

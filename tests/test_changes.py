@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import DEFAULT_TARGET, get_legend
 from lcmap.geodata.sample import sample_paths
-from lcmap.pipeline.changes import (
+from lcmap.pipeline.analysis.changes import (
     CHANGES_TAG,
     decode_transition,
     map_changes,
     transition_code,
 )
-from lcmap.pipeline.cog import read_category_names
-from lcmap.pipeline.zonal import pixel_area_m2_per_row
+from lcmap.pipeline.analysis.zonal import pixel_area_m2_per_row
+from lcmap.pipeline.prediction.cog import read_category_names
 
 UTM, ALBERS = "EPSG:32617", "EPSG:5070"
 X0, Y0 = 500_000.0, 4_000_000.0  # map origin (upper left), 1 m pixels

@@ -16,8 +16,8 @@ from lcmap.cli import app
 from lcmap.cli_options import LIST_OPTIONS, expand_list_options
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
 from lcmap.geodata.sample import SAMPLE_DIR, sample_paths
-from lcmap.pipeline.evaluate import LEGEND_TAG
-from lcmap.pipeline.evaluate_report import format_score
+from lcmap.pipeline.analysis.evaluate import LEGEND_TAG
+from lcmap.pipeline.analysis.evaluate_report import format_score
 
 runner = CliRunner()
 CHES, NLCD = get_legend("chesapeake"), get_legend("nlcd")
@@ -229,7 +229,7 @@ def test_logging_shows_lcmap_info_but_not_library_chatter() -> None:
     from lcmap.cli import _setup_logging
 
     _setup_logging(verbose=False)
-    assert logging.getLogger("lcmap.pipeline.predict").isEnabledFor(logging.INFO)
+    assert logging.getLogger("lcmap.pipeline.prediction.predict").isEnabledFor(logging.INFO)
     assert not logging.getLogger("rasterio.merge").isEnabledFor(logging.INFO)  # "Skipping source: ..."
     assert logging.getLogger("rasterio.merge").isEnabledFor(logging.WARNING)
     _setup_logging(verbose=True)

@@ -25,7 +25,7 @@ import pytest
 import rasterio
 import torch
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model

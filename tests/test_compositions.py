@@ -132,8 +132,8 @@ def test_bad_composition_through_the_cli_exits_2_naming_the_class(tmp_path: Path
 
 
 def test_prior_training_records_the_compositions_for_run_dir_and_checkpoint(tmp_path: Path) -> None:
-    from lcmap.pipeline.label_prior import prior_training
     from lcmap.pipeline.runs import RunFolder
+    from lcmap.pipeline.training.label_prior import prior_training
 
     assert prior_training("plat", NLCD, 0.0, 1.0) is None
     prior = prior_training("prior", NLCD, 30.0, 0.6)
@@ -152,9 +152,9 @@ def test_prior_training_records_the_compositions_for_run_dir_and_checkpoint(tmp_
 @pytest.mark.slow
 def test_a_prior_loss_run_predicts_target_classes_and_records_its_compositions(tmp_path: Path) -> None:
     from lcmap.geodata.sample import SAMPLE_DIR
-    from lcmap.pipeline.config import TrainConfig
     from lcmap.pipeline.runs import load_trained_model
-    from lcmap.pipeline.train import run_train
+    from lcmap.pipeline.training.config import TrainConfig
+    from lcmap.pipeline.training.train import run_train
 
     config = TrainConfig(
         images=[str(SAMPLE_DIR / "naip")], labels=[str(SAMPLE_DIR / "nlcd")], legend="nlcd",
@@ -176,7 +176,7 @@ def test_a_prior_loss_run_predicts_target_classes_and_records_its_compositions(t
 
 
 def test_label_loss_options_are_checked() -> None:
-    from lcmap.pipeline.config import TrainConfig
+    from lcmap.pipeline.training.config import TrainConfig
 
     base = TrainConfig(images=["i.tif"], labels=["l.tif"], out="run")
     base.merged(label_loss="prior-plat", prior_blur_m="30").check()  # fine

@@ -1,4 +1,4 @@
-"""Training options (:mod:`lcmap.pipeline.config`) and the ``lcmap train`` flags generated from them."""
+"""Training options (:mod:`lcmap.pipeline.training.config`) and the ``lcmap train`` flags generated from them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from lcmap.errors import LcmapInputError
-from lcmap.pipeline.config import TrainConfig
+from lcmap.pipeline.training.config import TrainConfig
 
 
 # ------------------------------------------------------------------------------- options
@@ -59,7 +59,7 @@ def _invoke_train(monkeypatch, args: list[str]):
     """Run ``lcmap train ARGS`` with run_train replaced; return (result, the TrainConfig it got or None)."""
     from typer.testing import CliRunner
 
-    import lcmap.pipeline.train as train_module
+    import lcmap.pipeline.training.train as train_module
     from lcmap.cli import app
 
     got: list[TrainConfig] = []
@@ -138,7 +138,7 @@ def test_train_help_shows_units_and_flags():
 
 
 def test_a_config_key_may_be_spelled_as_its_flag(tmp_path):
-    from lcmap.pipeline.config import TrainConfig
+    from lcmap.pipeline.training.config import TrainConfig
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text('mixed-class: ["21=built-up,low vegetation"]\npatch_px: 64\n')
@@ -154,7 +154,7 @@ def test_labels_with_one_label_product_is_refused_not_ignored(tmp_path):
     from typer.testing import CliRunner
 
     from lcmap.cli import app
-    from lcmap.pipeline.train import run_train
+    from lcmap.pipeline.training.train import run_train
 
     sample = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
     both = TrainConfig(

@@ -46,7 +46,7 @@ def test_demo_writes_everything_it_promises(tmp_path: Path) -> None:
     baseline_miou = saved["baseline"]["miou_reference_classes"]
     assert saved["gain"]["miou_reference_classes"] == saved["miou_reference_classes"] - baseline_miou
     from lcmap.geodata.legends import get_legend
-    from lcmap.pipeline.train import TrainConfig
+    from lcmap.pipeline.training.train import TrainConfig
 
     # the demo passes no mixed class: NLCD's declared one (21) is used and recorded
     nlcd_mixed = {21: ["built-up", "low vegetation"]}
@@ -58,7 +58,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path, monkeypatch) -> N
     """--out holding the user's files (map.tif, report.md, metrics.json, or anything) is refused,
     exit 2, each file untouched (before: all three replaced); a file as --out too. A new or empty
     folder, or one holding the demo's marker, is the demo's: it goes on to train."""
-    import lcmap.pipeline.train as train
+    import lcmap.pipeline.training.train as train
 
     out = tmp_path / "mine"
     out.mkdir()

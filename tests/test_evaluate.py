@@ -15,7 +15,7 @@ from rasterio.warp import transform as warp_transform
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.aoi import aoi_from_bbox
 from lcmap.geodata.legends import IGNORE_INDEX, UnknownLabelError, get_legend
-from lcmap.pipeline.evaluate import LEGEND_TAG, evaluate_map, read_target_on_grid
+from lcmap.pipeline.analysis.evaluate import LEGEND_TAG, evaluate_map, read_target_on_grid
 from lcmap.pipeline.metrics import confusion_matrix, scores_from_confusion
 
 UTM = "EPSG:32617"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from lcmap.geodata.datasets import LabelledImagery, open_imagery, open_labels
 from lcmap.geodata.fusion import FusedLabelRaster, fuse_targets, fused_legend
 from lcmap.geodata.legends import DEFAULT_TARGET, IGNORE_INDEX, get_legend
-from lcmap.pipeline.config import TrainConfig
+from lcmap.pipeline.training.config import TrainConfig
 from tests.rasters import fake_imagery, write_raster
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
@@ -42,7 +42,7 @@ def test_fuse_targets_by_hand():
 
 
 def test_fused_legend_plain_classes_first_and_sets_as_mixed_classes():
-    from lcmap.pipeline.label_classes import allowed_classes_for
+    from lcmap.pipeline.training.label_classes import allowed_classes_for
 
     legend = fused_legend(DEFAULT_TARGET)
     assert legend.codes[:4] == [1, 2, 4, 8] and len(legend) == 15
@@ -168,7 +168,7 @@ def test_label_product_flags_and_config_file_agree(tmp_path):
 
 def test_one_product_is_todays_training(tmp_path):
     """One --label-product gives the same options, hence the same label tensors, as --labels/--legend."""
-    from lcmap.pipeline.train import _open_inputs
+    from lcmap.pipeline.training.train import _open_inputs
 
     base = dict(images=[str(SAMPLE / "naip")], aoi=str(SAMPLE / "aoi_train.geojson"), out=str(tmp_path))
     today = TrainConfig(labels=[str(SAMPLE / "nlcd")], legend="nlcd", **base)

@@ -247,7 +247,7 @@ def test_nan_float_imagery_is_nodata_for_labels_statistics_and_batches(tmp_path:
     left out of the normalisation statistics and fed to the network as the band mean (0), never NaN."""
     import torch
 
-    from lcmap.pipeline.datamodule import LandCoverDataModule
+    from lcmap.pipeline.training.datamodule import LandCoverDataModule
 
     rng = np.random.default_rng(0)
     data = rng.uniform(10, 200, (3, 64, 64)).astype(np.float32)

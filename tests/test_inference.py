@@ -1,4 +1,4 @@
-"""A pixel's class depends only on the imagery around it (``lcmap.pipeline.inference`` with the
+"""A pixel's class depends only on the imagery around it (``lcmap.pipeline.prediction.inference`` with the
 window lattice of ``tiling`` and the context boxes of ``strips``): real sample patches mapped
 alone and with other files listed, and a small image mapped by one forward pass over itself."""
 
@@ -13,11 +13,11 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import from_bounds
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.geodata.legends import target_legend
 from lcmap.geodata.sample import sample_paths
 from lcmap.models import build_model, predict_proba
-from lcmap.pipeline import inference
+from lcmap.pipeline.prediction import inference
 from lcmap.pipeline.runs import load_trained_model, save_checkpoint
 from tests.rasters import write_raster
 

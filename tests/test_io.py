@@ -18,8 +18,8 @@ from lcmap.geodata.datasets import LabelRaster, pair_imagery_labels
 from lcmap.geodata.io import check_raster_file, find_raster_files, imagery_valid, open_raster
 from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import get_legend
+from lcmap.pipeline.analysis.evaluate import read_target_on_grid
 from lcmap.pipeline.demo import _read_target
-from lcmap.pipeline.evaluate import read_target_on_grid
 
 NLCD = get_legend("nlcd")
 X0, Y0 = 500_000.0, 4_000_000.0  # upper-left corner of the 8 x 8 px, 1 m test grid (UTM 17N)

@@ -1,4 +1,5 @@
-"""Training losses (:mod:`lcmap.pipeline.losses`) and class weights (:mod:`lcmap.pipeline.class_weights`)."""
+"""Training losses (:mod:`lcmap.pipeline.training.losses`) and class weights
+(:mod:`lcmap.pipeline.training.class_weights`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lcmap.geodata.legends import IGNORE_INDEX
-from lcmap.pipeline.class_weights import inverse_sqrt_frequency_weights
-from lcmap.pipeline.losses import plat_loss, plat_mask, weighted_ce
+from lcmap.pipeline.training.class_weights import inverse_sqrt_frequency_weights
+from lcmap.pipeline.training.losses import plat_loss, plat_mask, weighted_ce
 
 I = IGNORE_INDEX  # noqa: E741 - short name for the label tables below
 

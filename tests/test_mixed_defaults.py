@@ -9,8 +9,8 @@ import torch
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import BUILTIN_LEGENDS, Legend, get_legend
-from lcmap.pipeline.label_classes import allowed_classes_for, resolve_mixed_classes
-from lcmap.pipeline.train import TrainConfig, run_train
+from lcmap.pipeline.training.label_classes import allowed_classes_for, resolve_mixed_classes
+from lcmap.pipeline.training.train import TrainConfig, run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 BL = ["built-up", "low vegetation"]

@@ -17,12 +17,12 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.legends import get_legend, target_legend
 from lcmap.models import build_model
-from lcmap.pipeline import execution, inference, mapfile
-from lcmap.pipeline.cog import read_category_names
+from lcmap.pipeline.prediction import execution, inference, mapfile
+from lcmap.pipeline.prediction.cog import read_category_names
 from lcmap.pipeline.runs import save_checkpoint
 
 CRS = "EPSG:32617"
@@ -142,7 +142,7 @@ def test_preview_png_beside_the_map(data):
     (nodata transparent); the legend beside it shows the same colours; the STAC Item lists it."""
     from PIL import Image
 
-    from lcmap.pipeline.preview import MIN_MAP_PX
+    from lcmap.pipeline.prediction.preview import MIN_MAP_PX
 
     ref = data["ref"]
     png = ref.with_name("map.preview.png")

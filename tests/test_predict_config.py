@@ -17,11 +17,11 @@ from map_rasters import write_map_cog
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.cli import app
 from lcmap.errors import LcmapInputError
-from lcmap.pipeline.predict_config import CHECKPOINT_TAG, PREDICT_OPTIONS_TAG, PredictConfig
-from lcmap.pipeline.stac import stac_item_path, write_stac_item
+from lcmap.pipeline.analysis.stac import stac_item_path, write_stac_item
+from lcmap.pipeline.prediction.predict_config import CHECKPOINT_TAG, PREDICT_OPTIONS_TAG, PredictConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 

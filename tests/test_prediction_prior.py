@@ -1,5 +1,5 @@
 """``lcmap predict --label-prior``: the LR label as a prior at each pixel (Bayes' rule with the
-legend's compositions; :mod:`lcmap.pipeline.prediction_prior`)."""
+legend's compositions; :mod:`lcmap.pipeline.prediction.prediction_prior`)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.compositions import composition_table
 from lcmap.geodata.legends import get_legend
 from lcmap.geodata.sample import sample_paths
 from lcmap.models import build_model, predict_proba, sum_probabilities
-from lcmap.pipeline.prediction_prior import MIN_CLASS_MIX, training_class_mix
+from lcmap.pipeline.prediction.prediction_prior import MIN_CLASS_MIX, training_class_mix
 from lcmap.pipeline.runs import save_checkpoint
 from tests.rasters import write_raster
 

@@ -14,7 +14,7 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 from lcmap.geodata.legends import get_legend
-from lcmap.pipeline.preview import MAX_MAP_PX, write_preview
+from lcmap.pipeline.prediction.preview import MAX_MAP_PX, write_preview
 
 BLOCK_PX = 250  # the map's classes come in squares of this side
 

@@ -1,5 +1,5 @@
-"""The prior over target classes (:mod:`lcmap.pipeline.label_prior`) and the losses that train on it
-(:mod:`lcmap.pipeline.losses`): hand-computed values on tiny tensors and where their minimum is."""
+"""The prior over target classes (:mod:`lcmap.pipeline.training.label_prior`) and the losses that train on it
+(:mod:`lcmap.pipeline.training.losses`): hand-computed values on tiny tensors and where their minimum is."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from rasters import UTM17, fake_imagery, write_raster
 from lcmap.geodata.compositions import composition_table
 from lcmap.geodata.datasets import pair_imagery_labels
 from lcmap.geodata.legends import IGNORE_INDEX, get_legend
-from lcmap.pipeline.label_prior import gaussian_kernel, label_prior
-from lcmap.pipeline.losses import (
+from lcmap.pipeline.training.label_prior import gaussian_kernel, label_prior
+from lcmap.pipeline.training.losses import (
     PriorSpec,
     label_loss,
     lsr_loss,
@@ -228,7 +228,7 @@ def test_label_loss_keeps_todays_losses_and_dispatches_the_prior_ones() -> None:
 
 def test_task_with_a_prior_loss_predicts_the_target_classes() -> None:
     from lcmap.geodata.legends import target_legend
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.task import LandCoverTask
 
     table = composition_table(NLCD)
     task = LandCoverTask(

@@ -53,7 +53,7 @@ import torch
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.cli import app
 from lcmap.errors import DiskFullError, ImageryMismatchError, LcmapInputError, OutputLockedError
 from lcmap.geodata.datasets import open_imagery
@@ -62,7 +62,7 @@ from lcmap.geodata.label_mosaic import Grid, LabelMosaic
 from lcmap.geodata.legends import UnknownLabelError, get_legend, target_legend
 from lcmap.geodata.normalization import BandStats, compute_band_stats
 from lcmap.models import build_model
-from lcmap.pipeline import execution, mapfile
+from lcmap.pipeline.prediction import execution, mapfile
 from lcmap.pipeline.runs import save_checkpoint
 
 DATA = Path(__file__).parent / "data"
@@ -140,7 +140,7 @@ def _hold_lock(out: Path) -> subprocess.Popen:
         f"""
         import sys, time
         from pathlib import Path
-        from lcmap.pipeline import mapfile
+        from lcmap.pipeline.prediction import mapfile
         out = Path({str(out)!r})
         with mapfile.lock_partial(out.with_name(out.name + ".partial"), out):
             (out.with_name(out.name + ".partial") / "blocks").mkdir(exist_ok=True)
@@ -366,7 +366,7 @@ def test_16bit_imagery_for_an_8bit_model_is_refused(tmp_path):
 
 def test_old_checkpoint_without_imagery_record_still_predicts(data, tmp_path, caplog):
     old = _checkpoint(tmp_path / "old.ckpt")  # no imagery_range: trained by an older lcmap
-    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
+    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.prediction.planning"):
         result = P.predict_map(
             P.PredictConfig.of(old, data["image"], tmp_path / "map.tif", block_px=48, **FAST), progress=False
         )
@@ -438,7 +438,7 @@ def test_truncated_block_is_recomputed_on_resume(data, tmp_path, monkeypatch, ca
             yield item
 
     monkeypatch.setattr(execution, "predict_group", counting)
-    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.mapfile"):
+    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.prediction.mapfile"):
         result = P.predict_map(
             P.PredictConfig.of(data["ckpt"], data["image"], out, block_px=48, **FAST), progress=False
         )

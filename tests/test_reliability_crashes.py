@@ -45,16 +45,17 @@ import torch
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.cli import app
 from lcmap.errors import LcmapInputError, OutputLockedError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model
-from lcmap.pipeline import mapfile, zonal
-from lcmap.pipeline.run_lock import RunOver
+from lcmap.pipeline.analysis import zonal
+from lcmap.pipeline.prediction import mapfile
+from lcmap.pipeline.prediction.run_lock import RunOver
+from lcmap.pipeline.prediction.scheduler_check import check_scheduler
+from lcmap.pipeline.prediction.tiling import Block, OutputGrid
 from lcmap.pipeline.runs import load_checkpoint_file, save_checkpoint
-from lcmap.pipeline.scheduler_check import check_scheduler
-from lcmap.pipeline.tiling import Block, OutputGrid
 from tests.map_rasters import write_map_cog
 from tests.rasters import write_raster
 
@@ -141,7 +142,7 @@ def test_evaluate_wrong_legend_never_crashes(tmp_path):
     code = (
         "import sys\n"
         "from lcmap.errors import LcmapInputError\n"
-        "from lcmap.pipeline.evaluate import evaluate_map\n"
+        "from lcmap.pipeline.analysis.evaluate import evaluate_map\n"
         "try:\n"
         f"    evaluate_map({str(tmp_path / 'map.tif')!r}, {str(tmp_path / 'ref')!r}, 'nlcd', "
         f"{str(tmp_path / 'rep')!r}, block_px=64, progress=False)\n"
@@ -299,7 +300,7 @@ def _train_argv(out: Path, images: Path = IMAGE) -> list[str]:
 
 
 def test_train_full_disk_leaves_no_run_folder(tmp_path, monkeypatch):
-    from lcmap.pipeline.callbacks import AtomicCheckpointIO
+    from lcmap.pipeline.training.callbacks import AtomicCheckpointIO
 
     def full(self, checkpoint, path, storage_options=None):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

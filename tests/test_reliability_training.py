@@ -54,7 +54,7 @@ from typer.testing import CliRunner
 from lcmap.cli import app
 from lcmap.errors import LcmapInputError, TrainingInterrupted, UnsafeCheckpointError
 from lcmap.pipeline.runs import RunFolder
-from lcmap.pipeline.train import TrainConfig, run_train
+from lcmap.pipeline.training.train import TrainConfig, run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 REPO = Path(__file__).resolve().parents[1]
@@ -185,8 +185,8 @@ def test_train_resume_refuses_pickled_code(tiny_run: Path, tmp_path: Path) -> No
 
 
 def test_worker_and_lightning_loaders_refuse(tmp_path: Path) -> None:
-    from lcmap.pipeline.callbacks import AtomicCheckpointIO
     from lcmap.pipeline.runs import load_trained_model
+    from lcmap.pipeline.training.callbacks import AtomicCheckpointIO
 
     marker = tmp_path / "PWNED"
     ckpt = _hostile_checkpoint(tmp_path / "evil.ckpt", marker)
@@ -351,7 +351,7 @@ def test_bad_input_leaves_nothing(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ 5. interrupts
 def test_sigterm_saves_the_step_it_names(tmp_path: Path, monkeypatch) -> None:
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.task import LandCoverTask
 
     def sigterm(self, outputs, batch, batch_idx):
         if self.trainer.global_step == 3:
@@ -369,7 +369,7 @@ def test_sigterm_saves_the_step_it_names(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_sigterm_before_training_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    import lcmap.pipeline.train as train
+    import lcmap.pipeline.training.train as train
 
     def sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -409,7 +409,7 @@ def test_sigterm_cli_subprocess_then_resume(tmp_path: Path) -> None:
 
 
 def test_demo_rerun_and_interrupt_say_demo_resume(tmp_path: Path, monkeypatch) -> None:
-    import lcmap.pipeline.train as train
+    import lcmap.pipeline.training.train as train
     from lcmap.pipeline.demo import DEMO_MARKER
 
     out = tmp_path / "demo"
@@ -432,7 +432,7 @@ def test_demo_rerun_and_interrupt_say_demo_resume(tmp_path: Path, monkeypatch) -
 @pytest.mark.slow
 def test_demo_resume_continues_then_maps(tmp_path: Path, monkeypatch) -> None:
     from lcmap.pipeline.demo import run_demo
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.task import LandCoverTask
 
     def sigterm(self, outputs, batch, batch_idx):
         if self.trainer.global_step == 3:
@@ -467,7 +467,7 @@ def test_tls_scheduler_security(tmp_path: Path, caplog) -> None:
     import dask
     from distributed import Client, LocalCluster, Security
 
-    from lcmap.pipeline.dask_security import scheduler_security
+    from lcmap.pipeline.prediction.dask_security import scheduler_security
 
     ca, cert, key = _certificates(tmp_path)
     server = Security(

@@ -34,10 +34,10 @@ from lcmap.geodata.remote import remote_identities
 from lcmap.geodata.sample import sample_paths
 from lcmap.geodata.stac_inputs import asset_choice, stac_asset_hrefs
 from lcmap.models import build_model
-from lcmap.pipeline.config import TrainConfig
-from lcmap.pipeline.evaluate import evaluate_map
-from lcmap.pipeline.predict import PredictConfig, predict_map
+from lcmap.pipeline.analysis.evaluate import evaluate_map
+from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
 from lcmap.pipeline.runs import save_checkpoint
+from lcmap.pipeline.training.config import TrainConfig
 from tests.http_server import RangeServer
 from tests.rasters import fake_imagery
 

@@ -20,17 +20,17 @@ from rasterio.crs import CRS
 from rasterio.warp import Resampling, calculate_default_transform, reproject, transform_geom
 from torch import nn
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.geodata.aoi import rasterize_aoi
 from lcmap.geodata.datasets import open_imagery
 from lcmap.geodata.legends import target_legend
 from lcmap.geodata.mapcrs import grid_res
 from lcmap.geodata.sample import sample_paths
 from lcmap.models import build_model
-from lcmap.pipeline import inference, planning
+from lcmap.pipeline.prediction import inference, planning
+from lcmap.pipeline.prediction.strips import StripReader
+from lcmap.pipeline.prediction.tiling import output_grid
 from lcmap.pipeline.runs import save_checkpoint
-from lcmap.pipeline.strips import StripReader
-from lcmap.pipeline.tiling import output_grid
 
 FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous", device="cpu")
 NAIP = {p.stem: p for p in sample_paths()["imagery"]}  # patch-0 ... patch-7, EPSG:26917

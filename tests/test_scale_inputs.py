@@ -18,11 +18,11 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from rasterio.warp import transform
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model
-from lcmap.pipeline import cog, execution
+from lcmap.pipeline.prediction import cog, execution
 from lcmap.pipeline.runs import save_checkpoint
 
 FAST = dict(tile_px=64, overlap_px=16, batch_size=4, scheduler="synchronous")
@@ -66,7 +66,7 @@ def two_zones(tmp_path_factory):
 
 
 def test_imagery_across_utm_zones_gets_one_crs_the_aoi_centroid_zone(two_zones, caplog):
-    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.planning"):
+    with caplog.at_level(logging.INFO, logger="lcmap.pipeline.prediction.planning"):
         opts = {k: v for k, v in FAST.items() if k in ("tile_px", "overlap_px", "batch_size")}
         plan = P.plan_prediction(
             P.PredictConfig.of(two_zones["ckpt"], [two_zones["images"]], two_zones["root"] / "m.tif", **opts)

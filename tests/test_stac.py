@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import DEFAULT_TARGET, get_legend
-from lcmap.pipeline.stac import IMAGERY_DATETIME_TAG, stac_item_path, write_stac_item
+from lcmap.pipeline.analysis.stac import IMAGERY_DATETIME_TAG, stac_item_path, write_stac_item
 
 UTM = "EPSG:32617"
 X0, Y0 = 500_000.0, 4_000_000.0
@@ -150,7 +150,7 @@ def test_stac_refuses_rasters_lcmap_did_not_write_whole(tmp_path: Path):
     exit 2, no Item written (before: an Item for each, exit 0)."""
     from lcmap.cli import app
     from lcmap.geodata.sample import sample_paths
-    from lcmap.pipeline.cog import legend_tag
+    from lcmap.pipeline.prediction.cog import legend_tag
 
     codes = np.random.default_rng(0).integers(0, 5, (1100, 1300)).astype(np.uint8)
     whole = write_map_cog(tmp_path / "whole.tif", codes, UTM, from_origin(X0, Y0, 1, 1))
@@ -261,7 +261,7 @@ def _tagged_imagery(path: Path, x0: float, **tags: str) -> Path:
 
 
 def test_imagery_datetime_of_reads_date_tags(tmp_path: Path):
-    from lcmap.pipeline.stac import imagery_datetime_of
+    from lcmap.pipeline.analysis.stac import imagery_datetime_of
 
     a = _tagged_imagery(tmp_path / "a.tif", X0, YEAR="2014")
     b = _tagged_imagery(tmp_path / "b.tif", X0 + 64, **{IMAGERY_DATETIME_TAG: "2016-06-02"})
@@ -278,7 +278,7 @@ def test_predict_writes_the_stac_item_with_the_imagery_date(tmp_path: Path):
 
     from lcmap.geodata.legends import target_legend
     from lcmap.models import build_model
-    from lcmap.pipeline.predict import PredictConfig, predict_map
+    from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
     from lcmap.pipeline.runs import save_checkpoint
 
     images = [

@@ -1,4 +1,4 @@
-"""Raw imagery strips and per-window normalisation (``lcmap.pipeline.strips``), on tiny files
+"""Raw imagery strips and per-window normalisation (``lcmap.pipeline.prediction.strips``), on tiny files
 written here: two overlapping files with nodata holes, 8-bit and 16-bit."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from rasterio.transform import from_origin
 
 from lcmap.geodata.datasets import open_imagery
 from lcmap.models.context import padded_input, valid_bbox
-from lcmap.pipeline.strips import StripReader, context_box, window_into
-from lcmap.pipeline.tiling import WindowGrid, output_grid
+from lcmap.pipeline.prediction.strips import StripReader, context_box, window_into
+from lcmap.pipeline.prediction.tiling import WindowGrid, output_grid
 
 X0, Y0 = 500_000.0, 4_200_000.0
 

@@ -20,14 +20,14 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 from typer.testing import CliRunner
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError, OutputLockedError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model
-from lcmap.pipeline import cog, execution, inference, mapfile, tiled_output
-from lcmap.pipeline.cog import read_category_names
+from lcmap.pipeline.prediction import cog, execution, inference, mapfile, tiled_output
+from lcmap.pipeline.prediction.cog import read_category_names
+from lcmap.pipeline.prediction.tiling import OutputGrid
 from lcmap.pipeline.runs import save_checkpoint
-from lcmap.pipeline.tiling import OutputGrid
 from tests.rasters import UTM17, write_raster
 from tests.test_stac import SchemaNotOffline, offline_validator
 

@@ -1,4 +1,4 @@
-"""Tiling and blending (``lcmap.pipeline.tiling``): grids, taper, blocks and the blender, no I/O."""
+"""Tiling and blending (``lcmap.pipeline.prediction.tiling``): grids, taper, blocks and the blender, no I/O."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import lcmap.pipeline.blending as B
-import lcmap.pipeline.tiling as T
+import lcmap.pipeline.prediction.blending as B
+import lcmap.pipeline.prediction.tiling as T
 from lcmap.geodata.legends import MAP_NODATA
 
 

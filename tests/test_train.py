@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from lcmap.errors import LcmapInputError, TrainingInterrupted
-from lcmap.pipeline.class_weights import inverse_sqrt_frequency_weights
-from lcmap.pipeline.train import TrainConfig, run_train
+from lcmap.pipeline.training.class_weights import inverse_sqrt_frequency_weights
+from lcmap.pipeline.training.train import TrainConfig, run_train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "lcmap" / "geodata" / "sample"
 
 
 def test_mixed_classes_option_and_allowed_rows():
     from lcmap.geodata.legends import get_legend
-    from lcmap.pipeline.label_classes import allowed_classes_for
+    from lcmap.pipeline.training.label_classes import allowed_classes_for
 
     c = TrainConfig().merged(mixed_classes="21=built-up,low vegetation")
     assert c.mixed_classes == {21: ["built-up", "low vegetation"]}
@@ -151,7 +151,7 @@ def test_resume_continues_the_step_count(tiny_run):
 
 
 def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path, monkeypatch):
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.task import LandCoverTask
 
     def interrupt(self, outputs, batch, batch_idx):
         if self.trainer.global_step == 3:
@@ -179,7 +179,7 @@ def test_ctrl_c_leaves_a_resumable_last_checkpoint(tmp_path, monkeypatch):
 
 def test_imagery_nodata_becomes_the_band_mean_after_normalisation():
     """Pixels where every band is nodata (outside the imagery, gaps between files) -> 0, as in predict."""
-    from lcmap.pipeline.datamodule import LandCoverDataModule
+    from lcmap.pipeline.training.datamodule import LandCoverDataModule
 
     dm = LandCoverDataModule(
         None,
@@ -216,7 +216,7 @@ def test_imagery_nodata_becomes_the_band_mean_after_normalisation():
 
 
 def test_out_of_memory_says_which_batch_size_to_try():
-    from lcmap.pipeline.oom import raise_if_out_of_memory as _raise_if_oom
+    from lcmap.pipeline.training.oom import raise_if_out_of_memory as _raise_if_oom
 
     cfg = TrainConfig(batch_size=10, model="paraformer")
     with pytest.raises(LcmapInputError, match=r"out of GPU .*--batch-size 10 .*224 px.*try --batch-size 5"):
@@ -230,7 +230,7 @@ def test_validation_window_sees_only_the_imagery(monkeypatch):
     """A validation window that is not all imagery is classified from its valid box only (as lcmap
     predict's context boxes), and pixels without imagery are not scored."""
     from lcmap.geodata.legends import get_legend
-    from lcmap.pipeline.task import LandCoverTask
+    from lcmap.pipeline.training.task import LandCoverTask
 
     legend = get_legend("nlcd")
     task = LandCoverTask("unet", 4, legend.to_dict(), [0.0] * 4, [1.0] * 4)

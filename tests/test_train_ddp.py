@@ -64,8 +64,8 @@ def _files(run: Path) -> set[str]:
 def _single_process_confusion(run: Path, ckpt_path: Path) -> np.ndarray:
     """The validation confusion matrix of a checkpoint over all windows, in this one process."""
     from lcmap.pipeline.runs import RunFolder, read_checkpoint
-    from lcmap.pipeline.task import LandCoverTask
-    from lcmap.pipeline.train import _datamodule, _open_inputs
+    from lcmap.pipeline.training.task import LandCoverTask
+    from lcmap.pipeline.training.train import _datamodule, _open_inputs
 
     folder = RunFolder(run)
     config = folder.read_config()
@@ -151,7 +151,7 @@ def test_ddp_two_cpu_processes_one_run_folder_reduced_metrics_own_patches_sigter
 
 def test_validation_shards_count_each_window_once():
     """Every window on exactly one process; a process left without one validates a window unscored."""
-    from lcmap.pipeline.datamodule import LandCoverDataModule
+    from lcmap.pipeline.training.datamodule import LandCoverDataModule
 
     dm = LandCoverDataModule(None, None, None, 32, 1, 1, [0.0], [1.0], augment=False)
     dm.train_dataset = dm.val_dataset = object()  # type: ignore[assignment]

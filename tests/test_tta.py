@@ -16,13 +16,13 @@ import torch
 from rasters import fake_imagery
 from torch import nn
 
-import lcmap.pipeline.predict as P
+import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model, predict_proba
 from lcmap.models.tta import TTA_MODES, apply_transform, invert_transform, predict_proba_tta, tta_transforms
-from lcmap.pipeline.config import TrainConfig
 from lcmap.pipeline.runs import save_checkpoint
+from lcmap.pipeline.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -124,7 +124,7 @@ def test_val_tta_option_is_checked_and_reaches_validation(monkeypatch):
     with pytest.raises(LcmapInputError, match="--val-tta"):
         bad.check()
 
-    import lcmap.pipeline.task as task_module
+    import lcmap.pipeline.training.task as task_module
 
     seen = []
     real = task_module.predict_proba_tta

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import get_legend, target_legend
-from lcmap.pipeline.cog import legend_tag
-from lcmap.pipeline.zonal import count_pairs, overlap_layers, pixel_area_m2_per_row
-from lcmap.pipeline.zone_stats import write_stats, zone_stats
+from lcmap.pipeline.analysis.zonal import count_pairs, overlap_layers, pixel_area_m2_per_row
+from lcmap.pipeline.analysis.zone_stats import write_stats, zone_stats
+from lcmap.pipeline.prediction.cog import legend_tag
 from tests.rasters import write_raster
 
 X0, Y0, RES = 500_000.0, 4_000_000.0, 2.0

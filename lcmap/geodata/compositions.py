@@ -4,7 +4,7 @@ A 30 m NLCD "Developed, Open Space" cell is not 100 % built-up at 1 m: in the Ch
 is on average 42 % tree canopy, 46 % low vegetation and 11 % built-up. A legend class may carry
 such a :class:`Composition` (mean fraction per target class and, where known, its spread); the
 prior losses (``lcmap train --label-loss prior|prior-plat|lsr|qr``,
-:mod:`lcmap.pipeline.losses`) train on it instead of the class's single target.
+:mod:`lcmap.pipeline.training.losses`) train on it instead of the class's single target.
 
 Sources, per built-in legend (the tables below carry them):
 

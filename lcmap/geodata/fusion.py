@@ -16,7 +16,7 @@ target indices ``t`` (1..2**N - 1 for N target classes; 0 = no label). It is rea
 order, so legend index ``t`` = target class ``t`` = network output channel ``t``), then one class per
 set of two or more target classes (code = its bit mask, no target, declared ``mixed`` with the set's
 names). The set classes are thus ordinary mixed classes: their label accepts the plain classes of
-the set (:func:`lcmap.pipeline.label_classes.allowed_classes_for`), and the network has only the N
+the set (:func:`lcmap.pipeline.training.label_classes.allowed_classes_for`), and the network has only the N
 target outputs.
 """
 

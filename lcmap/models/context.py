@@ -2,7 +2,7 @@
 mirrored to a multiple of the networks' downsampling, never an empty margin.
 
 The one rule shared by ``lcmap predict`` (a window's context box,
-:func:`lcmap.pipeline.strips.context_box`) and validation during ``lcmap train``: pixels outside
+:func:`lcmap.pipeline.prediction.strips.context_box`) and validation during ``lcmap train``: pixels outside
 the imagery (no file, every band nodata) are not fed to the model around the valid ones; holes
 inside the box are fed as the band mean (0 after normalisation), as everywhere.
 """

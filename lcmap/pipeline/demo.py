@@ -3,7 +3,7 @@
 1. train ``paraformer-tiny`` on the NLCD 30 m labels of the sample's 6 training patches (CPU);
 2. predict those patches at 1 m into a COG (map updating: the area the labels cover), the network
    combined at each pixel with the NLCD label it updates (``lcmap predict --label-prior``,
-   :mod:`lcmap.pipeline.prediction_prior`);
+   :mod:`lcmap.pipeline.prediction.prediction_prior`);
 3. score the map against the Chesapeake 1 m reference, with the NLCD label as the baseline;
 4. the same for the 2 held-out patches (ground never trained on), and for the network alone there
    (no label prior: ``held_out_network_alone`` in metrics.json);
@@ -33,7 +33,7 @@ QUICKLOOK_PATCHES = (0, 7, 3)
 #: none. NLCD 21 "Developed, Open Space" is defined as mostly lawn grass with under 20 % impervious
 #: cover: a mixed class at 1 m. Trained as a plain label, the network learns "open grass =
 #: built-up"; as a mixed class its pixels ask for "a built-up or a low-vegetation class" and the
-#: image decides (partial-label cross-entropy, see lcmap.pipeline.task.weighted_ce). The NLCD
+#: image decides (partial-label cross-entropy, see lcmap.pipeline.training.task.weighted_ce). The NLCD
 #: legend declares it (lcmap.geodata.legends), so the defaults already train it so.
 DEMO_TRAINING: dict = {}
 
@@ -62,10 +62,10 @@ def run_demo(
         TrainingInterrupted: Ctrl-C or SIGTERM during training; the message says ``lcmap demo --resume``.
     """
     from lcmap.errors import LcmapInputError, TrainingInterrupted
-    from lcmap.pipeline.evaluate import evaluate_map
-    from lcmap.pipeline.predict import PredictConfig, predict_map
+    from lcmap.pipeline.analysis.evaluate import evaluate_map
+    from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
     from lcmap.pipeline.runs import RunFolder
-    from lcmap.pipeline.train import TrainConfig, run_train
+    from lcmap.pipeline.training.train import TrainConfig, run_train
 
     out = Path(out)
     _claim_out(out)

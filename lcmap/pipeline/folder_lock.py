@@ -1,6 +1,6 @@
 """One writer per output folder: an OS lock on ``FOLDER/.lock`` (``fcntl.flock``).
 
-``lcmap predict`` holds it on ``MAP.tif.partial`` (:func:`lcmap.pipeline.mapfile.lock_partial`),
+``lcmap predict`` holds it on ``MAP.tif.partial`` (:func:`lcmap.pipeline.prediction.mapfile.lock_partial`),
 ``lcmap train`` on RUN_DIR, for the whole run. A second run on the same folder is refused at once
 (:class:`~lcmap.errors.OutputLockedError`, with the owner's pid, which the lock file holds). The
 kernel releases the lock when the owner dies, even by SIGKILL, so a stale ``.lock`` file (its pid

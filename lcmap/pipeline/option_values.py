@@ -6,8 +6,8 @@ type, raising ValueError/TypeError with a message that names the expected form.
 :class:`DeclaredOptions` is what such a dataclass can do with its declaration: read a YAML config
 file (:func:`yaml.safe_load` only: a config is data), merge the flags given on the command line
 (they win), refuse an unknown key or a bad value in one line naming it, and write itself as YAML.
-Used by :class:`lcmap.pipeline.config.TrainConfig` and
-:class:`lcmap.pipeline.predict_config.PredictConfig`; :mod:`lcmap.cli_options` builds the flags.
+Used by :class:`lcmap.pipeline.training.config.TrainConfig` and
+:class:`lcmap.pipeline.prediction.predict_config.PredictConfig`; :mod:`lcmap.cli_options` builds the flags.
 """
 
 from __future__ import annotations

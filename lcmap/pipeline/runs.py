@@ -42,8 +42,8 @@ from torch import nn
 
 from lcmap.errors import LcmapInputError, UnsafeCheckpointError
 from lcmap.geodata.legends import Legend
-from lcmap.pipeline.config import TrainConfig
-from lcmap.pipeline.run_metrics import epoch_history, flatten_metrics, plot_history
+from lcmap.pipeline.training.config import TrainConfig
+from lcmap.pipeline.training.run_metrics import epoch_history, flatten_metrics, plot_history
 
 log = logging.getLogger("lcmap.train")
 
@@ -398,11 +398,11 @@ class RunFolder:
         return BandStats.from_json(self.normalization_json) if self.normalization_json.is_file() else None
 
     def write_class_weights(self, record: dict[str, Any]) -> None:
-        """Save the class-weight record (:func:`lcmap.pipeline.class_weights.class_weights_record`)."""
+        """Save the class-weight record (:func:`lcmap.pipeline.training.class_weights.class_weights_record`)."""
         atomic_write_text(self.class_weights_json, json.dumps(record, indent=1))
 
     def write_composition(self, record: dict[str, Any]) -> None:
-        """Save the compositions a prior loss trains on (:class:`lcmap.pipeline.label_prior.PriorTraining`)."""
+        """Save the compositions a prior loss trains on (:class:`lcmap.pipeline.training.label_prior.PriorTraining`)."""
         atomic_write_text(self.composition_json, json.dumps(record, indent=1))
 
     def read_class_weights(self) -> dict[str, Any] | None:

@@ -1,0 +1,1 @@
+"""Prediction: planning the grid, windows and blocks, running them (in process or on Dask), writing the COG."""
