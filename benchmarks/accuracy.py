@@ -146,7 +146,7 @@ def label_prior_of(tm: Any, train_patches: list[int], held_out: list[int]) -> An
                 if v in codes:
                     counts[codes.index(v)] += c
         tm.hparams["label_frequency"] = (counts / counts.sum()).tolist()
-    n_channels = len(tm.legend.target) + (1 if len(tm.legend.target) in tm.legend.index_to_target_group() else 0)
+    n_channels = len(tm.legend.target) + 1  # map_patch's channels: the target classes and "no target"
     files = [str(SAMPLE / "nlcd" / f"patch-{i}.tif") for i in held_out]
     with rasterio.open(SAMPLE / "naip" / f"patch-{held_out[0]}.tif") as src:
         bounds, crs = tuple(src.bounds), src.crs.to_wkt()

@@ -83,6 +83,19 @@ class PredictResult:
         return {k: v for k, v in asdict(self).items() if k not in ("path", "confidence_path")}
 
 
+def _by_ctrl_c(exc: BaseException) -> bool:
+    """``exc`` is Ctrl-C, or an error raised while Ctrl-C unwound the stack (e.g. rasterio's
+    ``Env.__exit__`` finding no GDAL environment when the interrupt landed inside a nested one)."""
+    seen: BaseException | None = exc
+    for _ in range(16):
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResult:
     """Predict a land-cover map over the imagery (or part of it) and write it as a COG.
 
@@ -245,16 +258,16 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                 f"{kept} of {len(blocks)} blocks finished are kept in {plan.partial}{tiled_output.kept(tiles)}. "
                 "Start the scheduler and workers again (or leave --scheduler out) and run the same command to resume."
             ) from None
-        except KeyboardInterrupt as exc:
+        except BaseException as exc:
             if isinstance(exc, Interrupted):
                 raise
-            run_lock.revoke()
-            kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
-            raise Interrupted(
-                f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}"
-                f"{tiled_output.kept(tiles)}. Run the same command again to resume from there."
-            ) from None
-        except BaseException as exc:
+            if _by_ctrl_c(exc):
+                run_lock.revoke()
+                kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))
+                raise Interrupted(
+                    f"prediction stopped; {kept} of {len(blocks)} blocks finished are kept in {plan.partial}"
+                    f"{tiled_output.kept(tiles)}. Run the same command again to resume from there."
+                ) from None
             if mapfile.is_enospc(exc, (), plan.partial):
                 raise mapfile.space_error(job, plan.out, plan.partial, exc) from exc
             raise
