@@ -45,12 +45,12 @@ import rasterio.errors
 from rasterio.transform import Affine
 
 from lcmap.errors import DiskFullError, LcmapInputError
-from lcmap.geodata.io import CONFIDENCE_TAG
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.geodata.remote import remote_identities
 from lcmap.pipeline.folder_lock import LOCK_NAME, hold_folder_lock
 from lcmap.pipeline.prediction import cog
 from lcmap.pipeline.prediction.inference import PredictJob
+from lcmap.pipeline.prediction.job_tags import confidence_tags, map_tags
 from lcmap.pipeline.prediction.run_lock import RunLock, RunOver, check_run
 from lcmap.pipeline.prediction.tiling import CONFIDENCE_NODATA, Block, OutputGrid
 
@@ -70,8 +70,6 @@ __all__ = [
     "fingerprint",
     "prepare_partial",
     "write_map",
-    "map_tags",
-    "confidence_tags",
     "remove_block",
     "is_enospc",
     "space_error",
@@ -377,36 +375,6 @@ def prepare_partial(partial: Path, manifest_data: dict[str, Any], blocks_dir: Pa
 
 
 # ----------------------------------------------------------------------------------- COG
-def map_tags(job: PredictJob, out_legend: Legend, model_legend: Legend) -> dict[str, str]:
-    """The dataset tags of a map made by ``job`` (its legend, model, windows, TTA)."""
-    return {
-        LEGEND_TAG: cog.legend_tag(out_legend),
-        "LCMAP_MODEL": Path(job.checkpoint).name,
-        "LCMAP_MODEL_LEGEND": model_legend.name,
-        "LCMAP_TILE_PX": str(job.windows.tile),
-        "LCMAP_OVERLAP_PX": str(job.windows.overlap),
-        "LCMAP_TTA": job.tta,
-        **label_prior_tag(job),
-    }
-
-
-def label_prior_tag(job: PredictJob) -> dict[str, str]:
-    """``LCMAP_LABEL_PRIOR``: the labels a map was combined with (``--label-prior``), or nothing."""
-    if job.label_prior is None:
-        return {}
-    keep = ("label_files", "legend", "class_mix")
-    return {"LCMAP_LABEL_PRIOR": json.dumps({k: v for k, v in job.label_prior.record().items() if k in keep})}
-
-
-def confidence_tags(job: PredictJob) -> dict[str, str]:
-    """The dataset tags of the confidence map made by ``job``."""
-    return {
-        CONFIDENCE_TAG: "maximum blended class probability, percent (0-100); 255 = nodata",
-        "LCMAP_MODEL": Path(job.checkpoint).name,
-        "LCMAP_TTA": job.tta,
-    }
-
-
 def write_map(
     job: PredictJob,
     blocks: list[Block],

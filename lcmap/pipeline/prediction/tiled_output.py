@@ -51,7 +51,7 @@ from lcmap.errors import DiskFullError, LcmapInputError
 from lcmap.geodata.io import check_not_an_input
 from lcmap.geodata.legends import MAP_NODATA, Legend
 from lcmap.pipeline.analysis import stac
-from lcmap.pipeline.prediction import cog, execution, mapfile, preview
+from lcmap.pipeline.prediction import cog, execution, job_tags, mapfile, preview
 from lcmap.pipeline.prediction.inference import PredictJob, WorkerState
 from lcmap.pipeline.prediction.run_lock import RunOver, check_run
 from lcmap.pipeline.prediction.tiling import (
@@ -436,12 +436,12 @@ class TiledOutput:
         _atomic(cog.qml_path(vrt), lambda tmp: tmp.write_text(cog.write_qml(entries)))
         if job.confidence:
             csources = [replace(s, path=str(mapfile.confidence_path(Path(s.path)))) for s in sources]
-            ctags = mapfile.confidence_tags(job)
+            ctags = job_tags.confidence_tags(job)
             cvrt = mapfile.confidence_path(vrt)
             mosaic(cvrt, csources, dtype="uint8", nodata=CONFIDENCE_NODATA, tags=ctags, description="confidence (%)")
         if console:
             console.print(f"writing {vrt.name} (VRT over {len(paths)} COG tiles), its preview and STAC Collection")
-        tags = {**mapfile.map_tags(job, self.out_legend, self.model_legend), **self.made_tags}
+        tags = {**job_tags.map_tags(job, self.out_legend, self.model_legend), **self.made_tags}
         categories = dict(colormap=colormap, category_names=names, description="land cover class")
         mosaic(vrt, sources, dtype=job.dtype, nodata=MAP_NODATA, tags=tags, **categories)
         preview.write_preview(vrt)
