@@ -203,23 +203,29 @@ class LabelMosaic:
                 break
         return LabelRead(codes, has_label, file_index)
 
-    def read_target(self, grid: Grid, legend: Legend, option: str | None = "--legend") -> np.ndarray:
-        """Target-class indices (uint8 ``grid.shape``) of the labels on ``grid``, the files' codes being in
-        ``legend``; IGNORE_INDEX where there is no label or the class has no target. ``option``: the
-        command-line option that chose ``legend`` (named when codes do not fit it).
+    def read_index(self, grid: Grid, legend: Legend, option: str | None = "--legend") -> np.ndarray:
+        """Legend indices (uint8 ``grid.shape``) of the labels on ``grid``, the files' codes being in
+        ``legend``; IGNORE_INDEX where there is no label. ``option``: the command-line option that
+        chose ``legend`` (named when codes do not fit it).
 
         Raises:
             UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
         """
         labels = self.read(grid, fill_code=int(legend.nodata[0]) if legend.nodata else 0)
         out = np.full(grid.shape, IGNORE_INDEX, dtype=np.uint8)
-        if not labels.has_label.any():
-            return out
-        lut = legend.index_to_target_lut()
         for k in np.unique(labels.file_index[labels.has_label]):
             sel = labels.file_index == k
-            out[sel] = lut[legend.encode(labels.codes[sel], source=self.paths[int(k)], option=option)]
+            out[sel] = legend.encode(labels.codes[sel], source=self.paths[int(k)], option=option)
         return out
+
+    def read_target(self, grid: Grid, legend: Legend, option: str | None = "--legend") -> np.ndarray:
+        """Target-class indices (uint8 ``grid.shape``) of the labels on ``grid`` (:meth:`read_index`);
+        IGNORE_INDEX where there is no label or the class has no target.
+
+        Raises:
+            UnknownLabelError: a file holds codes its legend does not define (listed, with the file).
+        """
+        return legend.index_to_target_lut()[self.read_index(grid, legend, option)]  # IGNORE -> IGNORE
 
     def _open(self, path: str) -> Any:
         key = (os.getpid(), path)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from rasterio.crs import CRS
+from rasterio.transform import from_bounds
 
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
@@ -132,8 +133,7 @@ def prediction_prior(
         if table[k].sum() > 0:
             factors[k, : len(target)] = table[k] / pi
     mosaic = LabelMosaic(label_files, "label-prior", no_label_codes=legend.nodata)
-    x0, y0, x1, y1 = grid_bounds
-    probe = Grid.of(CRS.from_wkt(grid_crs_wkt), _transform(x0, y1, x1 - x0, y1 - y0), 1, 1)
+    probe = Grid.of(CRS.from_wkt(grid_crs_wkt), from_bounds(*grid_bounds, width=1, height=1), 1, 1)
     if not mosaic.meets(probe):
         raise LcmapInputError(
             f"--label-prior: none of the {len(mosaic.paths)} label file(s) ({mosaic.paths[0]} ...) overlaps the map"
@@ -144,12 +144,6 @@ def prediction_prior(
         factors=tuple(tuple(float(v) for v in row) for row in factors),
         class_mix=tuple(float(v) for v in pi),
     )
-
-
-def _transform(x0: float, ytop: float, width: float, height: float) -> Any:
-    from rasterio.transform import Affine
-
-    return Affine(width, 0.0, x0, 0.0, -height, ytop)
 
 
 class PriorReader:
@@ -183,13 +177,8 @@ class PriorReader:
         from lcmap.geodata.label_mosaic import Grid
 
         grid = Grid.of(self.crs, self.transform * Affine.translation(c0, r0), c1 - c0, r1 - r0)
-        read = self.mosaic.read(grid, fill_code=int(self.legend.nodata[0]) if self.legend.nodata else 0)
-        out = np.full(grid.shape, len(self.legend), dtype=np.int64)
-        for i in np.unique(read.file_index[read.has_label]):
-            sel = read.file_index == i
-            idx = self.legend.encode(read.codes[sel], source=self.mosaic.paths[int(i)], option="--label-prior")
-            out[sel] = np.where(idx == IGNORE_INDEX, len(self.legend), idx)
-        return out
+        index = self.mosaic.read_index(grid, self.legend, option="--label-prior").astype(np.int64)
+        return np.where(index == IGNORE_INDEX, len(self.legend), index)
 
     def factors(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """float32 ``(C, r1 - r0, c1 - c0)``: the factor of each map channel at each pixel."""
