@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import rasterio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +70,10 @@ def _child(args: argparse.Namespace) -> None:
     runs = []
     for k in range(max(1, args.repeat)):  # the median run (by wall time) is reported, all rates listed
         out = Path(args.out) if k == 0 else Path(args.out).with_name(f"{Path(args.out).stem}.{k}.tif")
-        runs.append(pipeline_run(Path(args.images), Path(args.ckpt), out, args.block_px, args.tile_px, args.overlap_px))
+        if args.tile_km:  # a folder of tiles
+            out = Path(args.out) if k == 0 else Path(args.out).with_name(f"{Path(args.out).name}.{k}")
+        runs.append(pipeline_run(Path(args.images), Path(args.ckpt), out, args.block_px, args.tile_px, args.overlap_px,
+                                 tile_km=args.tile_km))  # fmt: skip
     res = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     res["mpx_s_runs"] = [round(r["mpx_s"], 2) for r in runs]
     res["blocks_mpx_s_runs"] = [round(r["blocks_mpx_s"], 2) for r in runs]
@@ -82,10 +86,17 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def pipeline_in_child(
-    images: Path, ckpt: Path, out: Path, block_px: int = 4096, tile_px: int = 512, overlap_px=64, repeat: int = 3
+    images: Path,
+    ckpt: Path,
+    out: Path,
+    block_px: int = 4096,
+    tile_px: int = 512,
+    overlap_px=64,
+    repeat: int = 3,
+    tile_km: float | None = None,
 ):
     cmd = [sys.executable, __file__, "--child", "--images", str(images), "--ckpt", str(ckpt), "--out", str(out)]
-    cmd += ["--repeat", str(repeat)]
+    cmd += ["--repeat", str(repeat)] + (["--tile-km", str(tile_km)] if tile_km else [])
     cmd += ["--block-px", str(block_px), "--tile-px", str(tile_px), "--overlap-px", str(overlap_px)]
     cmd += ["--warmup", *(str(v) for v in (500_000, 4_200_000 - 1024, 501_024, 4_200_000))]
     # no MALLOC_TRIM_THRESHOLD_ (trimming on every free made GDAL's COG assembly ~4x slower): the
@@ -143,6 +154,85 @@ def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, ...] | None) -> d
     return out
 
 
+#: tile side of the serial-share runs (km): 4, 16 and 64 tiles at 16, 64 and 256 km²
+SERIAL_TILE_KM = 2.0
+#: Wuhan and Hubei (km²), for the figures extrapolated from the measurements
+AREAS_KM2 = {"Wuhan": 8_569.0, "Hubei": 186_000.0}
+
+
+def plan_figures(workers: tuple[int, ...] = (1, 4, 8, 16)) -> dict:
+    """Model pixels per map pixel at Wuhan size, exact from the plan (tile 512, overlap 64, block
+    4096, tasks as ``predict_map`` makes them for N workers: 2 per worker): each task running its
+    border windows (as before seams) and with border windows shared (each window once)."""
+    from lcmap.pipeline.prediction import seams, tiling
+
+    side = round(math.sqrt(AREAS_KM2["Wuhan"]) * 1000)
+    grid = tiling.output_grid("", (500_000.0, 3_300_000.0, 500_000.0 + side, 3_300_000.0 + side), (1.0, 1.0))
+    wg = tiling.lattice_windows(grid, 512, 64)
+    size = tiling.block_side_px(4096, wg)
+    blocks = tiling.cut_blocks(grid.height, grid.width, size, wg.row0, wg.col0)
+    n = max(b.row for b in blocks) + 1
+    rec, shared, tasks = {}, {}, {}
+    for w in workers:
+        shape = tiling.group_shape(n, n, 2 * w if w > 1 else 1, size // wg.stride)
+        regions = [tiling.group_region(g) for g in tiling.block_groups(blocks, *shape)]
+        rec[w] = tiling.model_px_per_map_px(wg, regions)
+        shared[w] = seams.shared_model_px_per_map_px(wg, regions)
+        tasks[w] = len(regions)
+    each = ", ".join(f"{w}: {tasks[w]}, {rec[w]:.3f} -> {shared[w]:.3f}" for w in workers)
+    print(f"model px per map px at Wuhan size (exact, from the plan), workers: tasks, borders run by each task -> "
+          f"shared: {each}")  # fmt: skip
+    return {"model_px_per_map_px_16w": shared[16], "model_px_per_map_px_16w_unshared": rec[16],
+            "model_px_per_map_px_by_workers": {str(w): shared[w] for w in workers},
+            "model_px_per_map_px_by_workers_unshared": {str(w): rec[w] for w in workers}}  # fmt: skip
+
+
+def serial_share(tmp: Path, areas: list[float], pipeline: dict) -> dict:
+    """Last block to finished product, one COG vs COG tiles of :data:`SERIAL_TILE_KM` km, at each
+    area (a fresh process each, pipeline only); then Wuhan and Hubei extrapolated: the COG's
+    assembly at the largest area's rate, the tiles' as the last tile plus a cost per tile (fitted)."""
+    ckpt = standin_checkpoint(tmp / "standin.ckpt")
+    rows = {}
+    for a in sorted(areas):
+        side = int(round(math.sqrt(a) * 1000))
+        img = tmp / f"img{side}"
+        if not img.exists():
+            write_tiles(img, side, "EPSG:32617", 500_000.0, 4_200_000.0)
+        cog = pipeline_in_child(img, ckpt, tmp / f"serial{side}.tif", repeat=1)
+        tiles = pipeline_in_child(img, ckpt, tmp / f"serial{side}", repeat=1, tile_km=SERIAL_TILE_KM)
+        rows[a] = {"map_px": cog["map_px"], "cog_serial_s": cog["serial_s"], "cog_wall_s": cog["wall_s"],
+                   "tiles_serial_s": tiles["serial_s"], "tiles_wall_s": tiles["wall_s"],
+                   "tiles": tiles["tiles"]}  # fmt: skip
+        r = rows[a]
+        print(f"serial share at {a:g} km² ({r['map_px'] / 1e6:.0f} Mpx): one COG {r['cog_serial_s']:.2f} s of "
+              f"{r['cog_wall_s']:.2f} s ({100 * r['cog_serial_s'] / r['cog_wall_s']:.0f} %); {r['tiles']} tiles of "
+              f"{SERIAL_TILE_KM:g} km: {r['tiles_serial_s']:.2f} s of {r['tiles_wall_s']:.2f} s "
+              f"({100 * r['tiles_serial_s'] / r['tiles_wall_s']:.0f} %)")  # fmt: skip
+    big = rows[max(rows)]
+    cog_mpx_s = big["map_px"] / 1e6 / big["cog_serial_s"]
+    n_tiles = np.array([r["tiles"] for r in rows.values()], float)
+    t_serial = np.array([r["tiles_serial_s"] for r in rows.values()])
+    per_tile, base = np.polyfit(n_tiles, t_serial, 1) if len(rows) > 1 else (0.0, float(t_serial[0]))
+    per_tile = max(float(per_tile), 0.0)
+    # the parallel part per Mpx on one process (pipeline only: blocks and tiles, no model)
+    par = [(r["tiles_wall_s"] - r["tiles_serial_s"]) / (r["map_px"] / 1e6) for r in rows.values()]
+    par_s_per_mpx = float(np.median(par))
+    est = {}
+    for name, km2 in AREAS_KM2.items():
+        px = km2 * 1e6
+        tiles = km2 / SERIAL_TILE_KM**2
+        cog_s = px / 1e6 / cog_mpx_s
+        tile_s = float(base + per_tile * tiles)
+        est[name] = {"cog_serial_s": cog_s, "tiles_serial_s": tile_s, "tiles": tiles,
+                     "pipeline_cpu_s": par_s_per_mpx * px / 1e6}  # fmt: skip
+        print(f"  {name} ({km2:,.0f} km², est.): serial after the last block: one COG {cog_s / 60:.1f} min "
+              f"({cog_mpx_s:.0f} Mpx/s), {tiles:,.0f} tiles {tile_s:.1f} s ({base:.2f} s + {1000 * per_tile:.1f} "
+              f"ms per tile); pipeline without the model {par_s_per_mpx * px / 1e6 / 3600:.1f} process-hours "
+              f"(on 16 workers {par_s_per_mpx * px / 1e6 / 16 / 60:.1f} min)")  # fmt: skip
+    return {"serial_s": rows[max(rows)]["tiles_serial_s"], "serial_s_by_km2": {str(k): v for k, v in rows.items()},
+            "serial_estimates": est, "serial_tile_km": SERIAL_TILE_KM}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--km2", type=float, default=16.0)
@@ -160,6 +250,12 @@ def main() -> None:
     ap.add_argument("--block-px", type=int, default=4096, help=argparse.SUPPRESS)
     ap.add_argument("--tile-px", type=int, default=512, help=argparse.SUPPRESS)
     ap.add_argument("--overlap-px", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--tile-km", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--serial-km2", type=float, nargs="+", default=None, metavar="KM2",
+        help="also the serial share (last block to finished product), one COG vs COG tiles, at these areas "
+        "(e.g. 16 64 256; pipeline only, one process each)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.child:
         _child(args)
@@ -168,6 +264,9 @@ def main() -> None:
         tmp = Path(d)
         areas = tuple(args.rss_km2) if args.rss_km2 else (16.0, 64.0) if args.rss else None
         result = pipeline_only(tmp, args.km2, areas)
+        result.update(plan_figures())
+        if args.serial_km2:
+            result.update(serial_share(tmp, args.serial_km2, result))
         if not args.pipeline_only:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from scale_e2e import end_to_end  # type: ignore[import-not-found]

@@ -91,12 +91,23 @@ def peak_rss_mb() -> float:
 
 
 def pipeline_run(
-    images: Path, ckpt: Path, out: Path, block_px: int, tile_px: int, overlap_px: int, bbox: list | None = None
+    images: Path,
+    ckpt: Path,
+    out: Path,
+    block_px: int,
+    tile_px: int,
+    overlap_px: int,
+    bbox: list | None = None,
+    tile_km: float | None = None,
 ) -> dict:
-    """``predict_map`` with a stand-in model (fixed probabilities, its time measured and excluded)."""
+    """``predict_map`` with a stand-in model (fixed probabilities, its time measured and excluded);
+    ``tile_km``: a folder of COG tiles at ``out`` instead of one COG. ``serial_s``: seconds from the
+    last block file written to the finished product (one COG: its assembly; tiles: the last tile,
+    the VRT, preview and STAC Collection)."""
     import torch
 
     import lcmap.pipeline.prediction.inference as inference
+    import lcmap.pipeline.prediction.mapfile as mapfile
     from lcmap.pipeline.prediction.predict import PredictConfig, predict_map
 
     torch.set_num_threads(1)
@@ -114,6 +125,14 @@ def pipeline_run(
         return p
 
     inference.predict_proba = standin
+    real_write, last_block = mapfile.write_block, [0.0]
+
+    def timed_write(*args, **kwargs):  # when the last block file was written
+        made = real_write(*args, **kwargs)
+        last_block[0] = time.perf_counter()
+        return made
+
+    mapfile.write_block = timed_write
     t0 = time.perf_counter()
     res = predict_map(
         PredictConfig.of(
@@ -127,10 +146,13 @@ def pipeline_run(
             device="cpu",
             bbox=bbox,
             bbox_crs="EPSG:32617",
+            tile_km=tile_km,
         ),
         progress=False,
     )
     wall = time.perf_counter() - t0
+    serial = time.perf_counter() - last_block[0]
+    mapfile.write_block = real_write
     cpu = time.process_time() - c0  # all threads (the strip reader's, GDAL's), the stand-in's too
     px = res.width * res.height
     return {
@@ -146,5 +168,7 @@ def pipeline_run(
         "blocks_mpx_s": px / 1e6 / max(res.seconds_predict - res.seconds_plan - res.seconds_forward, 1e-9),
         "windows": res.windows,
         "blocks": res.blocks,
+        "serial_s": serial,
+        "tiles": res.tiles,
         "peak_rss_mb": peak_rss_mb(),
     }

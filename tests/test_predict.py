@@ -349,8 +349,8 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     ran = []
     real_predict = execution.predict_group
 
-    def counting(st, job, blocks):
-        for item in real_predict(st, job, blocks):
+    def counting(st, job, blocks, given=None):
+        for item in real_predict(st, job, blocks, given):
             ran.append(item[0].name)
             yield item
 

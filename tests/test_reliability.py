@@ -432,8 +432,8 @@ def test_truncated_block_is_recomputed_on_resume(data, tmp_path, monkeypatch, ca
     ran: list[str] = []
     real_predict = execution.predict_group
 
-    def counting(st, job, blocks):
-        for item in real_predict(st, job, blocks):
+    def counting(st, job, blocks, given=None):
+        for item in real_predict(st, job, blocks, given):
             ran.append(item[0].name)
             yield item
 

@@ -184,8 +184,8 @@ def test_a_tile_killed_mid_write_is_redone_and_the_others_are_not_rewritten(maps
     ran, rewritten = [], []
     real_predict, real_write_tile = execution.predict_group, tiled_output.write_tile
 
-    def counting(st, job, blocks):
-        for item in real_predict(st, job, blocks):
+    def counting(st, job, blocks, given=None):
+        for item in real_predict(st, job, blocks, given):
             ran.append(item[0].name)
             yield item
 

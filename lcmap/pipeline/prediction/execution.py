@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -41,8 +42,15 @@ from lcmap.errors import LcmapInputError
 from lcmap.geodata.datasets import HRImagery
 from lcmap.pipeline.prediction import mapfile
 from lcmap.pipeline.prediction.dask_security import scheduler_security
-from lcmap.pipeline.prediction.inference import PredictJob, WorkerState, load_worker_state, predict_group
+from lcmap.pipeline.prediction.inference import (
+    PredictJob,
+    WorkerState,
+    load_worker_state,
+    predict_group,
+    predict_seam,
+)
 from lcmap.pipeline.prediction.run_lock import RunOver
+from lcmap.pipeline.prediction.seams import Given, Seam, SeamPlan
 from lcmap.pipeline.prediction.tiling import Block, OutputGrid
 from lcmap.pipeline.runs import TrainedModel
 
@@ -52,7 +60,9 @@ __all__ = [
     "Progress",
     "ModelPlugin",
     "SchedulerLost",
+    "GroupTask",
     "run_group",
+    "run_seam",
     "run_synchronous",
     "run_distributed",
     "dask_client",
@@ -103,16 +113,34 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def run_group(st: WorkerState, job: PredictJob, blocks: list[Block], owner: Any = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GroupTask:
+    """A group of blocks (one task) and the windows it takes from seam files (None: runs them all)."""
+
+    blocks: tuple[Block, ...]
+    given: Given | None = None
+
+    @property
+    def name(self) -> str:
+        return self.blocks[0].name
+
+
+def run_group(
+    st: WorkerState, job: PredictJob, blocks: list[Block] | GroupTask, owner: Any = None, given: Given | None = None
+) -> dict[str, Any]:
     """Predict a group of blocks and write each block's file; returns small statistics
     (``blocks``: names written, ``seconds``, ``windows``, ``seconds_forward``). ``owner``: the
     run's :attr:`~lcmap.pipeline.prediction.run_lock.RunLock.owner`; once that run is over (its scheduler
-    lost, its process stopped), the task stops and writes no further block."""
+    lost, its process stopped), the task stops and writes no further block. ``given``: windows
+    taken from seam files (a :class:`GroupTask` carries its own)."""
+    if isinstance(blocks, GroupTask):
+        given = blocks.given
+        blocks = list(blocks.blocks)
     t0 = time.perf_counter()
     names, windows, forward = [], 0, 0.0
     # a fixed GDAL block cache (default: 5% of RAM), so that memory does not grow with the area read
     with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
-        for block, codes, conf, stats in predict_group(st, job, blocks):
+        for block, codes, conf, stats in predict_group(st, job, blocks, given):
             path = mapfile.block_path(job.blocks_dir, block)
             check = {"owner": owner} if owner is not None else {}  # synchronous: this process is the run
             try:
@@ -125,6 +153,22 @@ def run_group(st: WorkerState, job: PredictJob, blocks: list[Block], owner: Any 
             forward += stats["seconds_forward"]
     release_free_memory()
     return {"blocks": names, "seconds": time.perf_counter() - t0, "windows": windows, "seconds_forward": forward}
+
+
+def run_seam(st: WorkerState, job: PredictJob, seam: Seam, owner: Any = None) -> dict[str, Any]:
+    """Run a seam task's windows into its file (:func:`lcmap.pipeline.prediction.inference.predict_seam`);
+    statistics as :func:`run_group`'s, with no blocks."""
+    t0 = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
+        stats = predict_seam(st, job, seam)
+    return {"blocks": [], "seconds": time.perf_counter() - t0, **stats}
+
+
+def _drop_seams(plan: SeamPlan | None, task: int) -> None:
+    """Task ``task`` finished: delete the seam files no other task needs."""
+    if plan is not None:
+        for seam in plan.finished(task):
+            Path(seam.file).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ the worker plugin
@@ -159,8 +203,11 @@ class ModelPlugin(WorkerPlugin):
 Work = Callable[[WorkerState, PredictJob, Any, Any], dict[str, Any]]
 
 
-def _task(job: PredictJob, blocks: Any, name: str, owner: Any = None, work: Work | None = None) -> dict[str, Any]:
-    """The Dask task: this worker's plugin state, then ``work`` (default :func:`run_group`)."""
+def _task(
+    job: PredictJob, blocks: Any, name: str, owner: Any = None, work: Work | None = None, *after: Any
+) -> dict[str, Any]:
+    """The Dask task: this worker's plugin state, then ``work`` (default :func:`run_group`); ``after``:
+    the results of the tasks it waits for (its seam tasks), unused."""
     plugin = get_worker().plugins.get(name)
     state = getattr(plugin, "state", None)
     if state is None:  # not registered here (yet)
@@ -269,13 +316,21 @@ def run_synchronous(
     model: TrainedModel | None = None,
     imagery: HRImagery | None = None,
     work: Work | None = None,
+    seams: SeamPlan | None = None,
 ) -> None:
     """Run the groups ``todo`` one after the other in this process (``model``/``imagery``: already
-    loaded by planning, reused; ``work``: what runs one item of ``todo``, default :func:`run_group`)."""
+    loaded by planning, reused; ``work``: what runs one item of ``todo``, default :func:`run_group`;
+    ``seams``: the seam tasks of ``todo``, each run just before the first task that needs it)."""
     st = load_worker_state(job, preloaded=model, imagery=imagery)
-    for group in todo:
+    ran: set[int] = set()
+    for t, group in enumerate(todo):
+        for s in seams.needs[t] if seams is not None else ():
+            if s not in ran:
+                counts.add(run_seam(st, job, seams.seams[s]))  # type: ignore[union-attr]
+                ran.add(s)
         res = (work or run_group)(st, job, group, None)
         counts.add(res)
+        _drop_seams(seams, t)
         for name in res["blocks"]:
             progress.advance(name)
 
@@ -353,10 +408,13 @@ def run_distributed(
     counts: RunCounts,
     owner: Any = None,
     work: Work | None = None,
+    seams: SeamPlan | None = None,
 ) -> None:
     """Run the groups ``todo`` on ``client``'s cluster (local threads set ``job.torch_threads``);
     ``owner``: the run's :attr:`~lcmap.pipeline.prediction.run_lock.RunLock.owner` (tasks that outlive the
-    run write nothing; see :func:`run_group`); ``work``: what runs one item (default :func:`run_group`).
+    run write nothing; see :func:`run_group`); ``work``: what runs one item (default :func:`run_group`);
+    ``seams``: the seam tasks of ``todo``: each is submitted with the first task that needs it, and
+    the tasks that need it wait for it (Dask dependencies).
 
     Raises:
         SchedulerLost: the scheduler went away or the connection broke mid-run.
@@ -367,20 +425,30 @@ def run_distributed(
         client.register_plugin(plugin, name=plugin.name)
         slots = max(1, sum(client.nthreads().values()))
         token = uuid.uuid4().hex[:8]
-        pending = iter(todo)
+        pending = iter(enumerate(todo))
         ac = as_completed()
         extra = {"resources": {"GPU": 1}} if gpu else {}
+        seam_futures: dict[int, Any] = {}
+        task_of: dict[str, int] = {}  # future key -> index in todo (None for a seam)
 
         def submit() -> bool:
-            group = next(pending, None)
-            if group is None:
+            nxt = next(pending, None)
+            if nxt is None:
                 return False
+            t, group = nxt
+            after = []
+            for s in seams.needs[t] if seams is not None else ():
+                if s not in seam_futures:
+                    seam = seams.seams[s]  # type: ignore[union-attr]
+                    fut = client.submit(_task, job, seam, plugin.name, owner, run_seam,
+                                        key=f"lcmap-{seam.name}-{token}", pure=False, **extra)  # fmt: skip
+                    seam_futures[s] = fut
+                    ac.add(fut)
+                after.append(seam_futures[s])
             name = getattr(group, "name", None) or group[0].name  # a tile's, or its first block's
-            ac.add(
-                client.submit(
-                    _task, job, group, plugin.name, owner, work, key=f"lcmap-{name}-{token}", pure=False, **extra
-                )
-            )
+            key = f"lcmap-{name}-{token}"
+            task_of[key] = t
+            ac.add(client.submit(_task, job, group, plugin.name, owner, work, *after, key=key, pure=False, **extra))
             return True
 
         for _ in range(2 * slots):  # a few tasks in flight per worker thread, not all of them
@@ -388,8 +456,12 @@ def run_distributed(
                 break
         for fut in ac:
             res = fut.result()
-            fut.release()
             counts.add(res)
+            t = task_of.pop(fut.key, None)
+            if t is None:  # a seam task (kept: tasks submitted later may still wait for it)
+                continue
+            fut.release()
+            _drop_seams(seams, t)
             for name in res["blocks"]:
                 progress.advance(name)
             submit()

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -47,6 +48,7 @@ from lcmap.models.context import predict_proba_valid
 from lcmap.models.tta import predict_proba_tta
 from lcmap.pipeline.prediction.blending import RowBlender
 from lcmap.pipeline.prediction.prediction_prior import PredictionPrior, PriorReader
+from lcmap.pipeline.prediction.seams import Given, Seam, SeamFile
 from lcmap.pipeline.prediction.strips import StripReader, context_box, normalise_into, window_into
 from lcmap.pipeline.prediction.tiling import (
     CONFIDENCE_NODATA,
@@ -65,6 +67,7 @@ __all__ = [
     "WorkerState",
     "load_worker_state",
     "predict_group",
+    "predict_seam",
     "predict_block",
     "PRECISIONS",
 ]
@@ -207,71 +210,41 @@ def _buffer(st: WorkerState, key: str, shape: tuple[int, ...], pin: bool = False
 
 
 # ---------------------------------------------------------------------------- one task
-def predict_group(
-    st: WorkerState, job: PredictJob, blocks: list[Block]
-) -> Iterator[tuple[Block, np.ndarray, np.ndarray | None, dict]]:
-    """Class codes (and confidence) of a group of blocks, block by block as their rows finish.
+Probs = tuple[int, int, torch.Tensor, np.ndarray]
 
-    Yields:
-        ``(block, codes (h, w) job.dtype, conf (h, w) uint8 | None, stats)`` for each block of
-        ``blocks``; ``stats`` (on the last block of each block row, else zeros): ``windows``
-        (windows run) and ``seconds_forward`` (time inside the model; meaningful on CPU only).
+
+def _window_probs(
+    st: WorkerState,
+    job: PredictJob,
+    region: Block,
+    stats: dict,
+    only: set[tuple[int, int]] | None = None,
+    given: Given | None = None,
+) -> Iterator[Probs]:
+    """The windows that touch ``region`` and hold one of its pixels to classify (inside the AOI,
+    valid imagery), in global ``(i, j)`` order: ``(i, j, probs (K, tile, tile) on st.device, need
+    (tile, region.width) bool)``, ``probs`` summed into map channels (valid until the next item).
+
+    ``only``: run just these windows (a seam task); ``given``: windows taken from seam files
+    instead of run (:mod:`lcmap.pipeline.prediction.seams`), in their place in the order.
+    ``stats``: ``windows`` (run here) and ``seconds_forward`` are added to.
     """
     wg = job.windows
     T = wg.tile
-    region = group_region(blocks)
-    wanted = {(b.r0, b.c0): b for b in blocks}
     rows = wg.rows_touching(region.r0, region.r0 + region.height)
     cols = wg.cols_touching(region.c0, region.c0 + region.width)
+    if only is not None:
+        rows = range(min(i for i, _ in only), max(i for i, _ in only) + 1)
+        cols = range(min(j for _, j in only), max(j for _, j in only) + 1)
     strip_c0, strip_c1 = wg.win_c0(cols.start), wg.win_c0(cols.stop - 1) + T
     n_classes = len(job.code_lut)
     group = None  # model channel -> map channel; None: the same (nothing to sum)
     if job.class_group is not None and tuple(job.class_group) != tuple(range(n_classes)):
         group = torch.tensor(job.class_group, dtype=torch.int64, device=st.device)
     cuda = st.device.type == "cuda"
-    stats = {"windows": 0, "seconds_forward": 0.0}
-    done: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
-
-    # finished rows -> the arrays of the blocks of the current block row (only blocks wanted)
-    cur: dict[str, Any] = {"r0": None}
-
-    def sink(r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
-        while len(codes):
-            if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
-                start = block_start(r, job.block_size, wg.row0)
-                h = min(block_end(start, job.block_size, wg.row0), region.r0 + region.height) - start
-                row = [b for (br0, _), b in sorted(wanted.items()) if br0 == start]
-                cur.update(r0=start, h=h, blocks=[
-                    (b, np.zeros((h, b.width), job.dtype),
-                     np.full((h, b.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None)
-                    for b in row
-                ])  # fmt: skip
-            n = min(len(codes), cur["r0"] + cur["h"] - r)
-            a = r - cur["r0"]
-            for b, bcodes, bconf in cur["blocks"]:
-                cs = slice(b.c0 - region.c0, b.c0 - region.c0 + b.width)
-                bcodes[a : a + n] = codes[:n, cs]
-                if conf is not None and bconf is not None:
-                    bconf[a : a + n] = conf[:n, cs]
-            r, codes = r + n, codes[n:]
-            conf = conf[n:] if conf is not None else None
-            if r == cur["r0"] + cur["h"]:
-                done.extend(cur["blocks"])
-                cur["blocks"] = []
-
-    prior = st.prior.factors if st.prior is not None else None
-    blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink, prior)
-    if st.aoi is not None and not st.aoi.intersects(shapely.box(*job.grid.bounds(
-        region.r0, region.c0, region.r0 + region.height, region.c0 + region.width
-    ))):  # fmt: skip
-        blender.finish()  # nothing to read or run: nodata
-        yield from _flush(done, stats)
-        return
-    n_strip_rows = T
-    n_strip_cols = strip_c1 - strip_c0
     C = st.mean.shape[0]
     raw_dtype = st.reader.prepare()
-    strips_buf = [_buffer(st, f"strip{k}", (C, n_strip_rows, n_strip_cols), dtype=raw_dtype) for k in range(2)]
+    strips_buf = [_buffer(st, f"strip{k}", (C, T, strip_c1 - strip_c0), dtype=raw_dtype) for k in range(2)]
     batch_cpu = _buffer(st, "batch", (job.batch_size, C, T, T), pin=cuda)
     batch_np = batch_cpu.numpy() if isinstance(batch_cpu, torch.Tensor) else batch_cpu
     batch_t = batch_cpu if isinstance(batch_cpu, torch.Tensor) else torch.from_numpy(batch_cpu)
@@ -305,32 +278,44 @@ def predict_group(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if job.precision == "bf16" and cuda else contextlib.nullcontext()
     )
-    pending: list[tuple[int, int, np.ndarray]] = []
+    # windows in order: (i, j, need, probs taken from a seam file, or None: the k-th of the batch)
+    pending: list[tuple[int, int, np.ndarray, torch.Tensor | None]] = []
+    in_batch = [0]
     copy_done: list[Any] = [None]
 
-    def run() -> None:
-        n = len(pending)
-        for k in range(n, job.batch_size):  # fixed batch shape: reproducible
-            batch_np[k] = batch_np[n - 1]
-        if cuda:
-            x = batch_t[: job.batch_size].to(st.device, non_blocking=True)
-            copy_done[0] = torch.cuda.Event()
-            copy_done[0].record()
-        else:
-            x = batch_t[: job.batch_size]
-        t0 = time.perf_counter()
-        with autocast:
-            probs = predict_proba_tta(st.model, x, job.tta, predict_proba).float()
-        stats["seconds_forward"] += time.perf_counter() - t0
-        if group is not None:  # P(target class) = sum of its LR classes' probabilities
-            probs = sum_probabilities(probs, group, n_classes, out=st.buffers.get("summed"))
-            st.buffers["summed"] = probs
-        for k, (i, j, need) in enumerate(pending):
-            blender.add(i, j, probs[k], need)
+    def run() -> list[Probs]:
+        n = in_batch[0]
+        probs = None
+        if n:
+            for k in range(n, job.batch_size):  # fixed batch shape: reproducible
+                batch_np[k] = batch_np[n - 1]
+            if cuda:
+                x = batch_t[: job.batch_size].to(st.device, non_blocking=True)
+                copy_done[0] = torch.cuda.Event()
+                copy_done[0].record()
+            else:
+                x = batch_t[: job.batch_size]
+            t0 = time.perf_counter()
+            with autocast:
+                probs = predict_proba_tta(st.model, x, job.tta, predict_proba).float()
+            stats["seconds_forward"] += time.perf_counter() - t0
+            if group is not None:  # P(target class) = sum of its LR classes' probabilities
+                probs = sum_probabilities(probs, group, n_classes, out=st.buffers.get("summed"))
+                st.buffers["summed"] = probs
+        out, k = [], 0
+        for i, j, need, taken in pending:
+            if taken is None:
+                assert probs is not None
+                out.append((i, j, probs[k], need))
+                k += 1
+            else:
+                out.append((i, j, taken, need))
         stats["windows"] += n
         pending.clear()
+        in_batch[0] = 0
+        return out
 
-    def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray) -> None:
+    def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray) -> Probs:
         """Window (i, j) classified from its context box B (the imagery around its valid box R)."""
         buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
         raw, ok, br0, bc0 = st.context_reader.read(B[0], B[1], B[2], B[3], buf)
@@ -350,40 +335,129 @@ def predict_group(
         full[:, R[0] - wr0 : R[1] - wr0, R[2] - wc0 : R[3] - wc0] = p[
             :, R[0] - br0 : R[1] - br0, R[2] - bc0 : R[3] - bc0
         ]
-        blender.add(i, j, full, need)
         stats["windows"] += 1
+        return i, j, full, need
 
     with torch.inference_mode():
         for i, (strip, valid, sr0, sc0, need) in strips():
             wr0 = wg.win_r0(i)
             ra, rb = max(wr0, region.r0), min(wr0 + T, region.r0 + region.height)
             for j in cols:
+                if only is not None and (i, j) not in only:
+                    continue
                 wc0 = wg.win_c0(j)
                 ca, cb = max(wc0, region.c0), min(wc0 + T, region.c0 + region.width)
                 if not need[ra - wr0 : rb - wr0, ca - region.c0 : cb - region.c0].any():
-                    continue  # no pixel of this group inside the AOI with valid imagery
+                    continue  # no pixel of this region inside the AOI with valid imagery
+                if given is not None and (i, j) in given:  # run once, by a seam task
+                    taken = given.read((i, j))
+                    if taken is not None:
+                        pending.append((i, j, need, torch.from_numpy(taken).to(st.device)))
+                    continue
                 ctx = context_box(job.grid, wg, valid, sr0, sc0, i, j)
                 if ctx is None:
                     continue
                 R, B = ctx
                 if R != (wr0, wr0 + T, wc0, wc0 + T):  # not all imagery: its own forward pass, in order
                     if pending:
-                        run()
-                        yield from _flush(done, stats)
-                    run_context(i, j, R, B, need)
-                    yield from _flush(done, stats)
+                        yield from run()
+                    yield run_context(i, j, R, B, need)
                     continue
-                if not pending and copy_done[0] is not None:
+                if in_batch[0] == 0 and copy_done[0] is not None:
                     copy_done[0].synchronize()  # the pinned batch is free again
-                window_into(batch_np[len(pending)], wg, strip, valid, sr0, sc0, i, j, st.mean, st.std)
-                pending.append((i, j, need))
-                if len(pending) == job.batch_size:
-                    run()
-                    yield from _flush(done, stats)
+                window_into(batch_np[in_batch[0]], wg, strip, valid, sr0, sc0, i, j, st.mean, st.std)
+                pending.append((i, j, need, None))
+                in_batch[0] += 1
+                if in_batch[0] == job.batch_size:
+                    yield from run()
         if pending:
-            run()
-        blender.finish()
-        yield from _flush(done, stats)
+            yield from run()
+
+
+def predict_group(
+    st: WorkerState, job: PredictJob, blocks: list[Block], given: Given | None = None
+) -> Iterator[tuple[Block, np.ndarray, np.ndarray | None, dict]]:
+    """Class codes (and confidence) of a group of blocks, block by block as their rows finish.
+
+    ``given``: windows to take from seam files instead of running them (their seam tasks ran
+    first: :mod:`lcmap.pipeline.prediction.seams`).
+
+    Yields:
+        ``(block, codes (h, w) job.dtype, conf (h, w) uint8 | None, stats)`` for each block of
+        ``blocks``; ``stats`` (on the last block of each block row, else zeros): ``windows``
+        (windows run) and ``seconds_forward`` (time inside the model; meaningful on CPU only).
+    """
+    wg = job.windows
+    region = group_region(blocks)
+    wanted = {(b.r0, b.c0): b for b in blocks}
+    stats = {"windows": 0, "seconds_forward": 0.0}
+    done: list[tuple[Block, np.ndarray, np.ndarray | None]] = []
+
+    # finished rows -> the arrays of the blocks of the current block row (only blocks wanted)
+    cur: dict[str, Any] = {"r0": None}
+
+    def sink(r: int, codes: np.ndarray, conf: np.ndarray | None) -> None:
+        while len(codes):
+            if cur["r0"] is None or r >= cur["r0"] + cur["h"]:
+                start = block_start(r, job.block_size, wg.row0)
+                h = min(block_end(start, job.block_size, wg.row0), region.r0 + region.height) - start
+                row = [b for (br0, _), b in sorted(wanted.items()) if br0 == start]
+                cur.update(r0=start, h=h, blocks=[
+                    (b, np.zeros((h, b.width), job.dtype),
+                     np.full((h, b.width), CONFIDENCE_NODATA, np.uint8) if job.confidence else None)
+                    for b in row
+                ])  # fmt: skip
+            n = min(len(codes), cur["r0"] + cur["h"] - r)
+            a = r - cur["r0"]
+            for b, bcodes, bconf in cur["blocks"]:
+                cs = slice(b.c0 - region.c0, b.c0 - region.c0 + b.width)
+                bcodes[a : a + n] = codes[:n, cs]
+                if conf is not None and bconf is not None:
+                    bconf[a : a + n] = conf[:n, cs]
+            r, codes = r + n, codes[n:]
+            conf = conf[n:] if conf is not None else None
+            if r == cur["r0"] + cur["h"]:
+                done.extend(cur["blocks"])
+                cur["blocks"] = []
+
+    prior = st.prior.factors if st.prior is not None else None
+    blender = RowBlender(wg, region, job.code_lut, job.dtype, job.confidence, st.device, sink, prior)
+    if st.aoi is None or st.aoi.intersects(shapely.box(*job.grid.bounds(
+        region.r0, region.c0, region.r0 + region.height, region.c0 + region.width
+    ))):  # fmt: skip
+        for i, j, probs, need in _window_probs(st, job, region, stats, given=given):
+            blender.add(i, j, probs, need)
+            yield from _flush(done, stats)
+    blender.finish()  # (outside the AOI: nothing read or run, nodata)
+    yield from _flush(done, stats)
+
+
+def predict_seam(st: WorkerState, job: PredictJob, seam: Seam) -> dict:
+    """Run a seam task's windows and write its file (:class:`lcmap.pipeline.prediction.seams.SeamFile`);
+    returns ``windows`` (run) and ``seconds_forward``. A file already there (a resumed run) is kept."""
+    stats = {"windows": 0, "seconds_forward": 0.0}
+    sf = SeamFile(seam)
+    path = Path(seam.file)
+    if path.exists():
+        if path.stat().st_size == sf.size_bytes:
+            return stats  # written whole by an earlier run of the same job (renamed when complete)
+        path.unlink()
+    wg, T = job.windows, job.windows.tile
+    i0, i1 = min(i for i, _ in seam.windows), max(i for i, _ in seam.windows)
+    j0, j1 = min(j for _, j in seam.windows), max(j for _, j in seam.windows)
+    r0, c0 = max(0, wg.win_r0(i0)), max(0, wg.win_c0(j0))
+    r1, c1 = min(job.grid.height, wg.win_r0(i1) + T), min(job.grid.width, wg.win_c0(j1) + T)
+    region = Block(0, 0, r0, c0, r1 - r0, c1 - c0)  # the windows' pixels inside the map
+    Path(seam.file).parent.mkdir(parents=True, exist_ok=True)
+    writer = sf.writer()
+    try:
+        for i, j, probs, _ in _window_probs(st, job, region, stats, only=set(seam.windows)):
+            writer.put((i, j), probs.cpu().numpy())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return stats
 
 
 def _flush(done: list, stats: dict) -> Iterator[tuple[Block, np.ndarray, np.ndarray | None, dict]]:

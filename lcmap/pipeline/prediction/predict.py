@@ -36,12 +36,13 @@ from pathlib import Path
 from lcmap.errors import Interrupted, LcmapInputError
 from lcmap.models.tta import tta_transforms
 from lcmap.pipeline.analysis import stac
-from lcmap.pipeline.prediction import execution, mapfile, preview, tiled_output
+from lcmap.pipeline.prediction import execution, mapfile, preview, seams, tiled_output
+from lcmap.pipeline.prediction.inference import PredictJob
 from lcmap.pipeline.prediction.planning import plan_prediction
 from lcmap.pipeline.prediction.predict_config import PredictConfig
 from lcmap.pipeline.prediction.run_lock import check_not_locked
 from lcmap.pipeline.prediction.scheduler_check import check_scheduler
-from lcmap.pipeline.prediction.tiling import block_groups, group_shape
+from lcmap.pipeline.prediction.tiling import block_groups, group_region, group_shape
 
 __all__ = ["PredictConfig", "PredictResult", "predict_map"]
 
@@ -94,6 +95,29 @@ def _by_ctrl_c(exc: BaseException) -> bool:
             return True
         seen = seen.__context__
     return False
+
+
+def _share_borders(job: PredictJob, todo: list, seams_dir: Path) -> tuple[list, seams.SeamPlan | None]:
+    """The tasks ``todo`` (groups of blocks, or tiles' tasks) with the windows they share planned
+    into seam tasks (:mod:`lcmap.pipeline.prediction.seams`): each such window runs once."""
+    if len(todo) < 2 and not any(len(t.groups()) > 1 for t in todo if isinstance(t, tiled_output.TileTask)):
+        return todo, None
+    regions = [
+        [group_region(g) for g in t.groups()] if isinstance(t, tiled_output.TileTask) else [group_region(t)]
+        for t in todo
+    ]
+    plan = seams.plan_seams(job.windows, regions, seams_dir, len(job.code_lut))
+    if not plan.seams:
+        return todo, None
+    seams_dir.mkdir(parents=True, exist_ok=True)
+    for p in seams_dir.glob(".seam_*"):  # a seam file cut short by a crash
+        p.unlink()
+    log.info("%d border windows shared by the tasks run once, in %d seam tasks", plan.windows, len(plan.seams))
+    tasks = [
+        replace(t, given=g) if isinstance(t, tiled_output.TileTask) else execution.GroupTask(tuple(t), g)
+        for t, g in zip(todo, plan.given, strict=True)
+    ]
+    return tasks, plan
 
 
 def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResult:
@@ -230,6 +254,7 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         job = replace(job, group=shape)
         todo = block_groups(todo_blocks, *shape) if tiles is None else tiles.tasks(job, todo_blocks)
         work = None if tiles is None else tiled_output.run_tile  # a task per tile, which writes it
+        todo, seam_plan = _share_borders(job, todo, plan.partial / "seams")
         console = None
         if progress:
             from rich.console import Console
@@ -246,10 +271,14 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         try:
             if todo:
                 if client is None:
-                    execution.run_synchronous(job, todo, bar, counts, model=plan.model, imagery=plan.imagery, work=work)
+                    execution.run_synchronous(
+                        job, todo, bar, counts, model=plan.model, imagery=plan.imagery, work=work, seams=seam_plan
+                    )
                 else:
                     plan.model = plan.imagery = None  # the workers load their own; free this process's copy
-                    execution.run_distributed(client, job, todo, bar, counts, owner=run_lock.owner, work=work)
+                    execution.run_distributed(
+                        client, job, todo, bar, counts, owner=run_lock.owner, work=work, seams=seam_plan
+                    )
         except execution.SchedulerLost:
             run_lock.revoke()  # its workers may still be running: they write no further block
             kept = mapfile.finished_blocks(job.blocks_dir, (b.name for b in blocks))

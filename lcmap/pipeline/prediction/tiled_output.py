@@ -54,6 +54,7 @@ from lcmap.pipeline.analysis import stac
 from lcmap.pipeline.prediction import cog, execution, job_tags, mapfile, preview
 from lcmap.pipeline.prediction.inference import PredictJob, WorkerState
 from lcmap.pipeline.prediction.run_lock import RunOver, check_run
+from lcmap.pipeline.prediction.seams import Given
 from lcmap.pipeline.prediction.tiling import (
     CONFIDENCE_NODATA,
     Block,
@@ -215,6 +216,12 @@ class TileTask:
     collection_id: str
     #: further GDAL tags of the tile (how the map was made: its options and checkpoint)
     made_tags: tuple[tuple[str, str], ...] = ()
+    #: windows taken from seam files (:mod:`lcmap.pipeline.prediction.seams`), None: all run here
+    given: Given | None = None
+
+    def groups(self) -> list[list[Block]]:
+        """The task's groups of blocks, run one after the other."""
+        return block_groups(list(self.todo), *self.group)
 
     @property
     def name(self) -> str:
@@ -231,8 +238,8 @@ def run_tile(st: WorkerState, job: PredictJob, task: TileTask, owner: Any = None
     None when the run ended first: see :func:`~lcmap.pipeline.prediction.run_lock.run_is_over`)."""
     t0 = time.perf_counter()
     stats: dict[str, Any] = {"blocks": [], "windows": 0, "seconds_forward": 0.0, "tile": None}
-    for group in block_groups(list(task.todo), *task.group):
-        res = execution.run_group(st, job, group, owner)
+    for group in task.groups():
+        res = execution.run_group(st, job, group, owner, task.given)
         stats["blocks"] += res["blocks"]
         stats["windows"] += res["windows"]
         stats["seconds_forward"] += res["seconds_forward"]
