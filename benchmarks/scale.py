@@ -154,8 +154,11 @@ def pipeline_only(tmp: Path, km2: float, rss_km2: tuple[float, ...] | None) -> d
     return out
 
 
-#: tile side of the serial-share runs (km): 4, 16 and 64 tiles at 16, 64 and 256 km²
-SERIAL_TILE_KM = 2.0
+#: ``--tile-km`` of the serial-share runs: one 4032 px block per tile (4.032 km), 4, 9 and 25 tiles
+#: at 16, 64 and 256 km² (the tile grid follows the block lattice)
+SERIAL_TILE_KM = 4.0
+#: the tiles' side (km) at that --tile-km: whole blocks of 4032 px at 1 m
+SERIAL_TILE_SIDE_KM = max(1, round(SERIAL_TILE_KM * 1000 / 4032)) * 4.032
 #: Wuhan and Hubei (km²), for the figures extrapolated from the measurements
 AREAS_KM2 = {"Wuhan": 8_569.0, "Hubei": 186_000.0}
 
@@ -206,7 +209,7 @@ def serial_share(tmp: Path, areas: list[float], pipeline: dict) -> dict:
         r = rows[a]
         print(f"serial share at {a:g} km² ({r['map_px'] / 1e6:.0f} Mpx): one COG {r['cog_serial_s']:.2f} s of "
               f"{r['cog_wall_s']:.2f} s ({100 * r['cog_serial_s'] / r['cog_wall_s']:.0f} %); {r['tiles']} tiles of "
-              f"{SERIAL_TILE_KM:g} km: {r['tiles_serial_s']:.2f} s of {r['tiles_wall_s']:.2f} s "
+              f"{SERIAL_TILE_SIDE_KM:g} km: {r['tiles_serial_s']:.2f} s of {r['tiles_wall_s']:.2f} s "
               f"({100 * r['tiles_serial_s'] / r['tiles_wall_s']:.0f} %)")  # fmt: skip
     big = rows[max(rows)]
     cog_mpx_s = big["map_px"] / 1e6 / big["cog_serial_s"]
@@ -220,7 +223,7 @@ def serial_share(tmp: Path, areas: list[float], pipeline: dict) -> dict:
     est = {}
     for name, km2 in AREAS_KM2.items():
         px = km2 * 1e6
-        tiles = km2 / SERIAL_TILE_KM**2
+        tiles = km2 / SERIAL_TILE_SIDE_KM**2
         cog_s = px / 1e6 / cog_mpx_s
         tile_s = float(base + per_tile * tiles)
         est[name] = {"cog_serial_s": cog_s, "tiles_serial_s": tile_s, "tiles": tiles,
@@ -230,7 +233,7 @@ def serial_share(tmp: Path, areas: list[float], pipeline: dict) -> dict:
               f"ms per tile); pipeline without the model {par_s_per_mpx * px / 1e6 / 3600:.1f} process-hours "
               f"(on 16 workers {par_s_per_mpx * px / 1e6 / 16 / 60:.1f} min)")  # fmt: skip
     return {"serial_s": rows[max(rows)]["tiles_serial_s"], "serial_s_by_km2": {str(k): v for k, v in rows.items()},
-            "serial_estimates": est, "serial_tile_km": SERIAL_TILE_KM}  # fmt: skip
+            "serial_estimates": est, "serial_tile_km": SERIAL_TILE_SIDE_KM}  # fmt: skip
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Block inference: the model and imagery of a worker process, and the class codes of a group of blocks.
 
 A task (:func:`predict_group`) blends a group of blocks (:func:`lcmap.pipeline.prediction.tiling.block_groups`)
-in one pass, so windows are computed twice only on the group's border. It lists the lattice windows
+in one pass; the windows on its border that its neighbours also need were run once by seam tasks
+(:mod:`lcmap.pipeline.prediction.seams`) and are read from their files. It lists the lattice windows
 (:func:`lcmap.pipeline.prediction.tiling.lattice_windows`) that touch the group, reads their imagery itself,
 one strip of ``tile`` rows at a time (its halo included; the next strip is read in a background
 thread while the model runs, into preallocated buffers in the imagery's own data type:

@@ -149,8 +149,8 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                 stride is ``tile_px - overlap_px`` and probabilities are blended with a Hann taper
                 inside the overlap. Costs about ``(tile / stride)²`` in compute (1.31x at 512/64).
             block_px: side of one task's block in pixels, rounded to a whole number of window strides
-                (4096 -> 4032 with the defaults). Bigger blocks recompute fewer halo windows (~23% at
-                4032 px, ~11% at 8064 px); memory per task hardly depends on it.
+                (4096 -> 4032 with the defaults). Windows shared by two tasks run once (seam tasks,
+                through a file in ``MAP.tif.partial/seams``); memory per task hardly depends on it.
             batch_size: windows per model call (every call is padded to this many windows).
             device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
             scheduler: ``None``: a local Dask cluster sized to this machine (one process per GPU; on

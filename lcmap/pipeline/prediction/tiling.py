@@ -307,9 +307,10 @@ def cut_blocks(height: int, width: int, block_size: int, row0: int = 0, col0: in
 
 def block_groups(blocks: list[Block], rows: int, cols: int) -> list[list[Block]]:
     """``blocks`` grouped into tasks of up to ``rows`` x ``cols`` blocks (by block row/column),
-    row-major inside a group. A task blends its whole group in one pass, so only the windows on
-    the group's border are computed twice (by two tasks): bigger groups, fewer halo windows,
-    and the same memory (the accumulation holds ``tile`` rows of the group's width)."""
+    row-major inside a group. A task blends its whole group in one pass; the windows on the
+    group's border, which its neighbours also need, run once in seam tasks
+    (:mod:`lcmap.pipeline.prediction.seams`): bigger groups, fewer such windows, and the same
+    memory (the accumulation holds ``tile`` rows of the group's width)."""
     groups: dict[tuple[int, int], list[Block]] = {}
     for b in blocks:
         groups.setdefault((b.row // rows, b.col // cols), []).append(b)
@@ -317,7 +318,7 @@ def block_groups(blocks: list[Block], rows: int, cols: int) -> list[list[Block]]
 
 
 #: Blocks per task (rows, columns) at most: 4 x 4032 px wide keeps the accumulation at
-#: ``K x 512 x 16128`` float32 (132 MB for 4 classes) and the halo windows at ~3 %.
+#: ``K x 512 x 16128`` float32 (132 MB for 4 classes) and the border windows (seams) at ~3 %.
 MAX_GROUP = (24, 4)
 
 
@@ -325,10 +326,12 @@ def group_shape(
     n_block_rows: int, n_block_cols: int, tasks_wanted: int = 1, strides_per_block: int = 9
 ) -> tuple[int, int]:
     """Blocks per task (rows, columns), at most :data:`MAX_GROUP`: of the shapes that give at least
-    ``tasks_wanted`` tasks (or as many as there can be), the one that runs the fewest windows.
+    ``tasks_wanted`` tasks (or as many as there can be), the one whose tasks touch the fewest windows
+    (each shared border window runs once, in a seam task, but is written to and read from a seam
+    file: fewer of them, less I/O).
 
-    A group of ``k`` blocks along an axis runs ``k * strides_per_block + 1`` windows along it (its
-    border window is also run by the neighbour), so the windows of a shape are the product of the
+    A group of ``k`` blocks along an axis touches ``k * strides_per_block + 1`` windows along it (its
+    border window is also touched by the neighbour), so the windows of a shape are the product of the
     two axes' sums over the map's block rows and columns. Ties go to the narrower group (its row
     buffers are smaller), then to fewer tasks.
     """
