@@ -8,6 +8,7 @@ model (the real one would take minutes there).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -296,3 +297,14 @@ def test_local_cluster_writes_the_same_tiles(maps, tmp_path):
     """On Dask a task per tile writes it: the same mosaic (~30 s on 2 cores: the cluster's start)."""
     res = _predict(maps["ckpt"], maps["images"], tmp_path / "dask", **TILES, **{**FAST, "scheduler": None})
     assert res.tiles == 6 and np.array_equal(_read(res.path), _read(maps["ref"]))
+
+
+def test_a_large_single_cog_says_that_tiles_finish_faster(maps, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(P, "SINGLE_COG_NOTE_PX", 10_000)  # the test map has more pixels than that
+    with caplog.at_level(logging.WARNING, logger="lcmap.pipeline.prediction.predict"):
+        _predict(maps["ckpt"], maps["images"], tmp_path / "one.tif", block_px=4096, **FAST)
+    assert any("--tile-km" in r.getMessage() and "ONE process" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lcmap.pipeline.prediction.predict"):
+        _predict(maps["ckpt"], maps["images"], tmp_path / "tiles", **TILES, **FAST)
+    assert not any("ONE process" in r.getMessage() for r in caplog.records)

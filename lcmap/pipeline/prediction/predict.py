@@ -97,6 +97,27 @@ def _by_ctrl_c(exc: BaseException) -> bool:
     return False
 
 
+#: Map pixels above which ``lcmap predict`` says that one COG is slow to finish (its assembly is
+#: one process after the last block) and suggests ``--tile-km`` (docs/scale.md: serial share).
+SINGLE_COG_NOTE_PX = 2e9
+#: One COG's assembly rate (GDAL's COG driver, mode overviews), Mpx/s: measured at 256 km² on
+#: the 2-core development machine (benchmarks/scale.py --serial-km2); used for the estimate only.
+COG_ASSEMBLY_MPX_S = 71.0
+
+
+def _note_single_cog(map_px: int) -> None:
+    """Say, above :data:`SINGLE_COG_NOTE_PX`, how long one COG's assembly will take and what tiles give."""
+    if map_px <= SINGLE_COG_NOTE_PX:
+        return
+    minutes = map_px / 1e6 / COG_ASSEMBLY_MPX_S / 60
+    log.warning(
+        "this map has %.1f Gpx: one COG is assembled by ONE process after the last block, about %.0f min "
+        "(at ~%.0f Mpx/s), however many workers run the blocks. For an area this large, --out FOLDER "
+        "--tile-km 10 writes COG tiles in the workers and finishes in seconds (docs/scale.md).",
+        map_px / 1e9, max(minutes, 1), COG_ASSEMBLY_MPX_S,
+    )  # fmt: skip
+
+
 def _share_borders(job: PredictJob, todo: list, seams_dir: Path) -> tuple[list, seams.SeamPlan | None]:
     """The tasks ``todo`` (groups of blocks, or tiles' tasks) with the windows they share planned
     into seam tasks (:mod:`lcmap.pipeline.prediction.seams`): each such window runs once."""
@@ -227,7 +248,9 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
     n_rows = max((b.row for b in blocks), default=0) + 1
     n_cols = max((b.col for b in blocks), default=0) + 1
     tiles = None
-    if config.tile_km is not None:
+    if config.tile_km is None:
+        _note_single_cog(sum(b.height * b.width for b in blocks))
+    else:
         legends = (plan.out_legend, plan.model_legend)
         tiles = tiled_output.TiledOutput.plan(job, plan.out, blocks, config.tile_km, legends, plan.fingerprint)
     locked = contextlib.ExitStack()  # the partial folder's lock, held until the map is written
