@@ -300,7 +300,7 @@ def test_local_cluster_writes_the_same_tiles(maps, tmp_path):
 
 
 def test_a_large_single_cog_says_that_tiles_finish_faster(maps, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(P, "SINGLE_COG_NOTE_PX", 10_000)  # the test map has more pixels than that
+    monkeypatch.setattr(P, "SINGLE_COG_MAX_PX", 10_000)  # the test map has more pixels than that
     with caplog.at_level(logging.WARNING, logger="lcmap.pipeline.prediction.predict"):
         _predict(maps["ckpt"], maps["images"], tmp_path / "one.tif", block_px=4096, **FAST)
     assert any("--tile-km" in r.getMessage() and "ONE process" in r.getMessage() for r in caplog.records)
@@ -308,3 +308,14 @@ def test_a_large_single_cog_says_that_tiles_finish_faster(maps, tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="lcmap.pipeline.prediction.predict"):
         _predict(maps["ckpt"], maps["images"], tmp_path / "tiles", **TILES, **FAST)
     assert not any("ONE process" in r.getMessage() for r in caplog.records)
+
+
+def test_out_a_folder_is_one_cog_inside_it_when_small_and_tiles_when_large(maps, tmp_path, monkeypatch):
+    small = _predict(maps["ckpt"], maps["images"], tmp_path / "small", block_px=48, **FAST)
+    assert small.path == tmp_path / "small" / "small.tif" and small.tiles == 0
+    assert np.array_equal(_read(small.path), _read(maps["ref"]))
+    monkeypatch.setattr(P, "SINGLE_COG_MAX_PX", 10_000)  # the test map has more pixels than that
+    monkeypatch.setattr(P, "DEFAULT_TILE_KM", 0.1)
+    large = _predict(maps["ckpt"], maps["images"], tmp_path / "large", block_px=48, **FAST)
+    assert large.path == tmp_path / "large" / "large.vrt" and large.tiles == maps["tiled"].tiles
+    assert np.array_equal(_read(large.path), _read(maps["ref"]))

@@ -97,17 +97,20 @@ def _by_ctrl_c(exc: BaseException) -> bool:
     return False
 
 
-#: Map pixels above which ``lcmap predict`` says that one COG is slow to finish (its assembly is
-#: one process after the last block) and suggests ``--tile-km`` (docs/scale.md: serial share).
-SINGLE_COG_NOTE_PX = 2e9
+#: Map pixels above which one COG is slow to finish (its assembly is one process after the last
+#: block: ~30 s at 2 Gpx, docs/scale.md "Serial share"): ``--out FOLDER`` then gets COG tiles of
+#: :data:`DEFAULT_TILE_KM`, and ``--out MAP.tif`` a warning that suggests ``--tile-km``.
+SINGLE_COG_MAX_PX = 2e9
+#: ``--tile-km`` of a large map written to ``--out FOLDER`` without ``--tile-km``.
+DEFAULT_TILE_KM = 10.0
 #: One COG's assembly rate (GDAL's COG driver, mode overviews), Mpx/s: measured at 256 km² on
 #: the 2-core development machine (benchmarks/scale.py --serial-km2); used for the estimate only.
 COG_ASSEMBLY_MPX_S = 71.0
 
 
 def _note_single_cog(map_px: int) -> None:
-    """Say, above :data:`SINGLE_COG_NOTE_PX`, how long one COG's assembly will take and what tiles give."""
-    if map_px <= SINGLE_COG_NOTE_PX:
+    """Say, above :data:`SINGLE_COG_MAX_PX`, how long one COG's assembly will take and what tiles give."""
+    if map_px <= SINGLE_COG_MAX_PX:
         return
     minutes = map_px / 1e6 / COG_ASSEMBLY_MPX_S / 60
     log.warning(
@@ -116,6 +119,15 @@ def _note_single_cog(map_px: int) -> None:
         "--tile-km 10 writes COG tiles in the workers and finishes in seconds (docs/scale.md).",
         map_px / 1e9, max(minutes, 1), COG_ASSEMBLY_MPX_S,
     )  # fmt: skip
+
+
+def _folder_out(config: PredictConfig) -> Path | None:
+    """``--out`` as a folder (no ``.tif``/``.tiff`` suffix) without ``--tile-km``: the folder (its
+    map is ``FOLDER/FOLDER.tif``, or COG tiles above :data:`SINGLE_COG_MAX_PX`); else None."""
+    out = Path(str(config.out)).expanduser()
+    if config.tile_km is not None or out.suffix.lower() in (".tif", ".tiff"):
+        return None
+    return out.absolute()
 
 
 def _share_borders(job: PredictJob, todo: list, seams_dir: Path) -> tuple[list, seams.SeamPlan | None]:
@@ -237,19 +249,32 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
                 "or nothing for a local cluster"
             )
         check_scheduler(sched)  # in seconds, before the model and the imagery are read
+    folder = _folder_out(config)
+    if folder is not None:  # one COG FOLDER/FOLDER.tif, or tiles if the map is large (below)
+        check_not_locked(str(folder))
+        config = replace(config, out=str(folder / f"{folder.name}.tif"))
     check_not_locked(str(config.out))  # another run on --out: refused before anything is loaded
     plan = plan_prediction(config)
+    blocks = plan.blocks()
+    map_px = sum(b.height * b.width for b in blocks)
+    if folder is not None and map_px > SINGLE_COG_MAX_PX:
+        log.info(
+            "--out %s is a folder and the map has %.1f Gpx (more than %.1f): writing COG tiles of ~%g km "
+            "(--tile-km) instead of one COG", folder, map_px / 1e9, SINGLE_COG_MAX_PX / 1e9, DEFAULT_TILE_KM,
+        )  # fmt: skip
+        config = replace(config, out=str(folder), tile_km=DEFAULT_TILE_KM)
+        plan = plan_prediction(config)
+        blocks = plan.blocks()
     t_plan = time.perf_counter() - t0
     log.info(
         "test-time augmentation (--tta): %s, %d transform(s) per window", config.tta, len(tta_transforms(config.tta))
     )
     job = plan.job
-    blocks = plan.blocks()
     n_rows = max((b.row for b in blocks), default=0) + 1
     n_cols = max((b.col for b in blocks), default=0) + 1
     tiles = None
     if config.tile_km is None:
-        _note_single_cog(sum(b.height * b.width for b in blocks))
+        _note_single_cog(map_px)
     else:
         legends = (plan.out_legend, plan.model_legend)
         tiles = tiled_output.TiledOutput.plan(job, plan.out, blocks, config.tile_km, legends, plan.fingerprint)

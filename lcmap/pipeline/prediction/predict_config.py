@@ -65,7 +65,9 @@ class PredictConfig(DeclaredOptions):
     )  # fmt: skip
     out: str | None = option(
         None, parse=v.text, cli_type=str, metavar="PATH",
-        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. With --tile-km: a folder.",
+        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. A path without .tif is a "
+        "folder: one COG FOLDER/FOLDER.tif up to 2 Gpx (~2,000 km² at 1 m), COG tiles of 10 km above (one COG's "
+        "assembly is one process: ~30 s at 2 Gpx); with --tile-km always tiles.",
     )  # fmt: skip
     bbox: list[float] | None = option(
         None, parse=v.bbox4, cli_type=tuple[float, float, float, float],
@@ -127,7 +129,7 @@ class PredictConfig(DeclaredOptions):
         help="Write --out as a folder of COG tiles of about N km a side on the map's grid, rounded to a whole "
         "number of --block-px blocks, plus FOLDER.vrt (one QGIS layer with the legend) and a STAC "
         "collection.json; each tile is written as soon as its blocks are done. Suits province-size areas. "
-        "Default: one COG.",
+        "Default: one COG (see --out).",
     )  # fmt: skip
     label_prior: list[str] = option(
         default_factory=list, parse=v.as_list, cli_type=list[str], metavar="PATH",
