@@ -122,9 +122,9 @@ def test_one_block_per_task_gives_the_same_map_and_runs_each_window_once(data, t
     seam_runs = []
     real_seam = inference.predict_seam
 
-    def recording(st, job, seam):
+    def recording(st, job, seam, before_rename=None):
         seam_runs.append(seam)
-        return real_seam(st, job, seam)
+        return real_seam(st, job, seam, before_rename)
 
     monkeypatch.setattr(execution, "predict_seam", recording)
     present_at_last = []
@@ -181,8 +181,8 @@ def test_a_seam_file_survives_a_crash_and_a_cut_one_is_run_again(data, tmp_path,
     ran = []
     real_seam = inference.predict_seam
 
-    def recording(st, job, seam):
-        stats = real_seam(st, job, seam)
+    def recording(st, job, seam, before_rename=None):
+        stats = real_seam(st, job, seam, before_rename)
         ran.append((Path(seam.file).name, stats["windows"]))
         return stats
 
@@ -193,3 +193,22 @@ def test_a_seam_file_survives_a_crash_and_a_cut_one_is_run_again(data, tmp_path,
     reused = [p.name for p in kept[:-1] if p.name in by_name]
     assert reused and all(by_name[n] == 0 for n in reused)  # whole files are used as they are
     assert by_name[cut.name] > 0  # the cut one is run again
+
+
+def test_a_seam_task_that_outlives_its_run_leaves_no_file(data, tmp_path):
+    from lcmap.pipeline.prediction.planning import plan_prediction
+
+    out = tmp_path / "m.tif"
+    plan = plan_prediction(P.PredictConfig.of(data["ckpt"], [data["root"] / "images"], out, block_px=48, **FAST))
+    st = inference.load_worker_state(plan.job, preloaded=plan.model, imagery=plan.imagery)
+    folder = tmp_path / "seams"
+    folder.mkdir()
+    seam = seams.Seam(((1, 0), (1, 1)), str(folder / "seam_a.f32"), len(plan.job.code_lut), plan.job.windows.tile)
+    plan.partial.mkdir()
+    with mapfile.lock_partial(plan.partial, out) as run:
+        assert execution.run_seam(st, plan.job, seam, run.owner)["windows"] == 2
+        assert Path(seam.file).is_file()
+        Path(seam.file).unlink()
+        run.revoke()  # the scheduler was lost: a seam task still running writes nothing
+        execution.run_seam(st, plan.job, seam, run.owner)
+    assert list(folder.iterdir()) == []

@@ -49,7 +49,7 @@ from lcmap.pipeline.prediction.inference import (
     predict_group,
     predict_seam,
 )
-from lcmap.pipeline.prediction.run_lock import RunOver
+from lcmap.pipeline.prediction.run_lock import RunOver, check_run
 from lcmap.pipeline.prediction.seams import Given, Seam, SeamPlan
 from lcmap.pipeline.prediction.tiling import Block, OutputGrid
 from lcmap.pipeline.runs import TrainedModel
@@ -160,7 +160,11 @@ def run_seam(st: WorkerState, job: PredictJob, seam: Seam, owner: Any = None) ->
     statistics as :func:`run_group`'s, with no blocks."""
     t0 = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
-        stats = predict_seam(st, job, seam)
+        try:  # a task that outlives its run (scheduler lost, Ctrl-C) leaves no seam file behind
+            stats = predict_seam(st, job, seam, lambda: check_run(owner, f"seam {seam.name}"))
+        except RunOver as exc:
+            log.info("%s; this task stops", exc)
+            stats = {"windows": 0, "seconds_forward": 0.0}
     return {"blocks": [], "seconds": time.perf_counter() - t0, **stats}
 
 

@@ -433,9 +433,10 @@ def predict_group(
     yield from _flush(done, stats)
 
 
-def predict_seam(st: WorkerState, job: PredictJob, seam: Seam) -> dict:
+def predict_seam(st: WorkerState, job: PredictJob, seam: Seam, before_rename=None) -> dict:
     """Run a seam task's windows and write its file (:class:`lcmap.pipeline.prediction.seams.SeamFile`);
-    returns ``windows`` (run) and ``seconds_forward``. A file already there (a resumed run) is kept."""
+    returns ``windows`` (run) and ``seconds_forward``. A file already there (a resumed run) is kept.
+    ``before_rename``: called before the finished file takes its name (may raise to drop it)."""
     stats = {"windows": 0, "seconds_forward": 0.0}
     sf = SeamFile(seam)
     path = Path(seam.file)
@@ -454,6 +455,8 @@ def predict_seam(st: WorkerState, job: PredictJob, seam: Seam) -> dict:
     try:
         for i, j, probs, _ in _window_probs(st, job, region, stats, only=set(seam.windows)):
             writer.put((i, j), probs.cpu().numpy())
+        if before_rename is not None:
+            before_rename()
         writer.close()
     except BaseException:
         writer.abort()

@@ -27,6 +27,7 @@ costs only where it lies); the others are nodata in the COG. The map is bit-iden
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -130,16 +131,17 @@ def _folder_out(config: PredictConfig) -> Path | None:
     return out.absolute()
 
 
-def _share_borders(job: PredictJob, todo: list, seams_dir: Path) -> tuple[list, seams.SeamPlan | None]:
+def _share_borders(job: PredictJob, todo: list, seams_dir: Path, manifest: str) -> tuple[list, seams.SeamPlan | None]:
     """The tasks ``todo`` (groups of blocks, or tiles' tasks) with the windows they share planned
-    into seam tasks (:mod:`lcmap.pipeline.prediction.seams`): each such window runs once."""
+    into seam tasks (:mod:`lcmap.pipeline.prediction.seams`): each such window runs once. ``manifest``:
+    the run's manifest (JSON), part of the seam files' names."""
     if len(todo) < 2 and not any(len(t.groups()) > 1 for t in todo if isinstance(t, tiled_output.TileTask)):
         return todo, None
     regions = [
         [group_region(g) for g in t.groups()] if isinstance(t, tiled_output.TileTask) else [group_region(t)]
         for t in todo
     ]
-    plan = seams.plan_seams(job.windows, regions, seams_dir, len(job.code_lut))
+    plan = seams.plan_seams(job.windows, regions, seams_dir, len(job.code_lut), salt=manifest)
     if not plan.seams:
         return todo, None
     seams_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +304,7 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         job = replace(job, group=shape)
         todo = block_groups(todo_blocks, *shape) if tiles is None else tiles.tasks(job, todo_blocks)
         work = None if tiles is None else tiled_output.run_tile  # a task per tile, which writes it
-        todo, seam_plan = _share_borders(job, todo, plan.partial / "seams")
+        todo, seam_plan = _share_borders(job, todo, plan.partial / "seams", json.dumps(plan.fingerprint))
         console = None
         if progress:
             from rich.console import Console

@@ -193,15 +193,18 @@ def _window_box(windows: WindowGrid, region: Block) -> tuple[int, int, int, int]
     return rows.start, rows.stop, cols.start, cols.stop
 
 
-def _digest(windows: Sequence[Window], channels: int, tile: int) -> str:
-    text = f"{channels},{tile};" + ";".join(f"{i},{j}" for i, j in windows)
+def _digest(windows: Sequence[Window], channels: int, tile: int, salt: str) -> str:
+    text = f"{salt};{channels},{tile};" + ";".join(f"{i},{j}" for i, j in windows)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def plan_seams(windows: WindowGrid, items: Sequence[Sequence[Block]], seams_dir: str | Path, channels: int) -> SeamPlan:
+def plan_seams(
+    windows: WindowGrid, items: Sequence[Sequence[Block]], seams_dir: str | Path, channels: int, salt: str = ""
+) -> SeamPlan:
     """Plan the seam tasks of tasks ``items`` (each: the regions of its groups, as from
     :func:`lcmap.pipeline.prediction.tiling.group_region`), windows of ``windows``, ``channels``
-    map channels; files in ``seams_dir``.
+    map channels; files in ``seams_dir``, their names also made from ``salt`` (the run's manifest:
+    a file of another model or imagery never has the name of this run's).
 
     A window touched by two or more regions (of any tasks) goes to the seam task of exactly that
     set of regions; every other window is run by the one group that touches it.
@@ -226,7 +229,7 @@ def plan_seams(windows: WindowGrid, items: Sequence[Sequence[Block]], seams_dir:
     seams, needs = [], [set() for _ in items]  # type: list[Seam], list[set[int]]
     for s, (ws, key) in enumerate(keyed):
         i, j = ws[0]
-        name = f"seam_i{i:06d}_j{j:06d}_{_digest(ws, channels, windows.tile)}.f32"
+        name = f"seam_i{i:06d}_j{j:06d}_{_digest(ws, channels, windows.tile, salt)}.f32"
         seams.append(Seam(tuple(ws), str(Path(seams_dir) / name), channels, windows.tile))
         for a in key:
             needs[regions[a][0]].add(s)
