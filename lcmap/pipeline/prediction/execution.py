@@ -140,17 +140,21 @@ def run_group(
     names, windows, forward = [], 0, 0.0
     # a fixed GDAL block cache (default: 5% of RAM), so that memory does not grow with the area read
     with rasterio.Env(GDAL_CACHEMAX=mapfile.GDAL_CACHE_BYTES):
-        for block, codes, conf, stats in predict_group(st, job, blocks, given):
-            path = mapfile.block_path(job.blocks_dir, block)
-            check = {"owner": owner} if owner is not None else {}  # synchronous: this process is the run
-            try:
-                mapfile.write_block(path, job.grid, block, codes, conf, **check)
-            except RunOver as exc:
-                log.info("%s; this task stops", exc)
-                break
-            names.append(block.name)
-            windows += stats["windows"]
-            forward += stats["seconds_forward"]
+        try:
+            for block, codes, conf, stats in predict_group(st, job, blocks, given):
+                path = mapfile.block_path(job.blocks_dir, block)
+                check = {"owner": owner} if owner is not None else {}  # synchronous: this process is the run
+                try:
+                    mapfile.write_block(path, job.grid, block, codes, conf, **check)
+                except RunOver as exc:
+                    log.info("%s; this task stops", exc)
+                    break
+                names.append(block.name)
+                windows += stats["windows"]
+                forward += stats["seconds_forward"]
+        finally:
+            if given is not None:
+                given.close()  # the seam files it mapped: their space is freed once they are deleted
     release_free_memory()
     return {"blocks": names, "seconds": time.perf_counter() - t0, "windows": windows, "seconds_forward": forward}
 

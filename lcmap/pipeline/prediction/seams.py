@@ -72,6 +72,10 @@ class SeamFile:
         self._flags: np.ndarray | None = None
         self._data: np.memmap | None = None
 
+    def close(self) -> None:
+        """Unmap the file (reads open it again): nothing else holds the map (:meth:`read` copies)."""
+        self._flags = self._data = None
+
     # ------------------------------------------------------------------ writing (the seam task)
     def writer(self) -> SeamWriter:
         return SeamWriter(self)
@@ -142,6 +146,12 @@ class Given:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def close(self) -> None:
+        """Let go of the seam files' maps (a deleted file's disk space is freed once nothing maps it)."""
+        for sf in self._files.values():
+            sf.close()
+        self._files.clear()
 
     def read(self, window: Window) -> np.ndarray | None:
         """Window ``(i, j)``'s probabilities from its seam file (None: it did not run there)."""
