@@ -331,7 +331,13 @@ def _window_probs(
         br0, bc0 = br0 + box[0], bc0 + box[2]
         if group is not None:
             p = sum_probabilities(p[None], group, n_classes)[0]
-        full = torch.zeros((p.shape[0], T, T), dtype=torch.float32, device=p.device)
+        # zeros outside R, in a buffer the worker keeps (a fresh 4 MB tensor per edge window costs its
+        # page faults); the window is blended before the next one is made
+        full = st.buffers.get("context_probs")
+        if full is None or full.shape != (p.shape[0], T, T) or full.device != p.device:
+            full = st.buffers["context_probs"] = torch.zeros((p.shape[0], T, T), dtype=torch.float32, device=p.device)
+        else:
+            full.zero_()
         wr0, wc0 = wg.win_r0(i), wg.win_c0(j)
         full[:, R[0] - wr0 : R[1] - wr0, R[2] - wc0 : R[3] - wc0] = p[
             :, R[0] - br0 : R[1] - br0, R[2] - bc0 : R[3] - bc0
