@@ -218,3 +218,26 @@ def test_a_seam_task_that_outlives_its_run_leaves_no_file(data, tmp_path):
         run.revoke()  # the scheduler was lost: a seam task still running writes nothing
         execution.run_seam(st, plan.job, seam, run.owner)
     assert list(folder.iterdir()) == []
+
+
+def test_with_an_aoi_polygon_one_block_per_task_gives_the_one_pass_map(data, tmp_path, monkeypatch):
+    """Windows outside the AOI are skipped by every task alike: a seam task's and a group's choice agree."""
+    import json
+
+    from rasterio.warp import transform as warp
+
+    corners = [(X0 + 10, Y0 - 135), (X0 + 170, Y0 - 120), (X0 + 60, Y0 - 8)]  # a triangle, lon/lat
+    lon, lat = warp(CRS, "EPSG:4326", [c[0] for c in corners], [c[1] for c in corners])
+    ring = [[a, b] for a, b in zip(lon, lat, strict=True)] + [[lon[0], lat[0]]]
+    aoi = tmp_path / "aoi.geojson"
+    polygon = {"type": "Polygon", "coordinates": [ring]}
+    aoi.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": polygon}))
+    images = [data["root"] / "images"]
+    one = P.predict_map(P.PredictConfig.of(data["ckpt"], images, tmp_path / "one.tif", aoi=aoi, block_px=4096, **FAST),
+                        progress=False)  # fmt: skip
+    monkeypatch.setattr(tiling, "MAX_GROUP", (1, 1))
+    many = P.predict_map(P.PredictConfig.of(data["ckpt"], images, tmp_path / "many.tif", aoi=aoi, block_px=48, **FAST),
+                         progress=False)  # fmt: skip
+    assert many.blocks >= 10  # those touching the triangle
+    _same_map(many.path, one.path)
+    assert many.windows == one.windows
