@@ -25,7 +25,7 @@ import lcmap.pipeline.prediction.predict as P
 from lcmap.errors import LcmapInputError, OutputLockedError
 from lcmap.geodata.legends import target_legend
 from lcmap.models import build_model
-from lcmap.pipeline.prediction import cog, execution, inference, mapfile, tiled_output
+from lcmap.pipeline.prediction import cog, execution, inference, mapfile, tiled_output, tiling
 from lcmap.pipeline.prediction.cog import read_category_names
 from lcmap.pipeline.prediction.tiling import OutputGrid
 from lcmap.pipeline.runs import save_checkpoint
@@ -285,11 +285,11 @@ def test_tile_side_in_whole_blocks_and_a_projected_crs():
     def grid(crs: str, res: float) -> OutputGrid:
         return OutputGrid(CRS.from_user_input(crs).to_wkt(), 0.0, 0.0, res, res, 10, 10, 0, 0, 10, 10)
 
-    assert tiled_output.tile_side_blocks(10, grid(UTM17, 1.0), 4032) == round(10_000 / 4032)
-    assert tiled_output.tile_side_blocks(0.001, grid(UTM17, 1.0), 4032) == 1  # at least one block
-    assert tiled_output.tile_side_blocks(10, grid("EPSG:2283", 1.0), 4032) == round(10_000 / (4032 * 0.3048006))
+    assert tiling.tile_side_blocks(10, grid(UTM17, 1.0), 4032) == round(10_000 / 4032)
+    assert tiling.tile_side_blocks(0.001, grid(UTM17, 1.0), 4032) == 1  # at least one block
+    assert tiling.tile_side_blocks(10, grid("EPSG:2283", 1.0), 4032) == round(10_000 / (4032 * 0.3048006))
     with pytest.raises(LcmapInputError, match="--tile-km needs a map CRS in metres"):
-        tiled_output.tile_side_blocks(10, grid("EPSG:4326", 1e-5), 4032)
+        tiling.tile_side_blocks(10, grid("EPSG:4326", 1e-5), 4032)
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ One COG for a province is assembled at the end by one process from every block f
 ``--tile-km`` the map is a folder of COG tiles instead, each written by the task that computed
 its blocks, as soon as they are done:
 
-- **The tile grid** (:func:`tile_side_blocks`, :func:`plan_tiles`). A tile is ``m`` x ``m`` blocks
+- **The tile grid** (:func:`lcmap.pipeline.prediction.tiling.tile_side_blocks`,
+  :func:`~lcmap.pipeline.prediction.tiling.plan_tiles`). A tile is ``m`` x ``m`` blocks
   of the map's block grid (:func:`lcmap.pipeline.prediction.tiling.cut_blocks`), ``m`` = ``N`` km over the
   block side in metres, rounded, at least 1: tile edges are block edges on the output grid, and
   the first and last tiles are cut at the map's edges like the blocks. Tile ``(row, col)`` holds
@@ -58,25 +59,24 @@ from lcmap.pipeline.prediction.seams import Given
 from lcmap.pipeline.prediction.tiling import (
     CONFIDENCE_NODATA,
     Block,
-    OutputGrid,
+    Tile,
     block_groups,
-    group_region,
     group_shape,
+    plan_tiles,
+    tile_grid,
+    tile_side_blocks,
 )
 
 __all__ = [
     "COLLECTION_NAME",
     "TILE_TAG",
-    "Tile",
     "TileTask",
     "TiledOutput",
     "check_tiles_out",
     "kept",
     "mosaic_path",
-    "plan_tiles",
     "planned_outputs",
     "run_tile",
-    "tile_side_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,78 +124,6 @@ def planned_outputs(folder: Path, confidence: bool) -> dict[str, Path]:
     if confidence:
         found["the confidence mosaic"] = mapfile.confidence_path(vrt)
     return found
-
-
-# ---------------------------------------------------------------------------------- the grid
-@dataclass(frozen=True)
-class Tile:
-    """Output rows ``[r0, r0 + height)`` and columns ``[c0, c0 + width)``; ``blocks``: its planned
-    blocks (map pixel coordinates)."""
-
-    row: int
-    col: int
-    r0: int
-    c0: int
-    height: int
-    width: int
-    blocks: tuple[Block, ...]
-
-    @property
-    def name(self) -> str:
-        return f"tile_r{self.row:03d}_c{self.col:03d}"
-
-    def file(self, folder: str | Path) -> Path:
-        """The tile's COG in ``folder``."""
-        return Path(folder) / f"{self.name}.tif"
-
-
-def tile_side_blocks(tile_km: float, grid: OutputGrid, block_size: int) -> int:
-    """Blocks per tile side: ``tile_km`` over the block side in metres, rounded, at least 1.
-
-    Raises:
-        LcmapInputError: the map's CRS is not projected (its pixels are not a length).
-    """
-    crs = grid.crs
-    if not crs.is_projected:
-        raise LcmapInputError(
-            f"--tile-km needs a map CRS in metres or feet; this map's ({crs.to_string()}) is in degrees: "
-            "give --crs (e.g. the UTM zone, EPSG:326NN) or leave --tile-km out"
-        )
-    block_m = block_size * grid.res_x * crs.linear_units_factor[1]
-    return max(1, round(tile_km * 1000 / block_m))
-
-
-def plan_tiles(all_blocks: list[Block], planned: list[Block], side_blocks: int) -> list[Tile]:
-    """The tiles of ``side_blocks`` x ``side_blocks`` blocks that hold a block of ``planned``, row by
-    row; each tile's extent is that of its blocks in ``all_blocks`` (the map's whole block grid)."""
-    m = side_blocks
-    extent: dict[tuple[int, int], list[Block]] = {}
-    inside: dict[tuple[int, int], list[Block]] = {}
-    for b in all_blocks:
-        extent.setdefault((b.row // m, b.col // m), []).append(b)
-    for b in planned:
-        inside.setdefault((b.row // m, b.col // m), []).append(b)
-    tiles = []
-    for key in sorted(inside):
-        box = group_region(extent[key])
-        blocks = tuple(sorted(inside[key], key=lambda b: (b.row, b.col)))
-        tiles.append(Tile(key[0], key[1], box.r0, box.c0, box.height, box.width, blocks))
-    return tiles
-
-
-def tile_grid(grid: OutputGrid, tile: Tile) -> OutputGrid:
-    """The output grid of one tile (same CRS and pixels, its corner and size)."""
-    return replace(
-        grid,
-        x0=grid.x0 + tile.c0 * grid.res_x,
-        y0=grid.y0 - tile.r0 * grid.res_y,
-        width=tile.width,
-        height=tile.height,
-        img_c0=grid.img_c0 - tile.c0,
-        img_r0=grid.img_r0 - tile.r0,
-        img_c1=grid.img_c1 - tile.c0,
-        img_r1=grid.img_r1 - tile.r0,
-    )
 
 
 # ------------------------------------------------------------------------------ one tile's task

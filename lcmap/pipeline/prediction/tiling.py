@@ -16,6 +16,8 @@
    window strides (:func:`block_side_px`); each block sums the windows that touch it
    (:meth:`WindowGrid.touching`) in the same global order whatever the block size, so the map is
    bit-identical for any block size.
+5. **Tiles** (``--tile-km``: :func:`tile_side_blocks`, :func:`plan_tiles`). ``m`` x ``m`` blocks
+   per COG tile (:mod:`lcmap.pipeline.prediction.tiled_output` writes them).
 
 Pixel coordinates are output rows/columns counted from the output's top-left pixel.
 """
@@ -23,11 +25,14 @@ Pixel coordinates are output rows/columns counted from the output's top-left pix
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
+
+from lcmap.errors import LcmapInputError
 
 __all__ = [
     "CONFIDENCE_NODATA",
@@ -47,6 +52,10 @@ __all__ = [
     "block_end",
     "block_start",
     "cut_blocks",
+    "Tile",
+    "tile_side_blocks",
+    "plan_tiles",
+    "tile_grid",
 ]
 
 #: Nodata of the confidence map (valid values are 0-100, percent).
@@ -366,3 +375,75 @@ def model_px_per_map_px(windows: WindowGrid, regions: list[Block]) -> float:
     for r in regions:
         n += len(windows.rows_touching(r.r0, r.r0 + r.height)) * len(windows.cols_touching(r.c0, r.c0 + r.width))
     return n * windows.tile**2 / (windows.height * windows.width)
+
+
+# ----------------------------------------------------------------------------------- tiles (--tile-km)
+@dataclass(frozen=True)
+class Tile:
+    """Output rows ``[r0, r0 + height)`` and columns ``[c0, c0 + width)``; ``blocks``: its planned
+    blocks (map pixel coordinates)."""
+
+    row: int
+    col: int
+    r0: int
+    c0: int
+    height: int
+    width: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def name(self) -> str:
+        return f"tile_r{self.row:03d}_c{self.col:03d}"
+
+    def file(self, folder: str | Path) -> Path:
+        """The tile's COG in ``folder``."""
+        return Path(folder) / f"{self.name}.tif"
+
+
+def tile_side_blocks(tile_km: float, grid: OutputGrid, block_size: int) -> int:
+    """Blocks per tile side: ``tile_km`` over the block side in metres, rounded, at least 1.
+
+    Raises:
+        LcmapInputError: the map's CRS is not projected (its pixels are not a length).
+    """
+    crs = grid.crs
+    if not crs.is_projected:
+        raise LcmapInputError(
+            f"--tile-km needs a map CRS in metres or feet; this map's ({crs.to_string()}) is in degrees: "
+            "give --crs (e.g. the UTM zone, EPSG:326NN) or leave --tile-km out"
+        )
+    block_m = block_size * grid.res_x * crs.linear_units_factor[1]
+    return max(1, round(tile_km * 1000 / block_m))
+
+
+def plan_tiles(all_blocks: list[Block], planned: list[Block], side_blocks: int) -> list[Tile]:
+    """The tiles of ``side_blocks`` x ``side_blocks`` blocks that hold a block of ``planned``, row by
+    row; each tile's extent is that of its blocks in ``all_blocks`` (the map's whole block grid)."""
+    m = side_blocks
+    extent: dict[tuple[int, int], list[Block]] = {}
+    inside: dict[tuple[int, int], list[Block]] = {}
+    for b in all_blocks:
+        extent.setdefault((b.row // m, b.col // m), []).append(b)
+    for b in planned:
+        inside.setdefault((b.row // m, b.col // m), []).append(b)
+    tiles = []
+    for key in sorted(inside):
+        box = group_region(extent[key])
+        blocks = tuple(sorted(inside[key], key=lambda b: (b.row, b.col)))
+        tiles.append(Tile(key[0], key[1], box.r0, box.c0, box.height, box.width, blocks))
+    return tiles
+
+
+def tile_grid(grid: OutputGrid, tile: Tile) -> OutputGrid:
+    """The output grid of one tile (same CRS and pixels, its corner and size)."""
+    return replace(
+        grid,
+        x0=grid.x0 + tile.c0 * grid.res_x,
+        y0=grid.y0 - tile.r0 * grid.res_y,
+        width=tile.width,
+        height=tile.height,
+        img_c0=grid.img_c0 - tile.c0,
+        img_r0=grid.img_r0 - tile.r0,
+        img_c1=grid.img_c1 - tile.c0,
+        img_r1=grid.img_r1 - tile.r0,
+    )
