@@ -4,7 +4,7 @@ Block results are small GeoTIFFs; :func:`write_mosaic_vrt` describes them as one
 VRT that also carries the colour table, the category names and the dataset tags), and
 :func:`write_cog` copies that VRT with GDAL's COG driver into the final file:
 
-- 512 px internal tiles, ZSTD compression, internal overviews computed by GDAL (``mode`` for
+- 512 px internal tiles, ZSTD compression (level 3), internal overviews computed by GDAL (``mode`` for
   class maps, ``average`` for the confidence map), ``BIGTIFF=YES`` when the uncompressed map
   would exceed ~3.5 GB (``IF_NEEDED`` does not trigger when compressing), else ``IF_SAFER``;
 - the colour table is stored in the TIFF; the category names cannot be (GTiff has no tag for
@@ -197,7 +197,7 @@ def write_cog(
     *,
     resampling: str = "mode",
     predictor: bool = False,
-    level: int = 9,
+    level: int = 3,
     threads: str | int = "ALL_CPUS",
     sidecars: Mapping[str, str] | None = None,
 ) -> Path:
@@ -209,7 +209,10 @@ def write_cog(
         resampling: GDAL overview resampling (``mode`` for classes, ``average`` for scores).
         predictor: TIFF horizontal predictor (it makes class maps ~10% larger; helps continuous
             data).
-        level: ZSTD level.
+        level: ZSTD level (overviews too). 3: a 16 Mpx class map's COG (mode overviews, one
+            thread) in 0.24 s instead of 0.43 s at 9, the file ~30 % larger (1.37 vs 1.06 MB for a
+            1 m map of NAIP texture; 0.46 vs 0.36 MB for a smoother one): the COG is assembled by
+            one process, the serial part of a province's map.
         threads: GDAL ``NUM_THREADS`` for compression.
         sidecars: extra files to write next to ``dst`` before it appears: ``{suffix: text}``
             (``{".qml": ...}`` writes ``dst`` with that suffix instead of ``.tif``).
