@@ -201,7 +201,10 @@ def test_worker_and_lightning_loaders_refuse(tmp_path: Path) -> None:
         load_trained_model(tmp_path / "cut.ckpt")
 
 
-@pytest.mark.parametrize(("where", "value"), [("weight", float("nan")), ("weight", float("inf")), ("norm_std", 0.0)])
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("weight", float("nan")), ("weight", float("inf")), ("weight", float("-inf")), ("norm_std", 0.0)],
+)
 def test_checkpoint_with_non_finite_weights_is_refused(tmp_path: Path, where: str, value: float) -> None:
     """A checkpoint holding NaN/inf weights (a diverged run) maps every pixel as class 0 ("water"):
     refused at load, naming the file and the tensor (exit 2, no map); a NaN/inf/0 std likewise."""

@@ -231,6 +231,16 @@ def test_max_over_classes_matches_torch_max_including_ties():
     assert torch.equal(acc.gather(0, torch.from_numpy(arg).long()[None])[0], want_top)
 
 
+def test_max_over_classes_gives_the_code_of_the_first_highest_class_in_the_luts_type():
+    g = torch.Generator().manual_seed(4)
+    acc = torch.randint(0, 3, (5, 30, 70), generator=g).float()[:, 3:27, 5:60]  # ties; a strided view
+    for lut in (np.array([7, 1, 250, 3, 9], np.uint8), np.array([11, 300, 65535, 0, 4096], np.uint16)):
+        top, codes = B._max_over_classes(acc, lut)
+        want_top, want_arg = acc.max(dim=0)
+        assert torch.equal(top, want_top)
+        assert codes.dtype == lut.dtype and np.array_equal(codes, lut[want_arg.numpy()])
+
+
 def test_blender_without_confidence_gives_the_same_codes_and_keeps_no_weight_sum():
     wg = T.WindowGrid(tile=32, overlap=8, height=70, width=90)
     probs = _random_probs(wg, 3, seed=2)

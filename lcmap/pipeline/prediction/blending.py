@@ -19,28 +19,41 @@ from lcmap.pipeline.prediction.tiling import CONFIDENCE_NODATA, Block, WindowGri
 
 __all__ = ["RowBlender", "BlockBlender"]
 
-#: Columns finalised at a time (class argmax and confidence).
+#: Columns finalised at a time with a label prior (its factors: a K x rows x columns temporary).
 _FINALISE_COLS = 2048
+#: Pixels finalised at a time on the CPU (class argmax and confidence), in bands of whole rows:
+#: contiguous and cache-sized, ~3x faster than 2048-column chunks of the whole buffer's rows.
+_FINALISE_PX = 1 << 18
 
 
-def _max_over_classes(acc: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """``(K, h, w)`` -> (highest value ``(h, w)`` tensor, index of the first highest ``(h, w)`` numpy).
+def _max_over_classes(acc: torch.Tensor, lut: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """``(K, h, w)`` -> (highest value ``(h, w)`` tensor, ``lut`` of the index of the first highest
+    ``(h, w)`` numpy, in ``lut``'s dtype; ``lut`` None: the index itself).
 
     On the CPU by K - 1 comparisons in numpy (half the time of ``torch.max(dim=0)`` for K = 4 and
-    the same result: the first index among equal values); elsewhere ``torch.max`` on the device.
+    the same result: the first index among equal values), each class's code put in place by bit
+    operations (``codes ^= (codes ^ code) & mask``, ``mask`` all ones where the class is higher:
+    a sixth of the time of a masked ``np.copyto``); elsewhere ``torch.max`` on the device.
     """
+    if lut is None:
+        lut = np.arange(acc.shape[0], dtype=np.uint8 if acc.shape[0] <= 256 else np.int64)
     if acc.device.type != "cpu":
         top_t, arg_t = acc.max(dim=0)
-        return top_t, arg_t.cpu().numpy()
+        return top_t, lut[arg_t.cpu().numpy()]
     a = acc.numpy()
     top = a[0].copy()
-    arg = np.zeros(top.shape, np.uint8 if a.shape[0] <= 256 else np.int64)
+    codes = np.full(top.shape, lut[0], lut.dtype)
     higher = np.empty(top.shape, bool)
+    mask = np.empty(top.shape, lut.dtype)
+    diff = np.empty(top.shape, lut.dtype)
     for k in range(1, a.shape[0]):
         np.greater(a[k], top, out=higher)
         np.maximum(top, a[k], out=top)
-        np.copyto(arg, k, where=higher)
-    return torch.from_numpy(top), arg
+        np.negative(higher.view(np.uint8), out=mask, dtype=mask.dtype)  # all ones where higher, else 0
+        np.bitwise_xor(codes, lut[k], out=diff)
+        np.bitwise_and(diff, mask, out=diff)
+        np.bitwise_xor(codes, diff, out=codes)  # lut[k] where higher, else unchanged
+    return torch.from_numpy(top), codes
 
 
 def _frame(
@@ -100,7 +113,7 @@ class RowBlender:
         sink,
         prior=None,
     ):
-        assert MAP_NODATA == 0
+        assert MAP_NODATA == 0 and CONFIDENCE_NODATA == 255  # _finalise's bit operations
         self.prior = prior
         self.windows, self.region, self.sink = windows, region, sink
         self.T = windows.tile
@@ -157,19 +170,30 @@ class RowBlender:
             ya, yz = a - self.buf_r, z - self.buf_r
             codes = np.zeros((z - a, b.width), self.dtype)
             conf = np.full((z - a, b.width), CONFIDENCE_NODATA, np.uint8) if self.confidence else None
-            for x0 in range(0, b.width, _FINALISE_COLS):  # temporaries of a fixed size, whatever the width
-                x1 = min(b.width, x0 + _FINALISE_COLS)
+            # the prior's factors column chunk by column chunk (a K x rows x cols temporary); on the
+            # CPU, bands of whole rows of <= _FINALISE_PX pixels: contiguous and cache-sized
+            step_x = _FINALISE_COLS if self.prior is not None else b.width
+            for x0 in range(0, b.width, step_x):
+                x1 = min(b.width, x0 + step_x)
                 acc = self.acc[:, ya:yz, x0:x1]
                 if self.prior is not None:  # the label's prior (lcmap.pipeline.prediction.prediction_prior)
                     acc = acc * torch.from_numpy(self.prior(a, z, b.c0 + x0, b.c0 + x1)).to(self.device)
-                top, arg = _max_over_classes(acc)
-                need = self.need[ya:yz, x0:x1]
-                np.copyto(codes[:, x0:x1], self.lut_np[arg], where=need, casting="unsafe")
-                if conf is not None:
-                    assert self.wsum is not None
-                    wsum = (self.wsum[ya:yz, x0:x1] if self.prior is None else acc.sum(dim=0)).clamp_min(1e-12)
-                    pct = torch.round(top.to(self.device) / wsum * 100.0).clamp(0, 100).to(torch.uint8).cpu().numpy()
-                    np.copyto(conf[:, x0:x1], pct, where=need)
+                step_y = max(1, _FINALISE_PX // (x1 - x0)) if self.device.type == "cpu" else z - a
+                for y0 in range(0, z - a, step_y):
+                    y1 = min(z - a, y0 + step_y)
+                    part = acc[:, y0:y1]
+                    top, cls = _max_over_classes(part, self.lut_np)
+                    need = self.need[ya + y0 : ya + y1, x0:x1]
+                    np.multiply(cls, need, out=codes[y0:y1, x0:x1])  # pixels not needed: 0, MAP_NODATA
+                    if conf is not None:
+                        assert self.wsum is not None
+                        wsum = self.wsum[ya + y0 : ya + y1, x0:x1] if self.prior is None else part.sum(dim=0)
+                        pct = torch.round(top.to(self.device) / wsum.clamp_min(1e-12) * 100.0)
+                        pct_np = pct.clamp(0, 100).to(torch.uint8).cpu().numpy()
+                        # pixels not needed: 255, CONFIDENCE_NODATA (need - 1 is 0 or 255 in uint8; pct <= 100)
+                        np.bitwise_or(
+                            pct_np, np.subtract(need.view(np.uint8), 1, dtype=np.uint8), out=conf[y0:y1, x0:x1]
+                        )
             self.sink(a, codes, conf)
         self._nodata(z, end)
         self.fin = end

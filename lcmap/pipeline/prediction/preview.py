@@ -115,7 +115,8 @@ def write_preview(map_path: str | Path, max_map_px: int = MAX_MAP_PX) -> Path:
     out = preview_path(map_path)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", transparency=_NODATA, optimize=True)
+        # optimize=False: a 16 Mpx map's preview in 0.02 s instead of 0.09 s, ~10 % larger (15 -> 16 KB)
+        image.save(tmp, format="PNG", transparency=_NODATA, optimize=False)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
