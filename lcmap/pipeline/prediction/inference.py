@@ -316,10 +316,18 @@ def _window_probs(
         in_batch[0] = 0
         return out
 
-    def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray) -> Probs:
-        """Window (i, j) classified from its context box B (the imagery around its valid box R)."""
-        buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
-        raw, ok, br0, bc0 = st.context_reader.read(B[0], B[1], B[2], B[3], buf)
+    def run_context(i: int, j: int, R: tuple, B: tuple, need: np.ndarray, strip: tuple) -> Probs:
+        """Window (i, j) classified from its context box B (the imagery around its valid box R);
+        ``strip``: the current strip ``(image, valid, row0, col0)``, used where it holds all of B."""
+        image, valid, sr0, sc0 = strip
+        if sr0 <= B[0] and B[1] <= sr0 + valid.shape[0] and sc0 <= B[2] and B[3] <= sc0 + valid.shape[1]:
+            # a box shifted along the row (left and right edges, gaps): already read, not read again
+            raw = image[:, B[0] - sr0 : B[1] - sr0, B[2] - sc0 : B[3] - sc0]
+            ok = valid[B[0] - sr0 : B[1] - sr0, B[2] - sc0 : B[3] - sc0]
+            br0, bc0 = B[0], B[2]
+        else:
+            buf = _buffer(st, "context", (C, T, T), dtype=raw_dtype)
+            raw, ok, br0, bc0 = st.context_reader.read(B[0], B[1], B[2], B[3], buf)
         x = np.empty(raw.shape, np.float32)
         normalise_into(x, raw, ok, st.mean, st.std)
         t0 = time.perf_counter()
@@ -368,7 +376,7 @@ def _window_probs(
                 if R != (wr0, wr0 + T, wc0, wc0 + T):  # not all imagery: its own forward pass, in order
                     if pending:
                         yield from run()
-                    yield run_context(i, j, R, B, need)
+                    yield run_context(i, j, R, B, need, (strip, valid, sr0, sc0))
                     continue
                 if in_batch[0] == 0 and copy_done[0] is not None:
                     copy_done[0].synchronize()  # the pinned batch is free again
