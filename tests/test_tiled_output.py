@@ -313,6 +313,10 @@ def test_a_large_single_cog_says_that_tiles_finish_faster(maps, tmp_path, monkey
 def test_out_a_folder_is_one_cog_inside_it_when_small_and_tiles_when_large(maps, tmp_path, monkeypatch):
     small = _predict(maps["ckpt"], maps["images"], tmp_path / "small", block_px=48, **FAST)
     assert small.path == tmp_path / "small" / "small.tif" and small.tiles == 0
+    (tmp_path / "maps.v2").mkdir()  # an existing folder, whatever its name
+    assert _predict(maps["ckpt"], maps["images"], tmp_path / "maps.v2", **FAST).path.name == "maps.v2.tif"
+    assert _predict(maps["ckpt"], maps["images"], f"{tmp_path / 'new.v3'}/", **FAST).path.parent.name == "new.v3"
+    assert _predict(maps["ckpt"], maps["images"], tmp_path / "map.cog", **FAST).path == tmp_path / "map.cog"
     assert np.array_equal(_read(small.path), _read(maps["ref"]))
     monkeypatch.setattr(P, "SINGLE_COG_MAX_PX", 10_000)  # the test map has more pixels than that
     monkeypatch.setattr(P, "DEFAULT_TILE_KM", 0.1)

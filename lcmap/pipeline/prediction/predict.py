@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -123,12 +124,16 @@ def _note_single_cog(map_px: int) -> None:
 
 
 def _folder_out(config: PredictConfig) -> Path | None:
-    """``--out`` as a folder (no ``.tif``/``.tiff`` suffix) without ``--tile-km``: the folder (its
-    map is ``FOLDER/FOLDER.tif``, or COG tiles above :data:`SINGLE_COG_MAX_PX`); else None."""
-    out = Path(str(config.out)).expanduser()
-    if config.tile_km is not None or out.suffix.lower() in (".tif", ".tiff"):
+    """``--out`` as a folder without ``--tile-km`` (an existing folder, a path ending in ``/``, or a
+    new path without a suffix): the folder (its map is ``FOLDER/FOLDER.tif``, or COG tiles above
+    :data:`SINGLE_COG_MAX_PX`); else None (a file: the map itself, e.g. ``MAP.tif``)."""
+    text = str(config.out)
+    out = Path(text).expanduser()
+    if config.tile_km is not None:
         return None
-    return out.absolute()
+    if out.is_dir() or text.endswith(("/", os.sep)) or (not out.exists() and not out.suffix):
+        return out.absolute()
+    return None
 
 
 def _share_borders(job: PredictJob, todo: list, seams_dir: Path, manifest: str) -> tuple[list, seams.SeamPlan | None]:

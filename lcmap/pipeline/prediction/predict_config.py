@@ -65,9 +65,9 @@ class PredictConfig(DeclaredOptions):
     )  # fmt: skip
     out: str | None = option(
         None, parse=v.text, cli_type=str, metavar="PATH",
-        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. A path without .tif is a "
-        "folder: one COG FOLDER/FOLDER.tif up to 2 Gpx (~2,000 km² at 1 m), COG tiles of 10 km above (one COG's "
-        "assembly is one process: ~30 s at 2 Gpx); with --tile-km always tiles.",
+        help="Output Cloud-Optimized GeoTIFF (MAP.tif); MAP.qml is written beside it. A folder (existing, ending "
+        "in /, or a new path without a suffix): one COG FOLDER/FOLDER.tif up to 2 Gpx (~2,000 km² at 1 m), COG "
+        "tiles of 10 km above (one COG's assembly is one process: ~30 s at 2 Gpx); with --tile-km always tiles.",
     )  # fmt: skip
     bbox: list[float] | None = option(
         None, parse=v.bbox4, cli_type=tuple[float, float, float, float],
