@@ -128,3 +128,36 @@ def test_padded_input_mirrors_to_a_multiple():
     np.testing.assert_array_equal(y[:, :3, 5:], x[:, :, [3, 2, 1]])
     square = np.ones((1, 4, 4), np.float32)
     assert padded_input(square, 4) is square  # already a multiple: untouched
+
+
+def test_a_warped_pixel_has_the_same_value_in_any_strip(tmp_path):
+    """A file in another CRS (Web Mercator onto UTM) read within strips of different extents: each
+    pixel the same (GDAL's approximate transformer, asked for other windows, picked other source
+    pixels for thousands of pixels per strip before the warped files were read in fixed tiles)."""
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_bounds
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (3, 1400, 1700), dtype=np.uint8)  # no two neighbours alike
+    path = tmp_path / "merc.tif"
+    x0, y0 = -9_350_000.0, 4_170_000.0  # EPSG:3857, about 84 W 35 N
+    with rasterio.open(path, "w", driver="GTiff", width=1700, height=1400, count=3, dtype="uint8",
+                       crs="EPSG:3857", transform=from_origin(x0, y0, 1.22, 1.22)) as dst:  # fmt: skip
+        dst.write(data)
+    utm = CRS.from_epsg(32616)
+    bounds = transform_bounds("EPSG:3857", utm, x0, y0 - 1400 * 1.22, x0 + 1700 * 1.22, y0)
+    ds = open_imagery([str(path)], crs=utm, res=(1.0, 1.0))
+    x, y, _ = ds.bounds
+    grid = output_grid(utm.to_wkt(), (float(x.start), float(y.start), float(x.stop), float(y.stop)), (1.0, 1.0))
+    assert grid.width > 1000 and bounds[0] < bounds[2]
+    reads = []
+    for c0, c1 in [(0, grid.width), (300, 1500), (700, 1210), (1100, 1700)]:
+        reader = StripReader(ds, grid)
+        buf = np.zeros((3, 512, c1 - c0), reader.prepare())
+        image, valid, r0, sc0 = reader.read(300, 812, c0, c1, buf)
+        reads.append((image.copy(), valid.copy(), sc0))
+    whole, whole_valid, w0 = reads[0]
+    for image, valid, sc0 in reads[1:]:
+        part = slice(sc0 - w0, sc0 - w0 + image.shape[2])
+        assert np.array_equal(valid, whole_valid[:, part])
+        assert np.array_equal(np.where(valid, image, 0), np.where(valid, whole[:, :, part], 0))
