@@ -152,3 +152,33 @@ def test_bad_label_priors_are_clear_errors(ckpt, tmp_path):
     with pytest.raises(LcmapInputError):
         _predict(ckpt, [image], out, tile_px=64, overlap_px=16, label_prior=[str(tmp_path / "no.tif")], **FAST)
     assert not out.exists()
+
+
+def test_a_pixels_label_is_the_same_in_any_window_read(tmp_path):
+    """Labels in another CRS (30 m, EPSG:5070) onto a 1 m UTM map: each pixel's label the same in
+    any window a worker asks for (read in fixed tiles; GDAL's approximate transformer, asked for
+    other windows, gave other nearest cells at tens of pixels per Mpx before)."""
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_bounds
+
+    from lcmap.pipeline.prediction.prediction_prior import PredictionPrior, PriorReader
+
+    legend = get_legend("nlcd")
+    # a 1 m UTM 17N grid (about 84.0 W 35.1 N) and 30 m labels in EPSG:5070 around it
+    utm = CRS.from_epsg(32617).to_wkt()
+    transform = from_origin(682_000.0, 3_887_000.0, 1.0, 1.0)
+    left, _, _, top = transform_bounds(utm, "EPSG:5070", 681_900.0, 3_885_100.0, 684_700.0, 3_887_100.0)
+    n = 140
+    rng = np.random.default_rng(1)
+    codes = rng.choice(np.asarray(legend.codes, np.uint8), (n, n))
+    path = tmp_path / "nlcd.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=n, height=n, count=1, dtype="uint8", crs="EPSG:5070",
+                       transform=from_origin(left, top, 30.0, 30.0), nodata=0) as dst:  # fmt: skip
+        dst.write(codes, 1)
+    k, c = len(legend), 4
+    prior = PredictionPrior((str(path),), legend.to_dict(), tuple((1.0,) * c for _ in range(k)), (0.25,) * c)
+    whole = PriorReader(prior, utm, transform).labels(0, 1800, 0, 2600)
+    assert (whole < k).mean() > 0.9  # the grid lies on the labels
+    for r0, r1, c0, c1 in [(37, 700, 11, 2000), (100, 1800, 500, 2600), (0, 1024, 0, 777), (300, 812, 700, 1210)]:
+        part = PriorReader(prior, utm, transform).labels(r0, r1, c0, c1)
+        assert np.array_equal(part, whole[r0:r1, c0:c1]), (r0, r1, c0, c1)
