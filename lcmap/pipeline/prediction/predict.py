@@ -10,6 +10,8 @@ its own module:
 - :mod:`lcmap.pipeline.prediction.inference`: one block task: read its imagery, run the model in padded
   batches, sum LR-class probabilities per target class (``--legend target``), blend; the
   per-worker model cache;
+- :mod:`lcmap.pipeline.prediction.seams`: the windows that two or more tasks touch, run once by seam
+  tasks whose files those tasks read;
 - :mod:`lcmap.pipeline.prediction.execution`: the tasks (groups of blocks) in this process or on Dask (a
   local cluster or a scheduler address), the worker plugin that loads the model, and the
   progress bar;
