@@ -174,10 +174,9 @@ def plan_figures(workers: tuple[int, ...] = (1, 4, 8, 16)) -> dict:
     wg = tiling.lattice_windows(grid, 512, 64)
     size = tiling.block_side_px(4096, wg)
     blocks = tiling.cut_blocks(grid.height, grid.width, size, wg.row0, wg.col0)
-    n = max(b.row for b in blocks) + 1
     rec, shared, tasks = {}, {}, {}
     for w in workers:
-        shape = tiling.group_shape(n, n, 2 * w if w > 1 else 1, size // wg.stride)
+        shape = tiling.task_shape(blocks, w, size, wg)  # as predict_map groups for w worker threads
         regions = [tiling.group_region(g) for g in tiling.block_groups(blocks, *shape)]
         rec[w] = tiling.model_px_per_map_px(wg, regions)
         shared[w] = seams.shared_model_px_per_map_px(wg, regions)

@@ -103,10 +103,9 @@ def test_wuhan_at_16_workers_runs_each_window_once():
     wg = tiling.lattice_windows(grid, 512, 64)
     size = tiling.block_side_px(4096, wg)
     blocks = tiling.cut_blocks(grid.height, grid.width, size, wg.row0, wg.col0)
-    n = max(b.row for b in blocks) + 1
 
     def regions(workers: int) -> list[tiling.Block]:
-        shape = tiling.group_shape(n, n, 2 * workers if workers > 1 else 1, size // wg.stride)
+        shape = tiling.task_shape(blocks, workers, size, wg)  # as predict_map groups them
         return [tiling.group_region(g) for g in tiling.block_groups(blocks, *shape)]
 
     one = seams.shared_model_px_per_map_px(wg, regions(1))

@@ -46,7 +46,7 @@ from lcmap.pipeline.prediction.planning import plan_prediction
 from lcmap.pipeline.prediction.predict_config import PredictConfig
 from lcmap.pipeline.prediction.run_lock import check_not_locked
 from lcmap.pipeline.prediction.scheduler_check import check_scheduler
-from lcmap.pipeline.prediction.tiling import block_groups, group_region, group_shape
+from lcmap.pipeline.prediction.tiling import block_groups, group_region, task_shape
 
 __all__ = ["PredictConfig", "PredictResult", "predict_map"]
 
@@ -279,8 +279,6 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
         "test-time augmentation (--tta): %s, %d transform(s) per window", config.tta, len(tta_transforms(config.tta))
     )
     job = plan.job
-    n_rows = max((b.row for b in blocks), default=0) + 1
-    n_cols = max((b.col for b in blocks), default=0) + 1
     tiles = None
     if config.tile_km is None:
         _note_single_cog(map_px)
@@ -307,7 +305,7 @@ def predict_map(config: PredictConfig, *, progress: bool = True) -> PredictResul
             done |= tiles.prepare(job)  # the blocks of tiles already written
         todo_blocks = [b for b in blocks if b.name not in done]
         slots = max(1, sum(client.nthreads().values())) if client is not None else 1
-        shape = group_shape(n_rows, n_cols, 2 * slots if slots > 1 else 1, job.block_size // job.windows.stride)
+        shape = task_shape(blocks, slots, job.block_size, job.windows)
         job = replace(job, group=shape)
         todo = block_groups(todo_blocks, *shape) if tiles is None else tiles.tasks(job, todo_blocks)
         work = None if tiles is None else tiled_output.run_tile  # a task per tile, which writes it

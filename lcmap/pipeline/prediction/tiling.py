@@ -43,6 +43,7 @@ __all__ = [
     "block_groups",
     "group_region",
     "group_shape",
+    "task_shape",
     "MAX_GROUP",
     "model_px_per_map_px",
     "output_grid",
@@ -357,6 +358,14 @@ def group_shape(
     ok = [(gr, gc) for gr, gc in shapes if tasks(gr, gc) >= wanted]
     best = min(ok, key=lambda g: (windows(n_block_rows, g[0]) * windows(n_block_cols, g[1]), g[1], tasks(*g)))
     return max(1, best[0]), max(1, best[1])
+
+
+def task_shape(blocks: list[Block], workers: int, block_size: int, windows: WindowGrid) -> tuple[int, int]:
+    """Blocks per task (rows, columns) for a map of ``blocks`` run by ``workers`` worker threads:
+    :func:`group_shape` asked for two tasks per worker (a few in flight each), one with one worker."""
+    n_rows = max((b.row for b in blocks), default=0) + 1
+    n_cols = max((b.col for b in blocks), default=0) + 1
+    return group_shape(n_rows, n_cols, 2 * workers if workers > 1 else 1, block_size // windows.stride)
 
 
 def group_region(group: list[Block]) -> Block:
