@@ -28,7 +28,6 @@ With ``--confidence`` the confidence is the maximum of ``p_t M[k, t] / pi_t`` no
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from rasterio.transform import from_bounds
 from lcmap.errors import LcmapInputError
 from lcmap.geodata.legends import IGNORE_INDEX, Legend
 from lcmap.geodata.remote import absolute_input
+from lcmap.pipeline.prediction.tile_cache import TileCache
 
 __all__ = ["MIN_CLASS_MIX", "PredictionPrior", "PriorReader", "prediction_prior", "training_class_mix"]
 
@@ -47,8 +47,8 @@ __all__ = ["MIN_CLASS_MIX", "PredictionPrior", "PriorReader", "prediction_prior"
 MIN_CLASS_MIX = 0.01
 #: Side (map px) of the tiles in which a worker reads the labels (on the CRS's pixel lattice).
 PRIOR_TILE_PX = 512
-#: Label tiles a worker keeps (0.5 MB each): two rows of tiles of a task's widest strips.
-PRIOR_CACHE_TILES = 96
+#: Label tiles a worker keeps (bytes; 0.5 MB a tile): two rows of tiles of a task's widest strips.
+PRIOR_CACHE_BYTES = 48 * 2**20
 
 
 def training_class_mix(label_frequency: Any, composition: np.ndarray) -> np.ndarray:
@@ -170,48 +170,31 @@ class PriorReader:
         self.crs = CRS.from_wkt(crs_wkt)
         self.transform = transform
         self.mosaic = LabelMosaic(list(prior.label_files), "label-prior", no_label_codes=self.legend.nodata)
-        #: the map's pixel (0, 0) as global pixel indices of the CRS's lattice (row, column)
-        self._origin = (math.floor(-transform.f / -transform.e + 1e-6), math.floor(transform.c / transform.a + 1e-6))
-        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        # tiles on the CRS's pixel lattice: the map's pixel (0, 0) is global (row, column) origin
+        origin = (math.floor(-transform.f / -transform.e + 1e-6), math.floor(transform.c / transform.a + 1e-6))
+        self._tiles = TileCache(PRIOR_TILE_PX, PRIOR_CACHE_BYTES, origin)
 
     def labels(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """LR legend indices (int64 ``(r1 - r0, c1 - c0)``; ``K`` = no label) of map rows
-        ``[r0, r1)`` and columns ``[c0, c1)``, cut from fixed tiles (:meth:`_tile`).
+        ``[r0, r1)`` and columns ``[c0, c1)``, cut from tiles of :data:`PRIOR_TILE_PX` on the CRS's
+        pixel lattice (:class:`~lcmap.pipeline.prediction.tile_cache.TileCache`), so a pixel's label
+        does not depend on the block, the task or the map's extent (reprojecting each window asked
+        for gave other nearest label cells at 8-65 pixels per 0.1-3 Mpx window).
 
         Raises:
             UnknownLabelError: a file holds codes outside the legend (listed, with the file).
         """
-        T = PRIOR_TILE_PX
-        out = np.empty((r1 - r0, c1 - c0), np.int64)
-        gr, gc = self._origin
-        for tr in range((r0 + gr) // T * T - gr, r1, T):
-            for tc in range((c0 + gc) // T * T - gc, c1, T):
-                tile = self._tile(tr, tc)
-                a, z, c, d = max(r0, tr), min(r1, tr + T), max(c0, tc), min(c1, tc + T)
-                out[a - r0 : z - r0, c - c0 : d - c0] = tile[a - tr : z - tr, c - tc : d - tc]
-        return out
-
-    def _tile(self, r0: int, c0: int) -> np.ndarray:
-        """Labels of the :data:`PRIOR_TILE_PX` tile at map row ``r0``, column ``c0``, kept (LRU).
-
-        Tiles lie on the CRS's pixel lattice (global multiples of their side), so a pixel's label
-        does not depend on the block, the task or the map's extent: GDAL's warper (an approximate
-        transformer) picks a pixel's nearest label cell depending on the window asked for
-        (measured: 8-65 pixels per window of 0.1-3 Mpx differed before)."""
         from rasterio.transform import Affine
 
         from lcmap.geodata.label_mosaic import Grid
 
-        tile = self._tiles.pop((r0, c0), None)
-        if tile is None:
+        def load(tr: int, tc: int) -> np.ndarray:
             T = PRIOR_TILE_PX
-            grid = Grid.of(self.crs, self.transform * Affine.translation(c0, r0), T, T)
+            grid = Grid.of(self.crs, self.transform * Affine.translation(tc, tr), T, T)
             index = self.mosaic.read_index(grid, self.legend, option="--label-prior")
-            tile = np.where(index == IGNORE_INDEX, len(self.legend), index).astype(np.int16)
-        self._tiles[(r0, c0)] = tile
-        while len(self._tiles) > PRIOR_CACHE_TILES:
-            self._tiles.popitem(last=False)
-        return tile
+            return np.where(index == IGNORE_INDEX, len(self.legend), index).astype(np.int16)
+
+        return self._tiles.window("labels", r0, r1, c0, c1, load).astype(np.int64)
 
     def factors(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """float32 ``(C, r1 - r0, c1 - c0)``: the factor of each map channel at each pixel."""

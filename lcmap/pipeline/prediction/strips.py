@@ -13,7 +13,6 @@ depends only on the imagery around it.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from rasterio.windows import Window
 
 from lcmap.geodata.datasets import HRImagery, imagery_valid
 from lcmap.models.context import valid_bbox
+from lcmap.pipeline.prediction.tile_cache import TileCache
 from lcmap.pipeline.prediction.tiling import OutputGrid, WindowGrid
 
 __all__ = ["Box", "StripReader", "context_box", "normalise_into", "window_into"]
@@ -64,9 +64,8 @@ class StripReader:
         #: path, r0, c0, r1, c1 (output px: the file's footprint), warped (not on the map's grid)
         self.files: list[tuple[str, int, int, int, int, bool]] | None = None
         self._handles: dict[str, Any] = {}
-        #: warped tiles kept (:meth:`_read_warped`), least recently used first
-        self._tiles: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
-        self._tiles_bytes = 0
+        #: warped tiles kept (:meth:`_read_warped`)
+        self._tiles = TileCache(WARP_TILE_PX, WARP_CACHE_BYTES)
         #: the strips' numpy dtype: the files' (their common type)
         self.dtype: np.dtype = np.dtype(np.float32)
         #: bytes of imagery read (uncompressed), for the benchmark's bytes per km²
@@ -75,7 +74,7 @@ class StripReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = {}
-        state["_tiles"], state["_tiles_bytes"] = OrderedDict(), 0
+        state["_tiles"] = TileCache(WARP_TILE_PX, WARP_CACHE_BYTES)
         return state
 
     def _index(self) -> None:
@@ -115,32 +114,18 @@ class StripReader:
 
     def _read_warped(self, path: str, src: Any, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` x columns ``[c0, c1)`` of a warped file's VRT (its own pixels), cut from
-        whole tiles of :data:`WARP_TILE_PX` aligned on the VRT's corner, each warped once and kept
-        (least recently used first out, :data:`WARP_CACHE_BYTES`): GDAL's warper picks a pixel's
-        nearest source pixel through an approximate transformer whose result depends on the window
-        asked for, so the same pixel read within two different strips could differ (measured:
-        thousands of pixels per strip; 1-4 map pixels of 14 M between two groupings of a map).
-        Fixed tiles make a pixel's value depend only on the file and the map's grid (the exact
-        transformer instead cost ~4x the warp time)."""
-        T = WARP_TILE_PX
-        out = np.empty((src.count, r1 - r0, c1 - c0), np.dtype(src.dtypes[0]))
-        for tr in range(r0 // T * T, r1, T):
-            for tc in range(c0 // T * T, c1, T):
-                key = (path, tr, tc)
-                tile = self._tiles.pop(key, None)
-                if tile is None:
-                    h, w = min(T, src.height - tr), min(T, src.width - tc)
-                    tile = src.read(window=Window(tc, tr, w, h))
-                    self.bytes_read += tile.nbytes
-                    self._tiles_bytes += tile.nbytes
-                self._tiles[key] = tile  # most recently used last
-                a, z = max(r0, tr), min(r1, tr + tile.shape[1])
-                c, d = max(c0, tc), min(c1, tc + tile.shape[2])
-                out[:, a - r0 : z - r0, c - c0 : d - c0] = tile[:, a - tr : z - tr, c - tc : d - tc]
-        while self._tiles_bytes > WARP_CACHE_BYTES and len(self._tiles) > 1:
-            _, old = self._tiles.popitem(last=False)
-            self._tiles_bytes -= old.nbytes
-        return out
+        whole tiles of :data:`WARP_TILE_PX` aligned on the VRT's corner, each warped once
+        (:class:`~lcmap.pipeline.prediction.tile_cache.TileCache`): a pixel's value does not depend
+        on the strip asked for (GDAL's approximate transformer, asked for other windows, gave other
+        values; the exact transformer cost ~4x the warp time)."""
+
+        def load(tr: int, tc: int) -> np.ndarray:
+            T = WARP_TILE_PX
+            tile = src.read(window=Window(tc, tr, min(T, src.width - tc), min(T, src.height - tr)))
+            self.bytes_read += tile.nbytes
+            return tile
+
+        return self._tiles.window(path, r0, r1, c0, c1, load)
 
     def _src(self, path: str, r0: int, c0: int, r1: int, c1: int, warped: bool):
         h = self._handles.get(path)
