@@ -232,9 +232,10 @@ def _window_probs(
     """
     wg = job.windows
     T = wg.tile
-    rows = wg.rows_touching(region.r0, region.r0 + region.height)
-    cols = wg.cols_touching(region.c0, region.c0 + region.width)
-    if only is not None:
+    if only is None:
+        rows = wg.rows_touching(region.r0, region.r0 + region.height)
+        cols = wg.cols_touching(region.c0, region.c0 + region.width)
+    else:
         rows = range(min(i for i, _ in only), max(i for i, _ in only) + 1)
         cols = range(min(j for _, j in only), max(j for _, j in only) + 1)
     strip_c0, strip_c1 = wg.win_c0(cols.start), wg.win_c0(cols.stop - 1) + T
